@@ -1,0 +1,1 @@
+//! mqlock-cache (placeholder until its issue lands)

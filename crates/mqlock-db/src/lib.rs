@@ -1,0 +1,1 @@
+//! mqlock-db (placeholder until its issue lands)

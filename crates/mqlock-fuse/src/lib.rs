@@ -1,0 +1,1 @@
+//! mqlock-fuse (placeholder until its issue lands)

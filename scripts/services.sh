@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# Brings up (or down) every service mqlock's tools and tests use, on loopback only.
+#
+#   scripts/services.sh up      install what is missing (apt), start, wait until each answers
+#   scripts/services.sh down    stop what this script started
+#   scripts/services.sh status  say what answers
+#
+# Idempotent: running `up` twice is harmless. Choose services with MQLOCK_SERVICES
+# (default "rabbitmq redis postgres fuse"). Endpoints the tests use by default:
+#   MQLOCK_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
+#   REDIS_URL=redis://127.0.0.1:6379/
+#   DATABASE_URL=postgres://mqlock:mqlock@127.0.0.1:5432/mqlock
+set -euo pipefail
+
+SERVICES=${MQLOCK_SERVICES:-"rabbitmq redis postgres fuse"}
+RUN_DIR=${MQLOCK_RUN_DIR:-/var/tmp/mqlock-services}
+mkdir -p "$RUN_DIR"
+
+say()  { printf '[services] %s\n' "$*" >&2; }
+fail() { printf '[services] FAILED: %s\n' "$*" >&2; exit 1; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || fail "must run as root (or have sudo) to install and start services"
+    exec sudo -E "$0" "$@"
+  fi
+}
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "installing ${missing[*]} with apt"
+  export DEBIAN_FRONTEND=noninteractive
+  # A stale package index on a fresh machine makes apt fail to find packages.
+  apt-get update -qq >"$RUN_DIR/apt.log" 2>&1 || { cat "$RUN_DIR/apt.log" >&2; fail "apt-get update"; }
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$RUN_DIR/apt.log" 2>&1 \
+    || { tail -n 40 "$RUN_DIR/apt.log" >&2; fail "apt-get install ${missing[*]}"; }
+}
+
+# wait_for DESCRIPTION SECONDS COMMAND...: retry COMMAND until it succeeds or time runs out.
+wait_for() {
+  local what=$1 secs=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -ge $end ] && fail "$what did not answer within ${secs}s"
+    sleep 0.5
+  done
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# ---------------------------------------------------------------- RabbitMQ
+rabbit_env() {
+  export RABBITMQ_NODENAME=${RABBITMQ_NODENAME:-rabbit@localhost}
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT=${MQLOCK_AMQP_PORT:-5672}
+  export RABBITMQ_CONFIG_FILE=/etc/rabbitmq/mqlock
+  export HOME=/var/lib/rabbitmq
+}
+rabbit_ping() { rabbit_env; rabbitmqctl -q -n "$RABBITMQ_NODENAME" await_startup --timeout 5 >/dev/null 2>&1 && port_open "$RABBITMQ_NODE_PORT"; }
+rabbit_up() {
+  apt_install rabbitmq-server
+  rabbit_env
+  mkdir -p /etc/rabbitmq
+  # Loopback only. consumer_timeout stays at the broker default (30 min); the long-hold
+  # test lowers it at run time and restores it.
+  cat >/etc/rabbitmq/mqlock.conf <<CONF
+listeners.tcp.1 = 127.0.0.1:${RABBITMQ_NODE_PORT}
+loopback_users.guest = true
+log.console = false
+log.file.level = warning
+CONF
+  # epmd must listen on loopback too; the node registers with it.
+  export ERL_EPMD_ADDRESS=127.0.0.1
+  if rabbit_ping; then say "rabbitmq already up on 127.0.0.1:$RABBITMQ_NODE_PORT"; return 0; fi
+  say "starting rabbitmq ($RABBITMQ_NODENAME) on 127.0.0.1:$RABBITMQ_NODE_PORT"
+  chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq 2>/dev/null || true
+  # The Debian wrapper drops to the rabbitmq user by itself.
+  rabbitmq-server -detached >"$RUN_DIR/rabbitmq.start.log" 2>&1 || { cat "$RUN_DIR/rabbitmq.start.log" >&2; fail "rabbitmq-server did not start"; }
+  wait_for "rabbitmq" 90 rabbit_ping
+  say "rabbitmq up: amqp://guest:guest@127.0.0.1:$RABBITMQ_NODE_PORT/%2f"
+}
+rabbit_down() { rabbit_env; rabbitmqctl -q -n "$RABBITMQ_NODENAME" stop 2>/dev/null || true; }
+
+# ---------------------------------------------------------------- Redis
+redis_ping() { redis-cli -h 127.0.0.1 -p "${MQLOCK_REDIS_PORT:-6379}" ping | grep -q PONG; }
+redis_up() {
+  apt_install redis-server
+  if redis_ping 2>/dev/null; then say "redis already up"; return 0; fi
+  say "starting redis on 127.0.0.1:${MQLOCK_REDIS_PORT:-6379}"
+  redis-server --daemonize yes --bind 127.0.0.1 --port "${MQLOCK_REDIS_PORT:-6379}" \
+    --save '' --appendonly no --dir "$RUN_DIR" --logfile "$RUN_DIR/redis.log" \
+    --pidfile "$RUN_DIR/redis.pid" || fail "redis-server did not start"
+  wait_for "redis" 30 redis_ping
+  say "redis up: redis://127.0.0.1:${MQLOCK_REDIS_PORT:-6379}/"
+}
+redis_down() { redis-cli -h 127.0.0.1 -p "${MQLOCK_REDIS_PORT:-6379}" shutdown nosave 2>/dev/null || true; }
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_version() { ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -n 1; }
+pg_ping() { pg_isready -q -h 127.0.0.1 -p 5432; }
+pg_up() {
+  apt_install postgresql postgresql-client
+  local v; v=$(pg_version); [ -n "$v" ] || fail "postgresql installed but no server version found"
+  pg_lsclusters -h | grep -q "^$v main" || pg_createcluster "$v" main >/dev/null
+  if ! pg_ping; then
+    say "starting postgresql $v on 127.0.0.1:5432"
+    pg_ctlcluster "$v" main start -o "-c listen_addresses=127.0.0.1" || fail "postgresql did not start (see /var/log/postgresql)"
+    wait_for "postgresql" 60 pg_ping
+  else
+    say "postgresql already up"
+  fi
+  # Credentials the tests know; idempotent.
+  su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname='mqlock'\"" | grep -q 1 \
+    || su postgres -c "psql -qc \"CREATE ROLE mqlock LOGIN SUPERUSER PASSWORD 'mqlock'\""
+  su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname='mqlock'\"" | grep -q 1 \
+    || su postgres -c "createdb -O mqlock mqlock"
+  say "postgresql up: postgres://mqlock:mqlock@127.0.0.1:5432/mqlock"
+}
+pg_down() { local v; v=$(pg_version); [ -n "$v" ] && pg_ctlcluster "$v" main stop 2>/dev/null || true; }
+
+# ---------------------------------------------------------------- FUSE
+fuse_up() {
+  apt_install fuse3
+  [ -e /dev/fuse ] || fail "/dev/fuse is missing: this machine cannot mount FUSE filesystems"
+  grep -q '^user_allow_other' /etc/fuse.conf 2>/dev/null || echo user_allow_other >>/etc/fuse.conf
+  say "fuse ready ($(fusermount3 -V 2>&1 | head -n1))"
+}
+
+status() {
+  local rc=0
+  for s in $SERVICES; do
+    case $s in
+      rabbitmq) if rabbit_ping 2>/dev/null; then say "rabbitmq: up"; else say "rabbitmq: DOWN"; rc=1; fi ;;
+      redis)    if redis_ping 2>/dev/null; then say "redis: up"; else say "redis: DOWN"; rc=1; fi ;;
+      postgres) if pg_ping 2>/dev/null; then say "postgres: up"; else say "postgres: DOWN"; rc=1; fi ;;
+      fuse)     if command -v fusermount3 >/dev/null && [ -e /dev/fuse ]; then say "fuse: ready"; else say "fuse: MISSING"; rc=1; fi ;;
+    esac
+  done
+  return $rc
+}
+
+cmd=${1:-up}
+case $cmd in
+  up)
+    need_root "$@"
+    for s in $SERVICES; do
+      case $s in
+        rabbitmq) rabbit_up ;; redis) redis_up ;; postgres) pg_up ;; fuse) fuse_up ;;
+        *) fail "unknown service '$s' (known: rabbitmq redis postgres fuse)" ;;
+      esac
+    done ;;
+  down)
+    need_root "$@"
+    for s in $SERVICES; do
+      case $s in rabbitmq) rabbit_down ;; redis) redis_down ;; postgres) pg_down ;; fuse) ;; esac
+    done ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
