@@ -1,1 +1,43 @@
-//! mqlock
+//! Distributed locks whose state lives in RabbitMQ.
+//!
+//! ```no_run
+//! # async fn demo() -> mqlock::Result<()> {
+//! use mqlock::{ClientConfig, LockClient};
+//!
+//! let client = LockClient::connect("amqp://guest:guest@127.0.0.1:5672/%2f", ClientConfig::default()).await?;
+//! let guard = client.lock("reports/daily").await?;
+//! // Send the fencing token with every write to the protected resource.
+//! println!("holding {} with token {}", guard.name(), guard.fencing_token());
+//! tokio::select! {
+//!     reason = guard.lost() => eprintln!("lock lost: {reason}"),
+//!     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+//! }
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Each lock is a durable queue with *single active consumer*. A client that wants the lock
+//! registers a consumer; the broker activates consumers one at a time in registration order,
+//! and the active consumer — the holder — keeps one message unacknowledged. When the holder
+//! releases (or its connection dies), the broker activates the next consumer and hands it the
+//! message: FIFO hand-off pushed by the broker, no polling. Every grant records a fencing token
+//! in a small register queue before it is returned, so tokens strictly increase.
+//!
+//! What the lock promises, and what it cannot, is in `docs/protocol.md`. In short: the broker
+//! never has two active consumers, but a holder that is cut off or frozen may not know yet that
+//! it lost the lock; the fencing token is what keeps the protected resource safe then.
+
+mod client;
+mod config;
+mod error;
+mod guard;
+mod locker;
+mod metrics;
+pub mod name;
+
+pub use client::{LockClient, LockStatus};
+pub use config::{ClientConfig, QueueType};
+pub use error::{Error, Result};
+pub use guard::{BoxFuture, Lease, LockGuard, LossReason, LossSignal, Release};
+pub use locker::{Locker, MemoryLocker};
+pub use metrics::{Metrics, MetricsSnapshot};

@@ -1,0 +1,239 @@
+//! The [`Locker`] trait the adapters depend on, and [`MemoryLocker`], an in-process
+//! implementation for unit tests of adapter logic.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::guard::{BoxFuture, LockGuard, LossReason, LossSignal, Release};
+use crate::name;
+
+/// Something that grants named, fenced locks: [`crate::LockClient`] (RabbitMQ) or
+/// [`MemoryLocker`] (one process, for tests).
+///
+/// Every acquire future is cancel safe: dropping it at any await point leaves nothing behind
+/// (no waiter, no grant).
+pub trait Locker: Send + Sync + 'static {
+    /// Waits (FIFO) until the lock is granted.
+    fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LockGuard>>;
+
+    /// Takes the lock if it is free; `Ok(None)` if another client holds it.
+    fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>>;
+
+    /// Waits up to `timeout`; [`Error::Timeout`] after that.
+    fn lock_timeout<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<LockGuard>>;
+}
+
+impl<L: Locker + ?Sized> Locker for Arc<L> {
+    fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LockGuard>> {
+        (**self).lock(name)
+    }
+    fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>> {
+        (**self).try_lock(name)
+    }
+    fn lock_timeout<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<LockGuard>> {
+        (**self).lock_timeout(name, timeout)
+    }
+}
+
+/// An in-process [`Locker`]: FIFO, fencing tokens, loss signals, and [`MemoryLocker::revoke`]
+/// to simulate a lost lock. It protects nothing across processes; use it to unit-test code
+/// written against [`Locker`].
+#[derive(Clone, Default)]
+pub struct MemoryLocker {
+    state: Arc<Mutex<HashMap<String, Entry>>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    last_token: u64,
+    holder: Option<(u64, LossSignal)>,
+    waiters: VecDeque<(u64, oneshot::Sender<LockGuard>)>,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for MemoryLocker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLocker").finish_non_exhaustive()
+    }
+}
+
+struct MemoryRelease {
+    locker: MemoryLocker,
+    name: String,
+    id: u64,
+}
+
+impl Release for MemoryRelease {
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        self.locker.release(&self.name, self.id);
+        Box::pin(async { Ok(()) })
+    }
+    fn release_in_background(self: Box<Self>) {
+        self.locker.release(&self.name, self.id);
+    }
+}
+
+impl MemoryLocker {
+    /// An empty locker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fires the loss signal of the current holder of `name` and grants the lock to the next
+    /// waiter, as the broker would after the holder's connection died. Returns whether there
+    /// was a holder.
+    pub fn revoke(&self, name: &str) -> bool {
+        let mut state = self.state.lock().unwrap();
+        let Some(entry) = state.get_mut(name) else { return false };
+        let Some((_, signal)) = entry.holder.take() else { return false };
+        signal.fire(LossReason::Revoked);
+        self.grant_next(name, entry);
+        true
+    }
+
+    /// Whether `name` is currently held.
+    pub fn is_locked(&self, name: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .get(name)
+            .is_some_and(|e| e.holder.is_some())
+    }
+
+    fn make_guard(&self, name: &str, entry: &mut Entry, id: u64) -> LockGuard {
+        entry.last_token += 1;
+        let signal = LossSignal::new(None);
+        entry.holder = Some((id, signal.clone()));
+        LockGuard::new(
+            name,
+            entry.last_token,
+            signal,
+            Box::new(MemoryRelease {
+                locker: self.clone(),
+                name: name.to_owned(),
+                id,
+            }),
+        )
+    }
+
+    fn grant_next(&self, name: &str, entry: &mut Entry) {
+        while let Some((id, tx)) = entry.waiters.pop_front() {
+            let guard = self.make_guard(name, entry, id);
+            match tx.send(guard) {
+                Ok(()) => return,
+                // The waiter went away; its guard was returned to us and must not be dropped
+                // while we hold the state lock (its Drop would re-enter). Forget its release.
+                Err(mut guard) => {
+                    guard.disarm();
+                    entry.holder = None;
+                }
+            }
+        }
+    }
+
+    fn release(&self, name: &str, id: u64) {
+        let mut state = self.state.lock().unwrap();
+        let Some(entry) = state.get_mut(name) else { return };
+        if entry.holder.as_ref().is_some_and(|(h, _)| *h == id) {
+            entry.holder = None;
+            self.grant_next(name, entry);
+        }
+    }
+
+    async fn acquire(&self, name: &str, timeout: Option<Duration>, try_only: bool) -> Result<Option<LockGuard>> {
+        name::validate(name)?;
+        let rx = {
+            let mut state = self.state.lock().unwrap();
+            let entry = state.entry(name.to_owned()).or_default();
+            entry.next_id += 1;
+            let id = entry.next_id;
+            if entry.holder.is_none() && entry.waiters.is_empty() {
+                return Ok(Some(self.make_guard(name, entry, id)));
+            }
+            if try_only {
+                return Ok(None);
+            }
+            let (tx, rx) = oneshot::channel();
+            entry.waiters.push_back((id, tx));
+            rx
+        };
+        // Dropping `rx` (cancellation) makes the granting side's send fail, so it moves on;
+        // a guard that was already sent is dropped with `rx` and released by its Drop.
+        let wait = async { rx.await.map_err(|_| Error::Closed) };
+        let guard = match timeout {
+            None => wait.await?,
+            Some(t) => tokio::time::timeout(t, wait).await.map_err(|_| Error::Timeout {
+                name: name.to_owned(),
+                addr: "memory".into(),
+                waited: t,
+            })??,
+        };
+        Ok(Some(guard))
+    }
+}
+
+impl Locker for MemoryLocker {
+    fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LockGuard>> {
+        Box::pin(async move { Ok(self.acquire(name, None, false).await?.expect("blocking acquire")) })
+    }
+    fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>> {
+        Box::pin(self.acquire(name, None, true))
+    }
+    fn lock_timeout<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<LockGuard>> {
+        Box::pin(async move {
+            Ok(self
+                .acquire(name, Some(timeout), false)
+                .await?
+                .expect("blocking acquire"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fifo_and_fencing() {
+        let l = MemoryLocker::new();
+        let g1 = l.lock("a").await.unwrap();
+        assert!(l.try_lock("a").await.unwrap().is_none());
+        let l2 = l.clone();
+        let w = tokio::spawn(async move { l2.lock("a").await.unwrap().fencing_token() });
+        tokio::task::yield_now().await;
+        let t1 = g1.fencing_token();
+        g1.release().await.unwrap();
+        assert!(w.await.unwrap() > t1);
+    }
+
+    #[tokio::test]
+    async fn revoke_fires_loss_and_hands_on() {
+        let l = MemoryLocker::new();
+        let g = l.lock("a").await.unwrap();
+        assert!(l.revoke("a"));
+        assert_eq!(g.lost().await, LossReason::Revoked);
+        assert!(!g.is_held());
+        let g2 = l.lock_timeout("a", Duration::from_secs(1)).await.unwrap();
+        assert!(g2.fencing_token() > g.fencing_token());
+        drop(g); // releasing a revoked guard must not release the new holder
+        assert!(l.is_locked("a"));
+    }
+
+    #[tokio::test]
+    async fn cancelled_waiters_leave_nothing_behind() {
+        let l = MemoryLocker::new();
+        let g = l.lock("a").await.unwrap();
+        for _ in 0..10 {
+            assert!(matches!(
+                l.lock_timeout("a", Duration::from_millis(1)).await,
+                Err(Error::Timeout { .. })
+            ));
+        }
+        drop(g);
+        assert!(l.try_lock("a").await.unwrap().is_some());
+    }
+}

@@ -1,0 +1,1 @@
+//! Holder of the workspace-level integration tests and examples; no code of its own.

@@ -1,0 +1,93 @@
+//! Shared helpers of the integration tests: service start-up, endpoints, unique names.
+//!
+//! Tests that need a service call [`services_up`], which runs `scripts/services.sh up` once per
+//! test binary and panics (failing the test loudly) when a service cannot be started.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts every service the tests use (idempotent), once per test binary.
+pub fn services_up() {
+    static UP: OnceLock<()> = OnceLock::new();
+    UP.get_or_init(|| {
+        let out = Command::new(root().join("scripts/services.sh"))
+            .arg("up")
+            .output()
+            .expect("cannot run scripts/services.sh");
+        assert!(
+            out.status.success(),
+            "scripts/services.sh up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// The broker URL the tests use.
+pub fn amqp_url() -> String {
+    services_up();
+    std::env::var("MQLOCK_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The Redis URL the tests use.
+pub fn redis_url() -> String {
+    services_up();
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// The PostgreSQL URL the tests use.
+pub fn database_url() -> String {
+    services_up();
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://mqlock:mqlock@127.0.0.1:5432/mqlock".into())
+}
+
+/// A lock name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Path of the `mqlock` binary, built on demand (release builds are not needed here).
+pub fn mqlock_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "mqlock-cli", "--bin", "mqlock"])
+            .current_dir(root())
+            .status()
+            .expect("cannot run cargo build");
+        assert!(status.success(), "building the mqlock binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target"));
+        target.join("debug/mqlock")
+    })
+    .clone()
+}
+
+/// Installs a tracing subscriber once (RUST_LOG controls it).
+pub fn init_tracing() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+    });
+}
