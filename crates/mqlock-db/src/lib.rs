@@ -1,1 +1,42 @@
-//! mqlock-db (placeholder until its issue lands)
+//! Database adapters of mqlock: fenced transactions and migrations guarded by a distributed
+//! lock whose state lives in RabbitMQ, the same way on PostgreSQL and SQLite.
+//!
+//! - [`TxGuard`] runs a closure in a transaction under a lock. The lock's fencing token is
+//!   checked and recorded in a fence table by the transaction's first statement, so a holder
+//!   that stalled past its lease and was replaced is refused ([`Error::StaleFence`]) instead of
+//!   committing over the newer holder's work.
+//! - [`MigrationGuard`] runs a directory of sqlx migrations under a lock on a dedicated
+//!   connection, without sqlx's own database lock (PostgreSQL advisory lock; SQLite has none),
+//!   so every replica can call it at start-up: one applies, the others wait and find nothing
+//!   pending.
+//!
+//! ```no_run
+//! # async fn demo() -> mqlock_db::Result<()> {
+//! use mqlock::{ClientConfig, LockClient};
+//! use mqlock_db::TxGuard;
+//!
+//! let locker = LockClient::connect("amqp://guest:guest@127.0.0.1:5672/%2f", ClientConfig::default()).await?;
+//! let pool = sqlx::PgPool::connect("postgres://app:secret@127.0.0.1/app").await?;
+//! let guard = TxGuard::new(locker, pool);
+//! let n: i64 = guard
+//!     .run("accounts/42", |conn| Box::pin(async move {
+//!         let (n,): (i64,) = sqlx::query_as("UPDATE counters SET n = n + 1 WHERE id = 42 RETURNING n")
+//!             .fetch_one(&mut *conn)
+//!             .await?;
+//!         Ok(n)
+//!     }))
+//!     .await?;
+//! # let _ = n; Ok(()) }
+//! ```
+//!
+//! See `docs/db.md` for what the fence guarantees and what it cannot.
+
+mod dburl;
+mod error;
+mod fence;
+mod migrate;
+
+pub use dburl::redact;
+pub use error::{Error, Result};
+pub use fence::{DEFAULT_FENCE_TABLE, FencedDatabase, TxGuard, TxWork};
+pub use migrate::{AppliedMigration, MigrationGuard, MigrationReport, load_migrations};

@@ -1,0 +1,2 @@
+ALTER TABLE items ADD COLUMN qty INTEGER NOT NULL DEFAULT 0;
+INSERT INTO migration_runs (version) VALUES (2);
