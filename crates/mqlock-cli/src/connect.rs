@@ -10,7 +10,12 @@ use mqlock::{ClientConfig, LockClient, QueueType};
 pub struct ConnectArgs {
     /// Broker URL; several may be given, comma-separated, and are tried in turn.
     /// Example: amqp://user:pass@rabbit1:5672/%2f
-    #[arg(long, env = "MQLOCK_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "MQLOCK_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
     pub url: String,
 
     /// Prefix of every lock queue's name. Clients of one lock must use the same prefix.

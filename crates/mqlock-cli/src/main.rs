@@ -17,7 +17,12 @@ use clap::{Parser, Subcommand};
 /// released automatically when a holder's connection dies, and every grant carries a fencing
 /// token that grows with each grant.
 #[derive(Parser, Debug)]
-#[command(name = "mqlock", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "mqlock",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +49,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mqlock: cannot start the async runtime: {e}");

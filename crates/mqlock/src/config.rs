@@ -29,7 +29,6 @@ impl QueueType {
 /// one lock must use the same values, or the broker refuses the later declaration
 /// ([`Error::IncompatibleQueue`]).
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct ClientConfig {
     /// AMQP heartbeat interval (default 5 s, not RabbitMQ's 60 s). The broker drops a silent
     /// client after two missed heartbeats; a holder declares its lock lost after
@@ -90,14 +89,18 @@ impl ClientConfig {
                 self.idle_expiry
             )));
         }
-        if self.renew_interval < Duration::from_millis(100) || self.renew_interval * 2 > self.idle_expiry {
+        if self.renew_interval < Duration::from_millis(100)
+            || self.renew_interval * 2 > self.idle_expiry
+        {
             return Err(Error::Config(format!(
                 "renew_interval must be at least 100 ms and at most half of idle_expiry, got {:?}",
                 self.renew_interval
             )));
         }
         if self.nudge_interval < Duration::from_millis(100) {
-            return Err(Error::Config("nudge_interval must be at least 100 ms".into()));
+            return Err(Error::Config(
+                "nudge_interval must be at least 100 ms".into(),
+            ));
         }
         Ok(())
     }

@@ -41,7 +41,9 @@ pub enum Error {
     },
 
     /// The broker refused the credentials.
-    #[error("the broker at {addr} refused the login of user {user:?} (check the user name, password and vhost permissions)")]
+    #[error(
+        "the broker at {addr} refused the login of user {user:?} (check the user name, password and vhost permissions)"
+    )]
     AuthRefused {
         /// Broker address.
         addr: String,
@@ -82,7 +84,9 @@ pub enum Error {
 
     /// The lock's queue exists on the broker with arguments that differ from this client's
     /// configuration (queue type, idle expiry...). All clients of one lock must agree.
-    #[error("lock {name:?}: queue {queue:?} at {addr} exists with different arguments ({detail}); all clients of a lock must use the same queue type and idle expiry")]
+    #[error(
+        "lock {name:?}: queue {queue:?} at {addr} exists with different arguments ({detail}); all clients of a lock must use the same queue type and idle expiry"
+    )]
     IncompatibleQueue {
         /// Lock name.
         name: String,

@@ -36,7 +36,9 @@ impl fmt::Display for LossReason {
         match self {
             LossReason::ConnectionLost(d) => write!(f, "connection to the broker lost ({d})"),
             LossReason::ChannelClosed(d) => write!(f, "the broker closed the lock's channel ({d})"),
-            LossReason::ConsumerCancelled => write!(f, "the broker cancelled the holder's consumer"),
+            LossReason::ConsumerCancelled => {
+                write!(f, "the broker cancelled the holder's consumer")
+            }
             LossReason::LeaseExpired { silent_for } => write!(
                 f,
                 "no word from the broker for {silent_for:?}, past the safety margin"

@@ -29,11 +29,14 @@
 
 mod client;
 mod config;
+mod connection;
 mod error;
 mod guard;
+mod holder;
 mod locker;
 mod metrics;
 pub mod name;
+mod protocol;
 
 pub use client::{LockClient, LockStatus};
 pub use config::{ClientConfig, QueueType};

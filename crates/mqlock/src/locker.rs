@@ -24,7 +24,11 @@ pub trait Locker: Send + Sync + 'static {
     fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>>;
 
     /// Waits up to `timeout`; [`Error::Timeout`] after that.
-    fn lock_timeout<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<LockGuard>>;
+    fn lock_timeout<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<LockGuard>>;
 }
 
 impl<L: Locker + ?Sized> Locker for Arc<L> {
@@ -34,7 +38,11 @@ impl<L: Locker + ?Sized> Locker for Arc<L> {
     fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>> {
         (**self).try_lock(name)
     }
-    fn lock_timeout<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<LockGuard>> {
+    fn lock_timeout<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<LockGuard>> {
         (**self).lock_timeout(name, timeout)
     }
 }
@@ -88,8 +96,12 @@ impl MemoryLocker {
     /// was a holder.
     pub fn revoke(&self, name: &str) -> bool {
         let mut state = self.state.lock().unwrap();
-        let Some(entry) = state.get_mut(name) else { return false };
-        let Some((_, signal)) = entry.holder.take() else { return false };
+        let Some(entry) = state.get_mut(name) else {
+            return false;
+        };
+        let Some((_, signal)) = entry.holder.take() else {
+            return false;
+        };
         signal.fire(LossReason::Revoked);
         self.grant_next(name, entry);
         true
@@ -137,14 +149,21 @@ impl MemoryLocker {
 
     fn release(&self, name: &str, id: u64) {
         let mut state = self.state.lock().unwrap();
-        let Some(entry) = state.get_mut(name) else { return };
+        let Some(entry) = state.get_mut(name) else {
+            return;
+        };
         if entry.holder.as_ref().is_some_and(|(h, _)| *h == id) {
             entry.holder = None;
             self.grant_next(name, entry);
         }
     }
 
-    async fn acquire(&self, name: &str, timeout: Option<Duration>, try_only: bool) -> Result<Option<LockGuard>> {
+    async fn acquire(
+        &self,
+        name: &str,
+        timeout: Option<Duration>,
+        try_only: bool,
+    ) -> Result<Option<LockGuard>> {
         name::validate(name)?;
         let rx = {
             let mut state = self.state.lock().unwrap();
@@ -166,11 +185,13 @@ impl MemoryLocker {
         let wait = async { rx.await.map_err(|_| Error::Closed) };
         let guard = match timeout {
             None => wait.await?,
-            Some(t) => tokio::time::timeout(t, wait).await.map_err(|_| Error::Timeout {
-                name: name.to_owned(),
-                addr: "memory".into(),
-                waited: t,
-            })??,
+            Some(t) => tokio::time::timeout(t, wait)
+                .await
+                .map_err(|_| Error::Timeout {
+                    name: name.to_owned(),
+                    addr: "memory".into(),
+                    waited: t,
+                })??,
         };
         Ok(Some(guard))
     }
@@ -178,12 +199,21 @@ impl MemoryLocker {
 
 impl Locker for MemoryLocker {
     fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LockGuard>> {
-        Box::pin(async move { Ok(self.acquire(name, None, false).await?.expect("blocking acquire")) })
+        Box::pin(async move {
+            Ok(self
+                .acquire(name, None, false)
+                .await?
+                .expect("blocking acquire"))
+        })
     }
     fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>> {
         Box::pin(self.acquire(name, None, true))
     }
-    fn lock_timeout<'a>(&'a self, name: &'a str, timeout: Duration) -> BoxFuture<'a, Result<LockGuard>> {
+    fn lock_timeout<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<LockGuard>> {
         Box::pin(async move {
             Ok(self
                 .acquire(name, Some(timeout), false)

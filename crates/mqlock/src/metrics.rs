@@ -176,8 +176,18 @@ impl fmt::Display for MetricsSnapshot {
             "T (wait) mean {:?}  p50 ≤{:?}  p99 ≤{:?}  max {:?}",
             self.wait_mean, self.wait_p50, self.wait_p99, self.wait_max
         )?;
-        for (i, n) in self.wait_buckets.iter().enumerate().filter(|(_, n)| **n > 0) {
-            write!(f, "\n  [{:>10?}, {:>10?})  {n}", Duration::from_micros(1 << i), Duration::from_micros(1 << (i + 1)))?;
+        for (i, n) in self
+            .wait_buckets
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+        {
+            write!(
+                f,
+                "\n  [{:>10?}, {:>10?})  {n}",
+                Duration::from_micros(1 << i),
+                Duration::from_micros(1 << (i + 1))
+            )?;
         }
         Ok(())
     }

@@ -102,9 +102,18 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused() {
-        assert!(matches!(queue_names("p.", ""), Err(Error::InvalidName { .. })));
-        assert!(matches!(queue_names("p.", "a\nb"), Err(Error::InvalidName { .. })));
-        assert!(matches!(queue_names("p.", "a\0"), Err(Error::InvalidName { .. })));
+        assert!(matches!(
+            queue_names("p.", ""),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            queue_names("p.", "a\nb"),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(matches!(
+            queue_names("p.", "a\0"),
+            Err(Error::InvalidName { .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,567 @@
+//! [`LockClient`]: the RabbitMQ implementation of [`Locker`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::future::join;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Confirmation};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::config::ClientConfig;
+use crate::connection::{Conn, display_addr, parse_urls};
+use crate::error::{Error, Result};
+use crate::guard::{BoxFuture, LockGuard, LossReason, LossSignal};
+use crate::holder::Holder;
+use crate::locker::Locker;
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::name::{QueueNames, queue_names};
+use crate::protocol::{
+    Fault, PREFETCH, classify, fence_queue_args, lock_queue_args, next_fence, parse_fence,
+    wake_properties,
+};
+
+/// A lock client: one broker connection shared by every lock taken through it.
+///
+/// Cheap to clone (clones share the connection and the metrics). The connection is opened by
+/// [`LockClient::connect`] and reopened on demand after it fails; locks held on a failed
+/// connection are reported lost (see [`LockGuard::lost`]).
+#[derive(Clone)]
+pub struct LockClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    uris: Vec<AMQPUri>,
+    addr: String,
+    conn: Mutex<Option<Arc<Conn>>>,
+    metrics: Arc<Metrics>,
+    closed: AtomicBool,
+    tag_prefix: String,
+    tag_seq: AtomicU64,
+}
+
+impl std::fmt::Debug for LockClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockClient")
+            .field("broker", &self.inner.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the broker can tell about a lock, from [`LockClient::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockStatus {
+    /// Lock name.
+    pub name: String,
+    /// The lock queue's name on the broker.
+    pub queue: String,
+    /// Whether the lock queue exists (it is created on first use and expires when idle).
+    pub exists: bool,
+    /// Consumers registered on the lock queue: the holder (or a client being granted) and
+    /// its waiters. On quorum queues RabbitMQ may under-report waiters.
+    pub consumers: u32,
+    /// Wake-ups ready in the lock queue (not a count of waiters).
+    pub ready_messages: u32,
+}
+
+impl LockStatus {
+    /// Whether some client holds the lock or is being granted it.
+    pub fn is_held(&self) -> bool {
+        self.consumers > 0
+    }
+    /// Clients waiting behind the holder (exact on classic queues).
+    pub fn waiters(&self) -> u32 {
+        self.consumers.saturating_sub(1)
+    }
+}
+
+/// How an acquisition waits.
+#[derive(Clone, Copy)]
+enum Wait {
+    Forever,
+    Until(Instant),
+    Try,
+}
+
+/// Why one attempt ended without a grant.
+enum Retry {
+    /// Transient (connection lost, queue expired in between): try again.
+    Again(String),
+    /// Final.
+    Fail(Error),
+}
+
+impl LockClient {
+    /// Connects to the broker.
+    ///
+    /// `url` is an AMQP URL (`amqp://user:pass@host:5672/vhost`), or several separated by
+    /// commas, tried in turn. The heartbeat of [`ClientConfig`] overrides one in the URL.
+    ///
+    /// Errors: [`Error::InvalidUrl`], [`Error::Config`], [`Error::Unreachable`],
+    /// [`Error::AuthRefused`]. Cancel safe.
+    pub async fn connect(url: &str, config: ClientConfig) -> Result<LockClient> {
+        config.validate()?;
+        let uris = parse_urls(url, &config)?;
+        let addr = uris.iter().map(display_addr).collect::<Vec<_>>().join(", ");
+        let conn = Conn::open(&uris, &config).await?;
+        info!(broker = %conn.addr, "connected");
+        let now = crate::protocol::now_micros();
+        Ok(LockClient {
+            inner: Arc::new(Inner {
+                config,
+                uris,
+                addr,
+                conn: Mutex::new(Some(conn)),
+                metrics: Arc::new(Metrics::default()),
+                closed: AtomicBool::new(false),
+                tag_prefix: format!("mqlock.{}.{now:x}", std::process::id()),
+                tag_seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The broker address(es), as `host:port/vhost` (never the credentials).
+    pub fn broker_addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The client's configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// The article's figures of merit for this client: request rate R, release rate S, wait
+    /// time T.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.inner.metrics.snapshot()
+    }
+
+    /// Waits until the lock is granted. Waiters are granted in the order they started waiting.
+    ///
+    /// Cancel safe: dropping the future at any point leaves no consumer and no token behind.
+    /// If the connection fails while waiting, the client reconnects and waits again (at the
+    /// back of the queue).
+    pub async fn lock(&self, name: &str) -> Result<LockGuard> {
+        self.acquire(name, Wait::Forever)
+            .await
+            .map(|g| g.expect("blocking acquire grants"))
+    }
+
+    /// Waits up to `timeout` for the lock; [`Error::Timeout`] after that. Cancel safe.
+    pub async fn lock_timeout(&self, name: &str, timeout: Duration) -> Result<LockGuard> {
+        self.acquire(name, Wait::Until(Instant::now() + timeout))
+            .await
+            .map(|g| g.expect("timed acquire grants or fails"))
+    }
+
+    /// Takes the lock if no other client holds it or waits for it; `Ok(None)` otherwise.
+    ///
+    /// When the lock looks free, waits up to [`ClientConfig::try_window`] for the broker's
+    /// hand-over; if another client registered at the same instant and won, returns
+    /// `Ok(None)`. Cancel safe.
+    pub async fn try_lock(&self, name: &str) -> Result<Option<LockGuard>> {
+        self.acquire(name, Wait::Try).await
+    }
+
+    /// What the broker can tell about a lock: held or free, and how many clients wait.
+    pub async fn status(&self, name: &str) -> Result<LockStatus> {
+        let names = queue_names(&self.inner.config.prefix, name)?;
+        let conn = self.connection().await?;
+        let channel = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.fatal(name, &e))?;
+        let declared = channel
+            .queue_declare(
+                names.lock.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let status = match declared {
+            Ok(q) => LockStatus {
+                name: name.into(),
+                queue: names.lock,
+                exists: true,
+                consumers: q.consumer_count(),
+                ready_messages: q.message_count(),
+            },
+            // A passive declare of a missing queue closes the channel with 404.
+            Err(e) if matches!(classify(&e), Fault::NotFound(_)) => LockStatus {
+                name: name.into(),
+                queue: names.lock,
+                exists: false,
+                consumers: 0,
+                ready_messages: 0,
+            },
+            Err(e) => return Err(self.fatal(name, &e)),
+        };
+        let _ = channel.close(200, "status".into()).await;
+        Ok(status)
+    }
+
+    /// Closes the connection. Held locks are released by the broker and reported lost.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        if let Some(conn) = self.inner.conn.lock().await.take() {
+            conn.close().await;
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Conn>> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let mut slot = self.inner.conn.lock().await;
+        if let Some(conn) = slot.as_ref().filter(|c| c.is_alive()) {
+            return Ok(conn.clone());
+        }
+        if slot.take().is_some() {
+            info!(broker = %self.inner.addr, "reconnecting");
+        }
+        let conn = Conn::open(&self.inner.uris, &self.inner.config).await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn fatal(&self, name: &str, e: &lapin::Error) -> Error {
+        to_error(name, &self.inner.addr, "", classify(e))
+    }
+
+    async fn acquire(&self, name: &str, wait: Wait) -> Result<Option<LockGuard>> {
+        let names = queue_names(&self.inner.config.prefix, name)?;
+        let metrics = &self.inner.metrics;
+        metrics.requested();
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let conn = self.connection().await?;
+            match self.attempt(&conn, name, &names, wait, started).await {
+                Ok(Some(guard)) => {
+                    metrics.granted(started.elapsed());
+                    return Ok(Some(guard));
+                }
+                Ok(None) => {
+                    metrics.found_busy();
+                    return Ok(None);
+                }
+                Err(Retry::Fail(e)) => {
+                    if matches!(e, Error::Timeout { .. }) {
+                        metrics.timed_out();
+                    }
+                    return Err(e);
+                }
+                Err(Retry::Again(why)) => {
+                    warn!(lock = name, broker = %conn.addr, reason = %why, attempt = attempts, "acquisition interrupted; retrying");
+                    if attempts >= 20 {
+                        return Err(Error::Protocol {
+                            name: name.into(),
+                            addr: conn.addr.clone(),
+                            detail: format!("gave up after {attempts} attempts; last: {why}"),
+                        });
+                    }
+                    let pause = match wait {
+                        Wait::Until(deadline) if Instant::now() + backoff >= deadline => {
+                            metrics.timed_out();
+                            return Err(Error::Timeout {
+                                name: name.into(),
+                                addr: conn.addr.clone(),
+                                waited: started.elapsed(),
+                            });
+                        }
+                        Wait::Try => return Ok(None),
+                        _ => backoff,
+                    };
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// One registration on the lock queue, from declaring it to the grant.
+    ///
+    /// Everything lives in this future's locals: dropping it drops the channel, which the
+    /// broker treats like a crash (consumer removed, deliveries requeued).
+    async fn attempt(
+        &self,
+        conn: &Arc<Conn>,
+        name: &str,
+        names: &QueueNames,
+        wait: Wait,
+        started: Instant,
+    ) -> std::result::Result<Option<LockGuard>, Retry> {
+        let config = &self.inner.config;
+        let fail = |e: &lapin::Error| match classify(e) {
+            Fault::Connection(d) => {
+                conn.kill(LossReason::ConnectionLost(d.clone()));
+                Retry::Again(d)
+            }
+            Fault::NotFound(d) => Retry::Again(d),
+            fault => Retry::Fail(to_error(name, &conn.addr, &names.lock, fault)),
+        };
+        let channel = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| fail(&e))?;
+        let (qos, confirm) = join(
+            channel.basic_qos(PREFETCH, BasicQosOptions::default()),
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await;
+        qos.and(confirm).map_err(|e| fail(&e))?;
+
+        let declare = channel.queue_declare(
+            names.lock.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lock_queue_args(config),
+        );
+        let tag = format!(
+            "{}.{}",
+            self.inner.tag_prefix,
+            self.inner.tag_seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let consume = channel.basic_consume(
+            names.lock.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
+        let mut consumer = if let Wait::Try = wait {
+            // Someone registered before us holds the lock or will get it first.
+            let queue = declare.await.map_err(|e| fail(&e))?;
+            if queue.consumer_count() > 0 {
+                let _ = channel.close(200, "busy".into()).await;
+                return Ok(None);
+            }
+            consume.await.map_err(|e| fail(&e))?
+        } else {
+            let (declared, consumed) = join(declare, consume).await;
+            declared.map_err(|e| fail(&e))?;
+            consumed.map_err(|e| fail(&e))?
+        };
+        // A wake-up, in case the lock has no token yet (new queue) or lost it.
+        let publish_wake = || {
+            channel.basic_publish(
+                "".into(),
+                names.lock.as_str().into(),
+                BasicPublishOptions::default(),
+                b"",
+                wake_properties(None),
+            )
+        };
+        publish_wake().await.map_err(|e| fail(&e))?;
+
+        let deadline = match wait {
+            Wait::Forever => None,
+            Wait::Until(d) => Some(d),
+            Wait::Try => Some(Instant::now() + config.try_window),
+        };
+        let mut nudge = tokio::time::interval_at(
+            tokio::time::Instant::now() + config.nudge_interval,
+            config.nudge_interval,
+        );
+        let token = loop {
+            tokio::select! {
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(d)) => break d,
+                    Some(Err(e)) => return Err(fail(&e)),
+                    None => return Err(Retry::Again("the broker cancelled the waiting consumer".into())),
+                },
+                reason = conn.dead() => return Err(Retry::Again(reason.to_string())),
+                _ = nudge.tick() => {
+                    debug!(lock = name, "still waiting; publishing another wake-up");
+                    publish_wake().await.map_err(|e| fail(&e))?;
+                }
+                _ = sleep_until_opt(deadline) => {
+                    return match wait {
+                        Wait::Try => Ok(None),
+                        _ => Err(Retry::Fail(Error::Timeout {
+                            name: name.into(),
+                            addr: conn.addr.clone(),
+                            waited: started.elapsed(),
+                        })),
+                    };
+                }
+            }
+        };
+        // First delivery: the broker made us the active consumer. Record the fence before
+        // anyone can use it.
+        let fence = record_fence(&channel, names, config)
+            .await
+            .map_err(|e| match e {
+                FenceError::Amqp(e) => fail(&e),
+                FenceError::Refused(d) => Retry::Fail(Error::Protocol {
+                    name: name.into(),
+                    addr: conn.addr.clone(),
+                    detail: d,
+                }),
+            })?;
+        debug!(lock = name, fence, waited = ?started.elapsed(), "granted");
+
+        let signal = LossSignal::new(Some(conn.lease.clone()));
+        let name: Arc<str> = Arc::from(name);
+        let handle = Holder {
+            name: name.clone(),
+            lock_queue: names.lock.clone(),
+            tag,
+            channel,
+            consumer,
+            token,
+            signal: signal.clone(),
+            conn: conn.clone(),
+            renew_interval: config.renew_interval,
+            metrics: self.inner.metrics.clone(),
+        }
+        .spawn();
+        Ok(Some(LockGuard::new(name, fence, signal, Box::new(handle))))
+    }
+}
+
+enum FenceError {
+    Amqp(lapin::Error),
+    Refused(String),
+}
+
+impl From<lapin::Error> for FenceError {
+    fn from(e: lapin::Error) -> Self {
+        FenceError::Amqp(e)
+    }
+}
+
+/// Reads the fence register, writes `last + 1` (confirmed), and returns it.
+///
+/// Only the active consumer of the lock queue runs this, and it returns the token only after
+/// the broker confirmed the write; so the writes are ordered like the grants (docs/protocol.md,
+/// invariant F1).
+async fn record_fence(
+    channel: &Channel,
+    names: &QueueNames,
+    config: &ClientConfig,
+) -> Result<u64, FenceError> {
+    // Declaring first recreates a register that expired, and resets its idle timer.
+    let (declared, got) = join(
+        channel.queue_declare(
+            names.fence.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            fence_queue_args(config),
+        ),
+        channel.basic_get(
+            names.fence.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        ),
+    )
+    .await;
+    declared?;
+    let got = got?;
+    let last = got.as_ref().and_then(|m| parse_fence(&m.delivery.data));
+    let fence =
+        next_fence(last).ok_or_else(|| FenceError::Refused("fencing token overflow".into()))?;
+    let confirmation = channel
+        .basic_publish(
+            "".into(),
+            names.fence.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            fence.to_string().as_bytes(),
+            wake_properties(None),
+        )
+        .await?
+        .await?;
+    match confirmation {
+        Confirmation::Ack(None) => {}
+        Confirmation::Ack(Some(_)) => {
+            return Err(FenceError::Refused(format!(
+                "the fence register {} vanished while the token was written",
+                names.fence
+            )));
+        }
+        Confirmation::Nack(_) => {
+            return Err(FenceError::Refused(
+                "the broker refused to store the fencing token".into(),
+            ));
+        }
+        Confirmation::NotRequested => {
+            return Err(FenceError::Refused(
+                "publisher confirms are not enabled".into(),
+            ));
+        }
+    }
+    if let Some(old) = got {
+        old.delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    Ok(fence)
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn to_error(name: &str, addr: &str, queue: &str, fault: Fault) -> Error {
+    match fault {
+        Fault::Precondition(detail) => Error::IncompatibleQueue {
+            name: name.into(),
+            queue: queue.into(),
+            addr: addr.into(),
+            detail,
+        },
+        Fault::AccessRefused(detail) => Error::AccessRefused {
+            name: name.into(),
+            addr: addr.into(),
+            detail,
+        },
+        Fault::Connection(detail) => Error::Unreachable {
+            addr: addr.into(),
+            detail,
+        },
+        Fault::NotFound(detail) | Fault::Other(detail) => Error::Protocol {
+            name: name.into(),
+            addr: addr.into(),
+            detail,
+        },
+    }
+}
+
+impl Locker for LockClient {
+    fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LockGuard>> {
+        Box::pin(LockClient::lock(self, name))
+    }
+    fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>> {
+        Box::pin(LockClient::try_lock(self, name))
+    }
+    fn lock_timeout<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<LockGuard>> {
+        Box::pin(LockClient::lock_timeout(self, name, timeout))
+    }
+}

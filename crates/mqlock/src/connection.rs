@@ -1,0 +1,283 @@
+//! One broker connection, its liveness lease and its prober.
+//!
+//! The lease is what lets a holder know it lost its lock *before* the broker can give it away
+//! (docs/protocol.md, invariant L2): every `heartbeat / 4` the prober sends a cheap RPC; when
+//! the answer arrives, the broker has certainly heard from us after the moment the probe was
+//! sent, so it cannot declare us dead before `sent + 2 × heartbeat`. We extend our own lease to
+//! `sent + 1.5 × heartbeat` only, and declare every lock on this connection lost when it runs
+//! out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::BasicQosOptions;
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties, Event};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use crate::config::ClientConfig;
+use crate::error::Error;
+use crate::guard::{Lease, LossReason};
+use crate::protocol::{Fault, classify};
+
+/// A broker address as shown in messages: `host:port[/vhost]`, never the credentials.
+pub(crate) fn display_addr(uri: &AMQPUri) -> String {
+    match uri.vhost.as_str() {
+        "/" | "" => format!("{}:{}", uri.authority.host, uri.authority.port),
+        vhost => format!("{}:{}/{vhost}", uri.authority.host, uri.authority.port),
+    }
+}
+
+/// Parses a comma-separated list of broker URLs, applying the configured heartbeat.
+pub(crate) fn parse_urls(urls: &str, config: &ClientConfig) -> Result<Vec<AMQPUri>, Error> {
+    let mut out = Vec::new();
+    for (i, raw) in urls.split(',').map(str::trim).enumerate() {
+        if raw.is_empty() {
+            continue;
+        }
+        // The parser's message never repeats the URL, so the password cannot leak through it.
+        let mut uri: AMQPUri = raw.parse().map_err(|e: String| Error::InvalidUrl {
+            reason: format!(
+                "URL #{} of {urls_count}: {e}",
+                i + 1,
+                urls_count = urls.split(',').count()
+            ),
+        })?;
+        if uri.authority.host.is_empty() {
+            return Err(Error::InvalidUrl {
+                reason: format!("URL #{}: no host", i + 1),
+            });
+        }
+        uri.query.heartbeat = Some(config.heartbeat_secs());
+        uri.query.connection_timeout.get_or_insert(5_000);
+        out.push(uri);
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidUrl {
+            reason: "no broker URL given".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// A live connection shared by every lock of one client.
+pub(crate) struct Conn {
+    pub(crate) connection: Connection,
+    pub(crate) addr: String,
+    pub(crate) lease: Arc<Lease>,
+    dead: watch::Sender<Option<LossReason>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Conn {
+    /// Opens a connection to the first address that answers.
+    pub(crate) async fn open(uris: &[AMQPUri], config: &ClientConfig) -> Result<Arc<Conn>, Error> {
+        let mut failures = Vec::new();
+        for uri in uris {
+            let addr = display_addr(uri);
+            match Self::open_one(uri, &addr, config).await {
+                Ok(c) => return Ok(c),
+                // Credentials are the same everywhere; a refusal will not get better elsewhere.
+                Err(e @ Error::AuthRefused { .. }) => return Err(e),
+                Err(e) => {
+                    debug!(%addr, error = %e, "broker address failed");
+                    failures.push(e);
+                }
+            }
+        }
+        match failures.len() {
+            1 => Err(failures.pop().expect("one failure")),
+            _ => Err(Error::Unreachable {
+                addr: uris.iter().map(display_addr).collect::<Vec<_>>().join(", "),
+                detail: failures
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }),
+        }
+    }
+
+    async fn open_one(
+        uri: &AMQPUri,
+        addr: &str,
+        config: &ClientConfig,
+    ) -> Result<Arc<Conn>, Error> {
+        let name = config
+            .connection_name
+            .clone()
+            .unwrap_or_else(|| format!("mqlock pid {}", std::process::id()));
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let connect = Connection::connect_uri(uri.clone(), props);
+        // The URL's connection_timeout bounds the TCP connect; this bounds the AMQP handshake too.
+        let connection = match tokio::time::timeout(Duration::from_secs(15), connect).await {
+            Err(_) => {
+                return Err(Error::Unreachable {
+                    addr: addr.into(),
+                    detail: "no answer to the AMQP handshake within 15 s".into(),
+                });
+            }
+            Ok(Err(e)) => return Err(connect_error(&e, addr, &uri.authority.userinfo.username)),
+            Ok(Ok(c)) => c,
+        };
+        let probe = connection
+            .create_channel()
+            .await
+            .map_err(|e| connect_error(&e, addr, &uri.authority.userinfo.username))?;
+
+        let negotiated = connection.configuration().heartbeat();
+        let heartbeat = if negotiated == 0 {
+            // The broker disabled heartbeats; it then notices a dead client only through TCP.
+            warn!(%addr, "the broker disabled AMQP heartbeats; a cut-off holder may be noticed late");
+            config.heartbeat
+        } else {
+            Duration::from_secs(negotiated.into())
+        };
+        let margin = heartbeat * 3 / 2;
+        let lease = Arc::new(Lease::new(margin));
+        let (dead, _) = watch::channel(None);
+
+        let mut conn = Conn {
+            connection,
+            addr: addr.into(),
+            lease: lease.clone(),
+            dead,
+            tasks: Vec::new(),
+        };
+        let dead_tx = conn.dead.clone();
+        let events = conn.connection.events_listener();
+        let addr_owned = conn.addr.clone();
+        conn.tasks.push(tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                if let Event::Error(e) = event {
+                    warn!(addr = %addr_owned, error = %e, "broker connection failed");
+                    mark_dead(&dead_tx, LossReason::ConnectionLost(e.to_string()));
+                    return;
+                }
+            }
+        }));
+        let dead_tx = conn.dead.clone();
+        let addr_owned = conn.addr.clone();
+        conn.tasks.push(tokio::spawn(async move {
+            let every = heartbeat / 4;
+            loop {
+                tokio::time::sleep(every).await;
+                let sent = Instant::now();
+                let answered = tokio::select! {
+                    r = probe.basic_qos(0, BasicQosOptions::default()) => Some(r),
+                    _ = sleep_past(&lease) => None,
+                };
+                match answered {
+                    Some(Ok(())) => lease.extend_to(sent + margin),
+                    Some(Err(e)) => {
+                        if let Fault::Connection(d) = classify(&e) {
+                            mark_dead(&dead_tx, LossReason::ConnectionLost(d));
+                            return;
+                        }
+                        mark_dead(&dead_tx, LossReason::ConnectionLost(e.to_string()));
+                        return;
+                    }
+                    None => {
+                        let silent_for = margin + Instant::now().saturating_duration_since(lease.deadline());
+                        warn!(addr = %addr_owned, ?silent_for, "broker silent past the safety margin; locks on this connection are lost");
+                        mark_dead(&dead_tx, LossReason::LeaseExpired { silent_for });
+                        return;
+                    }
+                }
+            }
+        }));
+        Ok(Arc::new(conn))
+    }
+
+    /// Whether the connection can still be used for new acquisitions.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.dead.borrow().is_none()
+            && self.connection.status().connected()
+            && self.lease.is_valid()
+    }
+
+    /// Resolves when the connection is declared dead (I/O error, broker close, expired lease).
+    pub(crate) async fn dead(&self) -> LossReason {
+        let mut rx = self.dead.subscribe();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r;
+            }
+            if rx.changed().await.is_err() {
+                return LossReason::ConnectionLost("connection dropped".into());
+            }
+        }
+    }
+
+    /// Declares the connection dead (e.g. after an I/O error seen on a channel) and closes it.
+    pub(crate) fn kill(&self, reason: LossReason) {
+        mark_dead(&self.dead, reason);
+    }
+
+    /// Closes the connection politely (used when the client is closed).
+    pub(crate) async fn close(&self) {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            self.connection.close(200, "mqlock client closed".into()),
+        )
+        .await;
+        mark_dead(
+            &self.dead,
+            LossReason::ConnectionLost("client closed".into()),
+        );
+    }
+}
+
+fn mark_dead(tx: &watch::Sender<Option<LossReason>>, reason: LossReason) {
+    tx.send_if_modified(|cur| {
+        if cur.is_none() {
+            *cur = Some(reason);
+            true
+        } else {
+            false
+        }
+    });
+}
+
+async fn sleep_past(lease: &Lease) {
+    loop {
+        tokio::time::sleep_until(lease.deadline().into()).await;
+        if !lease.is_valid() {
+            return;
+        }
+    }
+}
+
+fn connect_error(e: &lapin::Error, addr: &str, user: &str) -> Error {
+    match classify(e) {
+        Fault::AccessRefused(_) => Error::AuthRefused {
+            addr: addr.into(),
+            user: user.into(),
+        },
+        // 530 NOT_ALLOWED: the vhost does not exist or the user may not use it.
+        Fault::Connection(d) if d.starts_with("530") || d.starts_with("403") => {
+            Error::AuthRefused {
+                addr: addr.into(),
+                user: user.into(),
+            }
+        }
+        Fault::Connection(d) | Fault::NotFound(d) | Fault::Precondition(d) | Fault::Other(d) => {
+            Error::Unreachable {
+                addr: addr.into(),
+                detail: d,
+            }
+        }
+    }
+}

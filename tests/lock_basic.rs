@@ -1,0 +1,155 @@
+//! Basic behaviour of the RabbitMQ lock against the real broker: grant, release, fencing,
+//! try_lock, timeouts, FIFO order, status, bad input.
+
+mod support;
+
+use std::time::Duration;
+
+use mqlock::{ClientConfig, Error, LockClient};
+
+async fn client() -> LockClient {
+    support::init_tracing();
+    LockClient::connect(&support::amqp_url(), ClientConfig::default())
+        .await
+        .expect("connect to the test broker")
+}
+
+#[tokio::test]
+async fn grant_release_and_fencing_tokens_grow() {
+    let c = client().await;
+    let name = support::unique("basic");
+    let mut last = 0;
+    for _ in 0..20 {
+        let g = c.lock(&name).await.unwrap();
+        assert!(g.is_held());
+        assert!(g.fencing_token() > last, "{} <= {last}", g.fencing_token());
+        last = g.fencing_token();
+        g.release().await.unwrap();
+    }
+    let m = c.metrics();
+    assert_eq!(m.grants, 20);
+    assert_eq!(m.releases, 20);
+}
+
+#[tokio::test]
+async fn try_lock_sees_a_held_lock_and_timeout_expires() {
+    let a = client().await;
+    let b = client().await;
+    let name = support::unique("try");
+    let g = a.lock(&name).await.unwrap();
+    assert!(b.try_lock(&name).await.unwrap().is_none());
+    let t0 = std::time::Instant::now();
+    let err = b
+        .lock_timeout(&name, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert!(err.to_string().contains(&name) && err.to_string().contains("127.0.0.1:5672"));
+    let status = b.status(&name).await.unwrap();
+    assert!(status.is_held(), "{status:?}");
+    assert_eq!(
+        status.waiters(),
+        0,
+        "timed-out waiters must leave: {status:?}"
+    );
+    let t = g.fencing_token();
+    g.release().await.unwrap();
+    let g2 = b
+        .try_lock(&name)
+        .await
+        .unwrap()
+        .expect("free after release");
+    assert!(g2.fencing_token() > t);
+}
+
+#[tokio::test]
+async fn waiters_are_granted_in_fifo_order() {
+    let holder = client().await;
+    let name = support::unique("fifo");
+    let g = holder.lock(&name).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let c = client().await;
+        let (n, tx) = (name.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let g = c.lock(&n).await.unwrap();
+            tx.send((i, g.fencing_token())).unwrap();
+            g.release().await.unwrap();
+        }));
+        // Registration order is the order in which waiters start; wait until the broker saw it.
+        loop {
+            if holder.status(&name).await.unwrap().waiters() == i + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    g.release().await.unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop(tx);
+    let mut order = Vec::new();
+    while let Some(x) = rx.recv().await {
+        order.push(x);
+    }
+    let ids: Vec<u32> = order.iter().map(|x| x.0).collect();
+    assert_eq!(ids, (0..8).collect::<Vec<_>>());
+    assert!(
+        order.windows(2).all(|w| w[0].1 < w[1].1),
+        "tokens grow in grant order: {order:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gives_typed_errors() {
+    let c = client().await;
+    assert!(matches!(c.lock("").await, Err(Error::InvalidName { .. })));
+    assert!(matches!(
+        c.try_lock("a\nb").await,
+        Err(Error::InvalidName { .. })
+    ));
+    // Very long names are mapped, not refused.
+    let long = "x".repeat(10_000);
+    c.lock(&long).await.unwrap().release().await.unwrap();
+
+    let e = LockClient::connect(
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        ClientConfig::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+
+    let e = LockClient::connect(
+        "amqp://guest:wrong-secret@127.0.0.1:5672/%2f",
+        ClientConfig::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, Error::AuthRefused { .. }), "{e}");
+    assert!(
+        !e.to_string().contains("wrong-secret"),
+        "password leaked: {e}"
+    );
+
+    let e = LockClient::connect("http://nope", ClientConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidUrl { .. }), "{e}");
+
+    let other = ClientConfig {
+        idle_expiry: Duration::from_secs(777),
+        ..ClientConfig::default()
+    };
+    let d = LockClient::connect(&support::amqp_url(), other)
+        .await
+        .unwrap();
+    let name = support::unique("args");
+    c.lock(&name).await.unwrap().release().await.unwrap();
+    let e = d.lock(&name).await.unwrap_err();
+    assert!(matches!(e, Error::IncompatibleQueue { .. }), "{e}");
+}
