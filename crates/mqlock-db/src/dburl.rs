@@ -40,6 +40,12 @@ impl DbOptions {
     }
 }
 
+/// Checks that `url` is a database URL this crate supports (`postgres://`, `postgresql://` or
+/// `sqlite:`) and is well formed, without connecting.
+pub fn validate_database_url(url: &str) -> Result<()> {
+    DbOptions::parse(url).map(|_| ())
+}
+
 /// `url` with any password replaced by `***`, for messages and logs.
 pub fn redact(url: &str) -> String {
     // scheme://user:password@host... — only the part between the first ':' after "//" and the

@@ -36,7 +36,7 @@ mod error;
 mod fence;
 mod migrate;
 
-pub use dburl::redact;
+pub use dburl::{redact, validate_database_url};
 pub use error::{Error, Result};
 pub use fence::{DEFAULT_FENCE_TABLE, FencedDatabase, TxGuard, TxWork};
 pub use migrate::{AppliedMigration, MigrationGuard, MigrationReport, load_migrations};

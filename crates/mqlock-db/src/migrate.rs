@@ -258,7 +258,8 @@ where
                 elapsed,
             }),
             Err(source) => {
-                tracing::error!(version = migration.version, error = %source, "migration failed");
+                // Returned to the caller, who reports it; logged here only for traces.
+                tracing::debug!(version = migration.version, error = %source, "migration failed");
                 return Err(Error::MigrationFailed {
                     version: migration.version,
                     description: migration.description.to_string(),
