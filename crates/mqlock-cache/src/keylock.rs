@@ -1,0 +1,182 @@
+//! Per-key locking: an in-process queue in front of the distributed lock.
+//!
+//! Every locked operation of a node first queues on an in-process mutex for the key, then takes
+//! the distributed lock. So the broker sees at most one waiter per node and key, however many
+//! tasks of that node mutate the key at once, and tasks of one node are served in FIFO order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mqlock::{LockGuard, Locker};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+
+use crate::error::{Error, Result};
+
+type Slots = Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>;
+
+/// Lock name of `key` in `namespace`.
+///
+/// The core refuses control characters in lock names, while cache keys may contain anything, so
+/// `%` and control characters are percent-encoded (an injective mapping: two keys never share
+/// a lock). The core hashes names that are too long for a queue name.
+pub fn lock_name(namespace: &str, key: &str) -> String {
+    let mut name = String::with_capacity(namespace.len() + key.len() + 8);
+    name.push_str("cache/");
+    name.push_str(namespace);
+    name.push('/');
+    for c in key.chars() {
+        if c == '%' || c.is_control() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                name.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            name.push(c);
+        }
+    }
+    name
+}
+
+/// Takes keys' locks: in-process queue, then the distributed lock.
+pub(crate) struct KeyLocks {
+    locker: Arc<dyn Locker>,
+    namespace: String,
+    slots: Slots,
+    wait: Duration,
+}
+
+/// A key's lock: the in-process slot and the distributed grant.
+///
+/// Field order matters: the distributed guard is released first, then the in-process mutex, so
+/// the next task of this node starts its distributed wait only after our release was sent.
+pub(crate) struct HeldKey {
+    pub(crate) guard: LockGuard,
+    pub(crate) local: LocalGuard,
+}
+
+pub(crate) struct LocalGuard {
+    _guard: OwnedMutexGuard<()>,
+    _slot: Slot,
+}
+
+/// A reference to a key's in-process mutex that removes the map entry when it is the last one,
+/// including when a waiter is cancelled.
+struct Slot {
+    slots: Slots,
+    key: String,
+    mutex: Arc<AsyncMutex<()>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut slots = self.slots.lock().unwrap();
+        // The map's reference plus ours: nobody else holds or waits for this key.
+        if Arc::strong_count(&self.mutex) == 2 {
+            slots.remove(&self.key);
+        }
+    }
+}
+
+impl KeyLocks {
+    pub(crate) fn new(locker: Arc<dyn Locker>, namespace: String, wait: Duration) -> Self {
+        KeyLocks {
+            locker,
+            namespace,
+            slots: Slots::default(),
+            wait,
+        }
+    }
+
+    /// Waits (at most the configured lock wait, in total) for `key`'s lock.
+    pub(crate) async fn lock(&self, key: &str) -> Result<HeldKey> {
+        let started = Instant::now();
+        let timeout = || Error::LockTimeout {
+            key: key.to_owned(),
+            waited: started.elapsed(),
+        };
+        let slot = {
+            let mut slots = self.slots.lock().unwrap();
+            let mutex = slots.entry(key.to_owned()).or_default().clone();
+            Slot {
+                slots: self.slots.clone(),
+                key: key.to_owned(),
+                mutex,
+            }
+        };
+        let local = tokio::time::timeout(self.wait, slot.mutex.clone().lock_owned())
+            .await
+            .map_err(|_| timeout())?;
+        let local = LocalGuard {
+            _guard: local,
+            _slot: slot,
+        };
+        let remaining = self.wait.saturating_sub(started.elapsed());
+        if remaining.is_zero() {
+            return Err(timeout());
+        }
+        let name = lock_name(&self.namespace, key);
+        let guard = self
+            .locker
+            .lock_timeout(&name, remaining)
+            .await
+            .map_err(|e| Error::from_lock(key, e))?;
+        tracing::trace!(key, token = guard.fencing_token(), "cache key locked");
+        Ok(HeldKey { guard, local })
+    }
+
+    /// Number of keys with an in-process holder or waiter (for tests of the clean-up).
+    #[cfg(test)]
+    pub(crate) fn active_keys(&self) -> usize {
+        self.slots.lock().unwrap().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqlock::MemoryLocker;
+
+    #[test]
+    fn lock_names_are_injective_and_valid() {
+        let a = lock_name("ns", "a%0Ab");
+        let b = lock_name("ns", "a\nb");
+        assert_ne!(a, b);
+        assert_eq!(b, "cache/ns/a%0Ab");
+        assert_eq!(a, "cache/ns/a%250Ab");
+        assert!(mqlock::name::validate(&lock_name("ns", "\u{0}\u{85}é")).is_ok());
+        assert!(mqlock::name::validate(&lock_name("ns", "")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn local_queue_then_distributed_lock_and_clean_up() {
+        let memory = MemoryLocker::new();
+        let locks = Arc::new(KeyLocks::new(Arc::new(memory.clone()), "ns".into(), Duration::from_secs(5)));
+        let held = locks.lock("k").await.unwrap();
+        assert!(memory.is_locked("cache/ns/k"));
+        // A second task of the node queues in process: still one distributed holder.
+        let l2 = locks.clone();
+        let waiter = tokio::spawn(async move { l2.lock("k").await.map(|h| h.guard.fencing_token()) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        let first = held.guard.fencing_token();
+        drop(held);
+        assert!(waiter.await.unwrap().unwrap() > first);
+        assert_eq!(locks.active_keys(), 0);
+        assert!(!memory.is_locked("cache/ns/k"));
+    }
+
+    #[tokio::test]
+    async fn waits_are_bounded_and_cancelled_waiters_leave_nothing() {
+        let memory = MemoryLocker::new();
+        let locks = KeyLocks::new(Arc::new(memory.clone()), "ns".into(), Duration::from_millis(50));
+        let outside = memory.lock("cache/ns/k").await.unwrap();
+        assert!(matches!(locks.lock("k").await, Err(Error::LockTimeout { .. })));
+        assert_eq!(locks.active_keys(), 0);
+        drop(outside);
+        let held = locks.lock("k").await.unwrap();
+        assert!(matches!(locks.lock("k").await, Err(Error::LockTimeout { .. })));
+        drop(held);
+        assert_eq!(locks.active_keys(), 0);
+    }
+}
