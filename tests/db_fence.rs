@@ -1,0 +1,253 @@
+//! Fenced transactions against the real broker, PostgreSQL and SQLite: exact counts under
+//! concurrency, and a holder frozen with SIGSTOP past its lease being fenced off.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mqlock::{ClientConfig, LockClient};
+use mqlock_db::{FencedDatabase, TxGuard};
+use sqlx::{PgPool, Pool, SqlitePool};
+
+/// A fresh PostgreSQL database for one test; returns its URL.
+async fn fresh_pg() -> String {
+    let admin_url = support::database_url();
+    let admin = PgPool::connect(&admin_url)
+        .await
+        .expect("PostgreSQL must be up");
+    let name = support::unique("mqlockdb").replace('-', "_");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+async fn client() -> LockClient {
+    LockClient::connect(&support::amqp_url(), ClientConfig::default())
+        .await
+        .expect("RabbitMQ must be up")
+}
+
+/// 8 clients (own broker connection, own pool) each add 1 twenty times with a read-then-write
+/// that loses updates unless the transactions are serialised.
+async fn increments<DB: FencedDatabase>(
+    pools: Vec<Pool<DB>>,
+    lock: &str,
+    bump: fn(&mut DB::Connection) -> mqlock::BoxFuture<'_, mqlock_db::Result<()>>,
+) {
+    let mut tasks = Vec::new();
+    for pool in pools {
+        let lock = lock.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let guard =
+                TxGuard::new(client().await, pool).with_wait_timeout(Duration::from_secs(60));
+            for _ in 0..20 {
+                guard.run(&lock, bump).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_clients_increment_exactly_postgres() {
+    let url = fresh_pg().await;
+    let setup = PgPool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE counter (id INT PRIMARY KEY, n BIGINT NOT NULL)")
+        .execute(&setup)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO counter VALUES (1, 0)")
+        .execute(&setup)
+        .await
+        .unwrap();
+    let mut pools = Vec::new();
+    for _ in 0..8 {
+        pools.push(PgPool::connect(&url).await.unwrap());
+    }
+    let lock = support::unique("db-incr-pg");
+    increments(pools, &lock, |c| {
+        Box::pin(async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
+                .fetch_one(&mut *c)
+                .await?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            sqlx::query("UPDATE counter SET n = $1 WHERE id = 1")
+                .bind(n + 1)
+                .execute(&mut *c)
+                .await?;
+            Ok(())
+        })
+    })
+    .await;
+    let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
+        .fetch_one(&setup)
+        .await
+        .unwrap();
+    assert_eq!(n, 160);
+    // The fence table recorded the lock's latest grant.
+    let (rows, token): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), MAX(token) FROM mqlock_fence WHERE resource = $1")
+            .bind(&lock)
+            .fetch_one(&setup)
+            .await
+            .unwrap();
+    assert_eq!(rows, 1);
+    assert!(token > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_clients_increment_exactly_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
+    let setup = SqlitePool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+        .execute(&setup)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO counter VALUES (1, 0)")
+        .execute(&setup)
+        .await
+        .unwrap();
+    let mut pools = Vec::new();
+    for _ in 0..8 {
+        pools.push(SqlitePool::connect(&url).await.unwrap());
+    }
+    let lock = support::unique("db-incr-sqlite");
+    increments(pools, &lock, |c| {
+        Box::pin(async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
+                .fetch_one(&mut *c)
+                .await?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            sqlx::query("UPDATE counter SET n = ?1 WHERE id = 1")
+                .bind(n + 1)
+                .execute(&mut *c)
+                .await?;
+            Ok(())
+        })
+    })
+    .await;
+    let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
+        .fetch_one(&setup)
+        .await
+        .unwrap();
+    assert_eq!(n, 160);
+}
+
+/// Kills the helper on drop, so a failing test does not leave a stopped process behind.
+struct Reap(Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fence_holder_bin() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "mqlock-db",
+            "--example",
+            "fence_holder",
+        ])
+        .current_dir(support::root())
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the fence_holder example failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| support::root().join("target"));
+    target.join("debug/examples/fence_holder")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_frozen_past_its_lease_is_fenced_off() {
+    let bin = fence_holder_bin();
+    let url = fresh_pg().await;
+    let db = PgPool::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE fenced_log (who TEXT NOT NULL, token BIGINT NOT NULL)")
+        .execute(&db)
+        .await
+        .unwrap();
+    let lock = support::unique("db-sigstop");
+
+    let child = Command::new(&bin)
+        .args([&support::amqp_url(), &url, &lock, "A"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Reap(child);
+    let mut out = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let token_a: u64 = line
+        .trim()
+        .strip_prefix("TOKEN ")
+        .unwrap_or_else(|| panic!("bad line {line:?}"))
+        .parse()
+        .unwrap();
+    let pid = child.0.id() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+
+    // B waits for the broker to give up on the frozen A (missed heartbeats), then commits.
+    let b = client().await;
+    let guard = TxGuard::new(b.clone(), db.clone());
+    let start = Instant::now();
+    let held = mqlock::Locker::lock_timeout(&b, &lock, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let takeover = start.elapsed();
+    let token_b = held.fencing_token();
+    assert!(token_b > token_a);
+    guard
+        .run_with_guard(&held, move |c| {
+            Box::pin(async move {
+                sqlx::query("INSERT INTO fenced_log VALUES ('B', $1)")
+                    .bind(token_b as i64)
+                    .execute(&mut *c)
+                    .await?;
+                Ok(())
+            })
+        })
+        .await
+        .unwrap();
+    eprintln!("B took over {takeover:?} after A was frozen (token {token_a} -> {token_b})");
+
+    // A resumes and tries to commit its write.
+    child.0.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    child.0.stdin.as_mut().unwrap().flush().unwrap();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        format!("RESULT stale {token_b}"),
+        "A's outcome"
+    );
+
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT who, token FROM fenced_log ORDER BY who")
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![("B".to_owned(), token_b as i64)],
+        "nothing from A may be committed"
+    );
+    held.release().await.unwrap();
+    let status = child.0.wait().unwrap();
+    assert!(status.success());
+}
