@@ -1,0 +1,288 @@
+//! Node-local sharing of file locks.
+//!
+//! Every write handle of one file on this node shares one distributed lock: the first opener
+//! acquires it, later openers only count themselves in, and the last release gives it back.
+//! Asking the broker a second time for a lock this node already holds would queue the node
+//! behind itself, so all acquisitions of one name on this node go through one async mutex.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mqlock::{LockGuard, Locker, LossSignal};
+use tokio::task::JoinHandle;
+
+/// Why a file lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another node holds the lock and the open asked not to wait (`O_NONBLOCK`).
+    #[error("lock {name:?} is held elsewhere")]
+    Busy {
+        /// Lock name.
+        name: String,
+    },
+    /// The wait ran out.
+    #[error("timed out after {waited:?} waiting for lock {name:?}")]
+    Timeout {
+        /// Lock name.
+        name: String,
+        /// How long the open waited.
+        waited: Duration,
+    },
+    /// The lock service failed (broker unreachable, invalid name...).
+    #[error(transparent)]
+    Lock(#[from] mqlock::Error),
+}
+
+impl LockError {
+    /// The errno a file operation fails with: `EWOULDBLOCK` (= `EAGAIN`) for a busy lock under
+    /// `O_NONBLOCK`, `ETIMEDOUT` when the wait ran out, `EIO` when the lock service failed.
+    pub fn errno(&self) -> i32 {
+        match self {
+            LockError::Busy { .. } => libc::EWOULDBLOCK,
+            LockError::Timeout { .. } => libc::ETIMEDOUT,
+            LockError::Lock(_) => libc::EIO,
+        }
+    }
+}
+
+/// One handle's share of a node-held lock.
+#[derive(Debug, Clone)]
+pub(crate) struct Share {
+    pub(crate) name: Arc<str>,
+    pub(crate) token: u64,
+    epoch: u64,
+    signal: LossSignal,
+}
+
+impl Share {
+    /// Whether the grant this share belongs to was lost (a later grant does not revive it).
+    pub(crate) fn is_lost(&self) -> bool {
+        self.signal.reason().is_some()
+    }
+}
+
+struct Held {
+    guard: LockGuard,
+    count: usize,
+    epoch: u64,
+    watcher: JoinHandle<()>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Held>>>;
+
+/// The locks this node holds for open files, by lock name.
+pub(crate) struct LockTable {
+    locker: Arc<dyn Locker>,
+    timeout: Duration,
+    slots: Mutex<HashMap<String, Slot>>,
+    epochs: AtomicU64,
+}
+
+impl LockTable {
+    pub(crate) fn new(locker: Arc<dyn Locker>, timeout: Duration) -> Self {
+        LockTable {
+            locker,
+            timeout,
+            slots: Mutex::new(HashMap::new()),
+            epochs: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, name: &str) -> Slot {
+        self.slots
+            .lock()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Joins this node's hold of `name`, acquiring it from the lock service if the node does
+    /// not hold it. Waits at most the configured timeout; with `nonblock`, not at all.
+    pub(crate) async fn acquire(&self, name: &str, nonblock: bool) -> Result<Share, LockError> {
+        let started = Instant::now();
+        let slot = self.slot(name);
+        let result = self.acquire_in(&slot, name, nonblock, started).await;
+        if result.is_err() {
+            self.collect(name, slot);
+        }
+        result
+    }
+
+    async fn acquire_in(
+        &self,
+        slot: &Slot,
+        name: &str,
+        nonblock: bool,
+        started: Instant,
+    ) -> Result<Share, LockError> {
+        let timeout = || LockError::Timeout {
+            name: name.to_owned(),
+            waited: started.elapsed(),
+        };
+        let mut state = if nonblock {
+            // Another opener on this node is mid-acquisition: the lock is not ours yet, so for
+            // a non-blocking open it counts as held elsewhere.
+            slot.try_lock().map_err(|_| LockError::Busy { name: name.to_owned() })?
+        } else {
+            tokio::time::timeout(self.timeout, slot.lock())
+                .await
+                .map_err(|_| timeout())?
+        };
+        if let Some(held) = state.as_mut() {
+            if held.guard.is_held() {
+                held.count += 1;
+                return Ok(share_of(held));
+            }
+            // The grant was lost (and logged by its watcher). Handles of that grant keep
+            // failing; this opener needs a new grant.
+            if let Some(old) = state.take() {
+                old.watcher.abort();
+            }
+        }
+        let guard = if nonblock {
+            self.locker
+                .try_lock(name)
+                .await?
+                .ok_or_else(|| LockError::Busy { name: name.to_owned() })?
+        } else {
+            let left = self.timeout.saturating_sub(started.elapsed());
+            match self.locker.lock_timeout(name, left).await {
+                Ok(g) => g,
+                Err(mqlock::Error::Timeout { .. }) => return Err(timeout()),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let epoch = self.epochs.fetch_add(1, Ordering::Relaxed);
+        let signal = guard.loss_signal();
+        let token = guard.fencing_token();
+        let lock_name = name.to_owned();
+        let watcher = tokio::spawn(async move {
+            let reason = signal.lost().await;
+            tracing::error!(
+                lock = %lock_name,
+                fencing_token = token,
+                %reason,
+                "lost the lock of a file open for writing: further writes through its handles fail with EIO"
+            );
+        });
+        tracing::debug!(lock = %name, fencing_token = token, waited = ?started.elapsed(), "file lock acquired");
+        let held = state.insert(Held {
+            guard,
+            count: 1,
+            epoch,
+            watcher,
+        });
+        Ok(share_of(held))
+    }
+
+    /// Leaves this node's hold; the last share out releases the lock.
+    pub(crate) async fn release(&self, share: &Share) {
+        let Some(slot) = self.slots.lock().unwrap().get(&*share.name).cloned() else {
+            return;
+        };
+        {
+            let mut state = slot.lock().await;
+            let last = match state.as_mut() {
+                Some(held) if held.epoch == share.epoch => {
+                    held.count -= 1;
+                    held.count == 0
+                }
+                _ => false,
+            };
+            if last {
+                let held = state.take().expect("checked above");
+                held.watcher.abort();
+                if let Err(e) = held.guard.release().await {
+                    tracing::warn!(lock = %share.name, error = %e, "releasing a file lock failed; the broker frees it when the connection closes");
+                } else {
+                    tracing::debug!(lock = %share.name, fencing_token = share.token, "file lock released");
+                }
+            }
+        }
+        self.collect(&share.name, slot);
+    }
+
+    /// Drops the slot of `name` if nobody holds, waits for or uses it.
+    fn collect(&self, name: &str, slot: Slot) {
+        let mut slots = self.slots.lock().unwrap();
+        // Two references: the map's and ours. Anyone else would be an opener in flight.
+        if Arc::strong_count(&slot) == 2 && slot.try_lock().is_ok_and(|s| s.is_none()) {
+            slots.remove(name);
+        }
+    }
+
+    /// Number of lock names this node currently holds or is acquiring (for tests).
+    #[cfg(test)]
+    pub(crate) fn slots(&self) -> usize {
+        self.slots.lock().unwrap().len()
+    }
+}
+
+fn share_of(held: &Held) -> Share {
+    Share {
+        name: held.guard.name().into(),
+        token: held.guard.fencing_token(),
+        epoch: held.epoch,
+        signal: held.guard.loss_signal(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mqlock::MemoryLocker;
+
+    fn table(l: &MemoryLocker, t: Duration) -> LockTable {
+        LockTable::new(Arc::new(l.clone()), t)
+    }
+
+    #[tokio::test]
+    async fn shares_one_grant_and_the_last_release_unlocks() {
+        let l = MemoryLocker::new();
+        let t = table(&l, Duration::from_secs(1));
+        let a = t.acquire("f", false).await.unwrap();
+        let b = t.acquire("f", true).await.unwrap();
+        assert_eq!(a.token, b.token);
+        t.release(&a).await;
+        assert!(l.is_locked("f"));
+        t.release(&b).await;
+        assert!(!l.is_locked("f"));
+        assert_eq!(t.slots(), 0);
+    }
+
+    #[tokio::test]
+    async fn nonblocking_fails_at_once_and_blocking_times_out() {
+        let l = MemoryLocker::new();
+        let other = l.lock("f").await.unwrap();
+        let t = table(&l, Duration::from_millis(200));
+        let started = Instant::now();
+        let e = t.acquire("f", true).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EWOULDBLOCK);
+        assert!(started.elapsed() < Duration::from_millis(100));
+        let e = t.acquire("f", false).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ETIMEDOUT);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        drop(other);
+        assert!(t.acquire("f", false).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lost_grant_stays_lost_and_a_new_opener_gets_a_new_one() {
+        let l = MemoryLocker::new();
+        let t = table(&l, Duration::from_secs(1));
+        let a = t.acquire("f", false).await.unwrap();
+        assert!(l.revoke("f"));
+        assert!(a.is_lost());
+        let b = t.acquire("f", false).await.unwrap();
+        assert!(!b.is_lost());
+        assert!(b.token > a.token);
+        // The old share's release must not release the new grant.
+        t.release(&a).await;
+        assert!(l.is_locked("f"));
+        t.release(&b).await;
+        assert!(!l.is_locked("f"));
+    }
+}

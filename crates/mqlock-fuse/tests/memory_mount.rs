@@ -1,0 +1,213 @@
+//! The locking rules of a real FUSE mount, with the in-process [`MemoryLocker`] standing in
+//! for the broker so that a test can hold a lock "on another node" and revoke one at will.
+//! The two-node behaviour against RabbitMQ is in the workspace's `tests/fuse_*.rs`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mqlock::{Locker, MemoryLocker};
+use mqlock_fuse::{MountOptions, Mounted, mount};
+
+/// A mount that is unmounted on every exit path, including a failing assertion.
+struct TestMount {
+    mounted: Option<Mounted>,
+    path: PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    backing: PathBuf,
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        drop(self.mounted.take());
+        // Belt and braces: a mount left behind would break every later run.
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(&self.path)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn mount_with(rt: &tokio::runtime::Runtime, locker: &MemoryLocker, opts: MountOptions) -> TestMount {
+    let backing = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let _g = rt.enter();
+    let mounted = mount(backing.path(), mnt.path(), Arc::new(locker.clone()), opts).expect("mount");
+    TestMount {
+        mounted: Some(mounted),
+        path: mnt.path().to_owned(),
+        backing: backing.path().to_owned(),
+        _dirs: (backing, mnt),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn opts(timeout_ms: u64) -> MountOptions {
+    let mut o = MountOptions::default();
+    o.lock_timeout = Duration::from_millis(timeout_ms);
+    o
+}
+
+fn write_file(p: &Path, data: &[u8]) {
+    let mut f = File::create(p).unwrap();
+    f.write_all(data).unwrap();
+}
+
+#[test]
+fn write_open_holds_the_lock_until_the_last_handle_closes() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, opts(2000));
+    let p = m.path.join("a.txt");
+    let mut f1 = File::create(&p).unwrap();
+    assert!(l.is_locked("fs:/a.txt"), "create must take the file's lock");
+    // A second handle on this node shares the lock instead of queueing behind it.
+    let mut f2 = OpenOptions::new().write(true).open(&p).unwrap();
+    f1.write_all(b"one ").unwrap();
+    drop(f1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(l.is_locked("fs:/a.txt"), "a handle is still open");
+    f2.write_all(b"two").unwrap();
+    drop(f2);
+    wait_until("the last close releases the lock", || !l.is_locked("fs:/a.txt"));
+    // f2 wrote at its own offset 0, over f1's bytes, straight into the backing file.
+    assert_eq!(std::fs::read(m.backing.join("a.txt")).unwrap(), b"two ");
+    // Readers take no lock.
+    let _r = File::open(&p).unwrap();
+    assert!(!l.is_locked("fs:/a.txt"));
+}
+
+#[test]
+fn nonblocking_open_fails_at_once_and_blocking_open_times_out() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, opts(300));
+    let p = m.path.join("b");
+    write_file(&p, b"x");
+    wait_until("unlocked", || !l.is_locked("fs:/b"));
+    let other = rt.block_on(l.lock("fs:/b")).unwrap();
+    let t = Instant::now();
+    let e = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&p).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK));
+    assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+    let t = Instant::now();
+    let e = OpenOptions::new().write(true).open(&p).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT));
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    // Reading is never blocked.
+    assert_eq!(std::fs::read(&p).unwrap(), b"x");
+    drop(other);
+    OpenOptions::new().write(true).open(&p).unwrap();
+}
+
+#[test]
+fn a_waiting_open_does_not_stall_other_files() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, opts(3000));
+    let p = m.path.join("held");
+    write_file(&p, b"x");
+    wait_until("unlocked", || !l.is_locked("fs:/held"));
+    let other = rt.block_on(l.lock("fs:/held")).unwrap();
+    let p2 = p.clone();
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        let f = OpenOptions::new().write(true).open(&p2);
+        (f.is_ok(), t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    for i in 0..20 {
+        write_file(&m.path.join(format!("free{i}")), b"data");
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "other files stalled: {:?}", t.elapsed());
+    assert!(!waiter.is_finished(), "the open must still be waiting");
+    drop(other);
+    let (ok, waited) = waiter.join().unwrap();
+    assert!(ok);
+    assert!(waited >= Duration::from_millis(200));
+}
+
+#[test]
+fn lost_lock_makes_writes_and_close_fail_with_eio() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, opts(2000));
+    let p = m.path.join("c");
+    let mut f = File::create(&p).unwrap();
+    f.write_all(b"before").unwrap();
+    assert!(l.revoke("fs:/c"));
+    let e = f.write_all(b"after").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    let e = f.set_len(0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    // A new open gets a new grant and works.
+    let mut g = OpenOptions::new().append(true).open(&p).unwrap();
+    g.write_all(b"!").unwrap();
+    drop(g);
+    drop(f);
+    assert_eq!(std::fs::read(&p).unwrap(), b"before!");
+}
+
+#[test]
+fn truncate_unlink_and_rename_take_the_locks() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, opts(300));
+    let a = m.path.join("a");
+    let b = m.path.join("b");
+    write_file(&a, b"hello");
+    wait_until("unlocked", || !l.is_locked("fs:/a"));
+    let held = rt.block_on(l.lock("fs:/a")).unwrap();
+    let c = std::ffi::CString::new(a.to_str().unwrap()).unwrap();
+    // SAFETY: valid path.
+    let r = unsafe { libc::truncate(c.as_ptr(), 1) };
+    assert_eq!(r, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ETIMEDOUT));
+    assert_eq!(std::fs::read(&a).unwrap(), b"hello");
+    assert_eq!(std::fs::rename(&a, &b).unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+    assert_eq!(std::fs::remove_file(&a).unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+    drop(held);
+    // Holding the target's lock blocks a rename onto it too.
+    let held_b = rt.block_on(l.lock("fs:/b")).unwrap();
+    assert_eq!(std::fs::rename(&a, &b).unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+    drop(held_b);
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 1) }, 0);
+    assert_eq!(std::fs::read(&a).unwrap(), b"h");
+    std::fs::rename(&a, &b).unwrap();
+    std::fs::remove_file(&b).unwrap();
+    assert!(!l.is_locked("fs:/a") && !l.is_locked("fs:/b"));
+}
+
+#[test]
+fn a_handle_sees_data_written_on_the_backing_side_after_reopen() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, opts(2000));
+    let p = m.path.join("d");
+    write_file(&p, b"short");
+    let mut s = String::new();
+    File::open(&p).unwrap().read_to_string(&mut s).unwrap();
+    assert_eq!(s, "short");
+    // Another node writes through the shared directory.
+    std::fs::write(m.backing.join("d"), b"a much longer content").unwrap();
+    s.clear();
+    File::open(&p).unwrap().read_to_string(&mut s).unwrap();
+    assert_eq!(s, "a much longer content");
+}
