@@ -1,14 +1,132 @@
-//! `mqlock mount`: placeholder until the FUSE adapter lands (issue 3).
+//! `mqlock mount`: serve a shared directory through a FUSE mount that locks files opened for
+//! writing, until SIGINT/SIGTERM or an outside `fusermount3 -u`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
+use mqlock_fuse::MountOptions;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::connect::ConnectArgs;
 
 /// Options of `mqlock mount`.
+///
+/// `--prefix` (from the connection options) is the prefix of the broker's queue names; the
+/// namespace of the file locks is `--lock-prefix`: a file's lock is `fs:{lock-prefix}/{path}`.
 #[derive(Args, Debug)]
-pub struct MountArgs {}
+pub struct MountArgs {
+    /// The shared directory to serve (e.g. an NFS export mounted on this node).
+    pub backing: PathBuf,
 
-pub async fn run(_args: MountArgs) -> ExitCode {
-    eprintln!("mqlock mount: not available in this build yet");
-    ExitCode::from(2)
+    /// Where to mount it: an existing, empty directory with nothing mounted on it.
+    pub mountpoint: PathBuf,
+
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+
+    /// How long a write-open (and truncate, unlink, rename) waits for a file's lock before
+    /// failing with ETIMEDOUT. An O_NONBLOCK open never waits: it fails with EWOULDBLOCK.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: Duration,
+
+    /// Namespace of the file locks; mounts that must exclude each other use the same one.
+    #[arg(long, default_value = "")]
+    pub lock_prefix: String,
+
+    /// Let users other than the one mounting use the mount (needs user_allow_other in
+    /// /etc/fuse.conf when not mounting as root).
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// Kernel FUSE passthrough: reads and writes bypass the daemon (native speed), locks are
+    /// still taken at open and released at the last close, but writes after a lost lock
+    /// cannot be refused.
+    #[arg(long)]
+    pub passthrough: bool,
+
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+
+    /// How long the kernel may cache attributes and names. 0 (the default) always asks the
+    /// backing directory, which other nodes change too.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub attr_timeout: Duration,
+}
+
+/// Exit code when the mount cannot be set up (bad paths, broker unreachable, mount refused).
+const EXIT_SETUP: u8 = 1;
+
+pub async fn run(args: MountArgs) -> ExitCode {
+    // Refuse bad paths before spending a broker connection on them.
+    if let Err(e) = mqlock_fuse::preflight(&args.backing, &args.mountpoint) {
+        eprintln!("mqlock mount: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    let client = match args.connect.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mqlock mount: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let mut opts = MountOptions::default();
+    opts.lock_timeout = args.lock_timeout;
+    opts.lock_prefix = args.lock_prefix;
+    opts.allow_other = args.allow_other;
+    opts.passthrough = args.passthrough;
+    opts.threads = args.threads;
+    opts.attr_timeout = args.attr_timeout;
+    let (mut sigint, mut sigterm) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => {
+            eprintln!("mqlock mount: cannot install signal handlers");
+            return ExitCode::from(crate::exec::EXIT_INTERNAL);
+        }
+    };
+    let mut mounted =
+        match mqlock_fuse::mount(&args.backing, &args.mountpoint, Arc::new(client), opts) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("mqlock mount: {e}");
+                return ExitCode::from(EXIT_SETUP);
+            }
+        };
+    eprintln!(
+        "mqlock mount: serving {} on {} (Ctrl-C or `fusermount3 -u {}` to stop)",
+        args.backing.display(),
+        mounted.mountpoint().display(),
+        mounted.mountpoint().display()
+    );
+    tokio::select! {
+        _ = mounted.ended() => {
+            tracing::info!("unmounted from outside");
+            return ExitCode::SUCCESS;
+        }
+        _ = sigint.recv() => {}
+        _ = sigterm.recv() => {}
+    }
+    if let Err(e) = mounted.unmount() {
+        eprintln!("mqlock mount: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
+    // The unmount is lazy: a file still open keeps the session alive. Give such files a
+    // moment, then exit anyway (the kernel then fails their I/O, and the broker frees their
+    // locks when this process's connection closes).
+    tokio::select! {
+        _ = mounted.ended() => {}
+        _ = tokio::time::sleep(Duration::from_secs(2)) => {
+            eprintln!("mqlock mount: files are still open on {}; exiting anyway", args.mountpoint.display());
+            std::process::exit(0);
+        }
+        _ = sigint.recv() => std::process::exit(0),
+        _ = sigterm.recv() => std::process::exit(0),
+    }
+    ExitCode::SUCCESS
 }

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle as Runtime;
 
@@ -115,7 +115,8 @@ impl LockedFs {
             path: backing.to_owned(),
             source,
         };
-        mqlock::name::validate(&names::lock_name(&opts.lock_prefix, b"x")).map_err(Error::LockPrefix)?;
+        mqlock::name::validate(&names::lock_name(&opts.lock_prefix, b"x"))
+            .map_err(Error::LockPrefix)?;
         let c = cstr(backing.as_os_str()).map_err(backing_err)?;
         let fd = openat(libc::AT_FDCWD, &c, libc::O_PATH | libc::O_DIRECTORY, 0).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOTDIR) {
@@ -127,7 +128,8 @@ impl LockedFs {
             }
         })?;
         let st = fstat(fd.as_raw_fd()).map_err(backing_err)?;
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(backing_err)?;
+        let link =
+            std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(backing_err)?;
         let mut root_path = link.as_os_str().as_bytes().to_vec();
         if root_path.last() == Some(&b'/') {
             root_path.pop();
@@ -197,11 +199,22 @@ impl Inner {
     }
 
     fn inode(&self, ino: u64) -> io::Result<Arc<Inode>> {
-        self.inodes.lock().unwrap().by_ino.get(&ino).cloned().ok_or_else(enoent)
+        self.inodes
+            .lock()
+            .unwrap()
+            .by_ino
+            .get(&ino)
+            .cloned()
+            .ok_or_else(enoent)
     }
 
     fn file(&self, fh: u64) -> Result<Arc<OpenFile>, Errno> {
-        self.files.lock().unwrap().get(&fh).cloned().ok_or(Errno::EBADF)
+        self.files
+            .lock()
+            .unwrap()
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno::EBADF)
     }
 
     fn stat_ino(&self, ino: u64) -> io::Result<FileAttr> {
@@ -212,7 +225,12 @@ impl Inner {
     /// Looks `name` up in `parent` and counts one kernel reference to the result.
     fn lookup(&self, parent: u64, name: &OsStr) -> io::Result<FileAttr> {
         let dir = self.inode(parent)?;
-        let fd = openat(dir.fd.as_raw_fd(), &cstr(name)?, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let fd = openat(
+            dir.fd.as_raw_fd(),
+            &cstr(name)?,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+        )?;
         let st = fstat(fd.as_raw_fd())?;
         let key = (st.st_dev, st.st_ino);
         let mut t = self.inodes.lock().unwrap();
@@ -275,12 +293,23 @@ impl Inner {
 
     /// Gives a created entry to the caller: the daemon (root) created it, the caller owns it.
     /// The group is left as created when the directory is set-group-ID, as the kernel would.
-    fn give_to_caller(&self, dir: RawFd, name: &std::ffi::CStr, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    fn give_to_caller(
+        &self,
+        dir: RawFd,
+        name: &std::ffi::CStr,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+    ) -> io::Result<()> {
         if !self.as_root {
             return Ok(());
         }
         let dir_st = fstat(dir)?;
-        let gid = if dir_st.st_mode & libc::S_ISGID != 0 { u32::MAX } else { gid };
+        let gid = if dir_st.st_mode & libc::S_ISGID != 0 {
+            u32::MAX
+        } else {
+            gid
+        };
         // SAFETY: fd-relative syscalls on a valid dir fd and C string.
         cvt(unsafe { libc::fchownat(dir, name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })?;
         if mode & libc::S_IFMT != libc::S_IFLNK {
@@ -304,13 +333,23 @@ impl Inner {
     /// Reopens the inode for I/O with the caller's flags.
     fn open_backing(&self, ino: u64, flags: i32) -> io::Result<File> {
         let inode = self.inode(ino)?;
-        let fd = openat(libc::AT_FDCWD, &proc_path(inode.fd.as_raw_fd()), backing_flags(flags), 0)?;
+        let fd = openat(
+            libc::AT_FDCWD,
+            &proc_path(inode.fd.as_raw_fd()),
+            backing_flags(flags),
+            0,
+        )?;
         Ok(File::from(fd))
     }
 
     /// The kernel backing file of `ino` for passthrough, opened read-write when possible so that
     /// readers and writers of the inode can share it.
-    fn passthrough_id(&self, ino: u64, write: bool, register: impl FnOnce(&File) -> io::Result<BackingId>) -> io::Result<Arc<BackingId>> {
+    fn passthrough_id(
+        &self,
+        ino: u64,
+        write: bool,
+        register: impl FnOnce(&File) -> io::Result<BackingId>,
+    ) -> io::Result<Arc<BackingId>> {
         let mut b = self.backings.lock().unwrap();
         if let Some(backing) = b.get_mut(&ino) {
             if write && !backing.writable {
@@ -400,12 +439,22 @@ impl Inner {
         if let Some(mode) = mode {
             match file {
                 Some(f) => cvt(unsafe { libc::fchmod(f.file.as_raw_fd(), mode & 0o7777) })?,
-                None => cvt(unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), mode & 0o7777, 0) })?,
+                None => {
+                    cvt(unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), mode & 0o7777, 0) })?
+                }
             };
         }
         if uid.is_some() || gid.is_some() {
             let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
-            cvt(unsafe { libc::fchownat(fd, c"".as_ptr(), u, g, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) })?;
+            cvt(unsafe {
+                libc::fchownat(
+                    fd,
+                    c"".as_ptr(),
+                    u,
+                    g,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            })?;
         }
         if let Some(size) = size {
             match file {
@@ -417,14 +466,21 @@ impl Inner {
         }
         if atime.is_some() || mtime.is_some() {
             let ts = |t: Option<TimeOrNow>| match t {
-                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                Some(TimeOrNow::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(TimeOrNow::Now) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
                 Some(TimeOrNow::SpecificTime(t)) => {
                     let (s, n) = match t.duration_since(UNIX_EPOCH) {
                         Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
                         Err(e) => {
                             let d = e.duration();
-                            let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                            let (mut s, mut n) =
+                                (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
                             if n < 0 {
                                 s -= 1;
                                 n += 1_000_000_000;
@@ -432,13 +488,18 @@ impl Inner {
                             (s, n)
                         }
                     };
-                    libc::timespec { tv_sec: s, tv_nsec: n }
+                    libc::timespec {
+                        tv_sec: s,
+                        tv_nsec: n,
+                    }
                 }
             };
             let times = [ts(atime), ts(mtime)];
             match file {
                 Some(f) => cvt(unsafe { libc::futimens(f.file.as_raw_fd(), times.as_ptr()) })?,
-                None => cvt(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) })?,
+                None => cvt(unsafe {
+                    libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0)
+                })?,
             };
         }
         match file {
@@ -463,9 +524,9 @@ impl Inner {
         ];
         for e in std::fs::read_dir(format!("/proc/self/fd/{}", inode.fd.as_raw_fd()))? {
             let e = e?;
-            let kind = e.file_type().map(|t| {
-                FileType::from_std(t).unwrap_or(FileType::RegularFile)
-            })?;
+            let kind = e
+                .file_type()
+                .map(|t| FileType::from_std(t).unwrap_or(FileType::RegularFile))?;
             out.push(DirEntry {
                 name: e.file_name(),
                 kind,
@@ -488,7 +549,14 @@ impl Inner {
 
 /// Answers an open (or the open part of a create) once the backing file is open and, for a
 /// write, the lock is held.
-fn finish_open(inner: &Arc<Inner>, ino: u64, file: File, lock: Option<Share>, write: bool, reply: ReplyOpen) {
+fn finish_open(
+    inner: &Arc<Inner>,
+    ino: u64,
+    file: File,
+    lock: Option<Share>,
+    write: bool,
+    reply: ReplyOpen,
+) {
     if inner.opts.passthrough {
         match inner.passthrough_id(ino, write, |f| reply.open_backing(f.as_fd())) {
             Ok(id) => {
@@ -512,7 +580,9 @@ fn finish_open(inner: &Arc<Inner>, ino: u64, file: File, lock: Option<Share>, wr
 fn release_in_background(inner: &Arc<Inner>, lock: Option<Share>) {
     if let Some(share) = lock {
         let inner2 = inner.clone();
-        inner.runtime.spawn(async move { inner2.locks.release(&share).await });
+        inner
+            .runtime
+            .spawn(async move { inner2.locks.release(&share).await });
     }
 }
 
@@ -522,13 +592,15 @@ impl Filesystem for LockedFs {
             config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).map_err(|_| {
                 io::Error::new(io::ErrorKind::Unsupported, "the kernel does not offer FUSE passthrough (needs Linux 6.9+ with CONFIG_FUSE_PASSTHROUGH)")
             })?;
-            config
-                .set_max_stack_depth(1)
-                .map_err(|_| io::Error::other("the kernel refused a passthrough stacking depth of 1"))?;
+            config.set_max_stack_depth(1).map_err(|_| {
+                io::Error::other("the kernel refused a passthrough stacking depth of 1")
+            })?;
         }
         if !self.inner.ttl().is_zero() {
             // Attributes from readdirplus are only worth their lookups when they may be cached.
-            let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
+            let _ = config.add_capabilities(
+                InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            );
         }
         Ok(())
     }
@@ -579,7 +651,9 @@ impl Filesystem for LockedFs {
             let name = self.inner.lock_name(&rel);
             self.inner.with_locks(
                 vec![name],
-                move |inner| inner.setattr(ino.0, mode, uid, gid, size, atime, mtime, file.as_deref()),
+                move |inner| {
+                    inner.setattr(ino.0, mode, uid, gid, size, atime, mtime, file.as_deref())
+                },
                 move |r| match r {
                     Ok(Ok(a)) => reply.attr(&ttl, &a),
                     Ok(Err(e)) => reply.error(errno(&e)),
@@ -594,7 +668,11 @@ impl Filesystem for LockedFs {
         {
             return reply.error(e);
         }
-        let a = tri!(reply, self.inner.setattr(ino.0, mode, uid, gid, size, atime, mtime, file.as_deref()));
+        let a = tri!(
+            reply,
+            self.inner
+                .setattr(ino.0, mode, uid, gid, size, atime, mtime, file.as_deref())
+        );
         reply.attr(&ttl, &a);
     }
 
@@ -603,7 +681,12 @@ impl Filesystem for LockedFs {
         let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
         // SAFETY: buffer and length match; an empty path reads the link `fd` itself is on.
         let n = unsafe {
-            libc::readlinkat(inode.fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            libc::readlinkat(
+                inode.fd.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         if n < 0 {
             return reply.error(errno(&io::Error::last_os_error()));
@@ -611,22 +694,60 @@ impl Filesystem for LockedFs {
         reply.data(&buf[..n as usize]);
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let dir = tri!(reply, self.inner.inode(parent.0));
         let c = tri!(reply, cstr(name));
         // SAFETY: fd-relative syscall with a valid C string.
-        tri!(reply, cvt(unsafe { libc::mknodat(dir.fd.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t) }));
-        tri!(reply, self.inner.give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), mode));
+        tri!(
+            reply,
+            cvt(unsafe {
+                libc::mknodat(dir.fd.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t)
+            })
+        );
+        tri!(
+            reply,
+            self.inner
+                .give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), mode)
+        );
         let a = tri!(reply, self.inner.lookup(parent.0, name));
         reply.entry(&self.inner.ttl(), &a, GEN);
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let dir = tri!(reply, self.inner.inode(parent.0));
         let c = tri!(reply, cstr(name));
         // SAFETY: fd-relative syscall with a valid C string.
-        tri!(reply, cvt(unsafe { libc::mkdirat(dir.fd.as_raw_fd(), c.as_ptr(), mode) }));
-        tri!(reply, self.inner.give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), mode | libc::S_IFDIR));
+        tri!(
+            reply,
+            cvt(unsafe { libc::mkdirat(dir.fd.as_raw_fd(), c.as_ptr(), mode) })
+        );
+        tri!(
+            reply,
+            self.inner.give_to_caller(
+                dir.fd.as_raw_fd(),
+                &c,
+                req.uid(),
+                req.gid(),
+                mode | libc::S_IFDIR
+            )
+        );
         let a = tri!(reply, self.inner.lookup(parent.0, name));
         reply.entry(&self.inner.ttl(), &a, GEN);
     }
@@ -656,17 +777,34 @@ impl Filesystem for LockedFs {
         let dir = tri!(reply, self.inner.inode(parent.0));
         let c = tri!(reply, cstr(name));
         // SAFETY: fd-relative syscall with a valid C string.
-        tri!(reply, cvt(unsafe { libc::unlinkat(dir.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) }));
+        tri!(
+            reply,
+            cvt(unsafe { libc::unlinkat(dir.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })
+        );
         reply.ok();
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
         let dir = tri!(reply, self.inner.inode(parent.0));
         let c = tri!(reply, cstr(link_name));
         let t = tri!(reply, cstr(target.as_os_str()));
         // SAFETY: fd-relative syscall with valid C strings.
-        tri!(reply, cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.fd.as_raw_fd(), c.as_ptr()) }));
-        tri!(reply, self.inner.give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), libc::S_IFLNK));
+        tri!(
+            reply,
+            cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.fd.as_raw_fd(), c.as_ptr()) })
+        );
+        tri!(
+            reply,
+            self.inner
+                .give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), libc::S_IFLNK)
+        );
         let a = tri!(reply, self.inner.lookup(parent.0, link_name));
         reply.entry(&self.inner.ttl(), &a, GEN);
     }
@@ -696,7 +834,13 @@ impl Filesystem for LockedFs {
                 let (ca, cb) = (cstr(&name)?, cstr(&newname)?);
                 // SAFETY: fd-relative syscall with valid C strings.
                 cvt(unsafe {
-                    libc::renameat2(a.fd.as_raw_fd(), ca.as_ptr(), b.fd.as_raw_fd(), cb.as_ptr(), flags.bits())
+                    libc::renameat2(
+                        a.fd.as_raw_fd(),
+                        ca.as_ptr(),
+                        b.fd.as_raw_fd(),
+                        cb.as_ptr(),
+                        flags.bits(),
+                    )
                 })?;
                 Ok(())
             },
@@ -708,15 +852,31 @@ impl Filesystem for LockedFs {
         );
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let inode = tri!(reply, self.inner.inode(ino.0));
         let dir = tri!(reply, self.inner.inode(newparent.0));
         let c = tri!(reply, cstr(newname));
         let src = proc_path(inode.fd.as_raw_fd());
         // SAFETY: valid C strings; following the /proc magic link links the inode itself.
-        tri!(reply, cvt(unsafe {
-            libc::linkat(libc::AT_FDCWD, src.as_ptr(), dir.fd.as_raw_fd(), c.as_ptr(), libc::AT_SYMLINK_FOLLOW)
-        }));
+        tri!(
+            reply,
+            cvt(unsafe {
+                libc::linkat(
+                    libc::AT_FDCWD,
+                    src.as_ptr(),
+                    dir.fd.as_raw_fd(),
+                    c.as_ptr(),
+                    libc::AT_SYMLINK_FOLLOW,
+                )
+            })
+        );
         let a = tri!(reply, self.inner.lookup(newparent.0, newname));
         reply.entry(&self.inner.ttl(), &a, GEN);
     }
@@ -813,7 +973,14 @@ impl Filesystem for LockedFs {
         reply.written(done as u32);
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let f = match self.inner.file(fh.0) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
@@ -850,12 +1017,23 @@ impl Filesystem for LockedFs {
         release_in_background(&self.inner, lock);
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let f = match self.inner.file(fh.0) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let r = if datasync { f.file.sync_data() } else { f.file.sync_all() };
+        let r = if datasync {
+            f.file.sync_data()
+        } else {
+            f.file.sync_all()
+        };
         tri!(reply, r);
         reply.ok();
     }
@@ -863,11 +1041,22 @@ impl Filesystem for LockedFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let entries = tri!(reply, self.inner.read_dir(ino.0));
         let fh = self.inner.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.inner.dirs.lock().unwrap().insert(fh, Arc::new(entries));
+        self.inner
+            .dirs
+            .lock()
+            .unwrap()
+            .insert(fh, Arc::new(entries));
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let Some(entries) = self.inner.dirs.lock().unwrap().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -879,7 +1068,14 @@ impl Filesystem for LockedFs {
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let Some(entries) = self.inner.dirs.lock().unwrap().get(&fh.0).cloned() else {
             return reply.error(Errno::EBADF);
         };
@@ -909,24 +1105,49 @@ impl Filesystem for LockedFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.inner.dirs.lock().unwrap().remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let inode = tri!(reply, self.inner.inode(ino.0));
-        let r = openat(libc::AT_FDCWD, &proc_path(inode.fd.as_raw_fd()), libc::O_RDONLY | libc::O_DIRECTORY, 0)
-            .and_then(|fd| File::from(fd).sync_all());
+        let r = openat(
+            libc::AT_FDCWD,
+            &proc_path(inode.fd.as_raw_fd()),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+            0,
+        )
+        .and_then(|fd| File::from(fd).sync_all());
         tri!(reply, r);
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        let inode = tri!(reply, self.inner.inode(ino.0).or_else(|_| self.inner.inode(1)));
+        let inode = tri!(
+            reply,
+            self.inner.inode(ino.0).or_else(|_| self.inner.inode(1))
+        );
         let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
         // SAFETY: valid out pointer; fstatvfs works on O_PATH fds.
-        tri!(reply, cvt(unsafe { libc::fstatvfs(inode.fd.as_raw_fd(), st.as_mut_ptr()) }));
+        tri!(
+            reply,
+            cvt(unsafe { libc::fstatvfs(inode.fd.as_raw_fd(), st.as_mut_ptr()) })
+        );
         // SAFETY: initialised by the successful call.
         let st = unsafe { st.assume_init() };
         reply.statfs(
@@ -941,12 +1162,32 @@ impl Filesystem for LockedFs {
         );
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let inode = tri!(reply, self.inner.inode(ino.0));
         let n = tri!(reply, cstr(name));
         let p = proc_path(inode.fd.as_raw_fd());
         // SAFETY: valid C strings and buffer.
-        tri!(reply, cvt(unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) }));
+        tri!(
+            reply,
+            cvt(unsafe {
+                libc::setxattr(
+                    p.as_ptr(),
+                    n.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    flags,
+                )
+            })
+        );
         reply.ok();
     }
 
@@ -956,7 +1197,8 @@ impl Filesystem for LockedFs {
         let p = proc_path(inode.fd.as_raw_fd());
         let mut buf = vec![0u8; size as usize];
         // SAFETY: valid C strings; buffer and length match (size 0 asks for the length).
-        let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let r =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         Inner::xattr_reply(reply, size, r, &buf);
     }
 
@@ -974,7 +1216,10 @@ impl Filesystem for LockedFs {
         let n = tri!(reply, cstr(name));
         let p = proc_path(inode.fd.as_raw_fd());
         // SAFETY: valid C strings.
-        tri!(reply, cvt(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) }));
+        tri!(
+            reply,
+            cvt(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) })
+        );
         reply.ok();
     }
 
@@ -982,11 +1227,23 @@ impl Filesystem for LockedFs {
         let inode = tri!(reply, self.inner.inode(ino.0));
         let p = proc_path(inode.fd.as_raw_fd());
         // SAFETY: valid C string.
-        tri!(reply, cvt(unsafe { libc::faccessat(libc::AT_FDCWD, p.as_ptr(), mask.bits(), 0) }));
+        tri!(
+            reply,
+            cvt(unsafe { libc::faccessat(libc::AT_FDCWD, p.as_ptr(), mask.bits(), 0) })
+        );
         reply.ok();
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let rel = tri!(reply, self.inner.child_path(parent.0, name));
         let lock = self.inner.lock_name(&rel);
         let nonblock = flags & libc::O_NONBLOCK != 0;
@@ -1008,8 +1265,19 @@ impl Filesystem for LockedFs {
                     if inner.opts.passthrough {
                         match inner.passthrough_id(ino, true, |f| reply.open_backing(f.as_fd())) {
                             Ok(id) => {
-                                let fh = inner.add_file(OpenFile { file, ino, lock: Some(share) });
-                                reply.created_passthrough(&ttl, &a, GEN, FileHandle(fh), FopenFlags::empty(), &id);
+                                let fh = inner.add_file(OpenFile {
+                                    file,
+                                    ino,
+                                    lock: Some(share),
+                                });
+                                reply.created_passthrough(
+                                    &ttl,
+                                    &a,
+                                    GEN,
+                                    FileHandle(fh),
+                                    FopenFlags::empty(),
+                                    &id,
+                                );
                             }
                             Err(e) => {
                                 inner.forget(ino, 1);
@@ -1018,7 +1286,11 @@ impl Filesystem for LockedFs {
                             }
                         }
                     } else {
-                        let fh = inner.add_file(OpenFile { file, ino, lock: Some(share) });
+                        let fh = inner.add_file(OpenFile {
+                            file,
+                            ino,
+                            lock: Some(share),
+                        });
                         reply.created(&ttl, &a, GEN, FileHandle(fh), FopenFlags::empty());
                     }
                 }
@@ -1030,7 +1302,16 @@ impl Filesystem for LockedFs {
         });
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let f = match self.inner.file(fh.0) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
@@ -1039,21 +1320,42 @@ impl Filesystem for LockedFs {
             return reply.error(e);
         }
         // SAFETY: plain syscall on an fd we own.
-        tri!(reply, cvt(unsafe {
-            libc::fallocate(f.file.as_raw_fd(), mode, offset as libc::off_t, length as libc::off_t)
-        }));
+        tri!(
+            reply,
+            cvt(unsafe {
+                libc::fallocate(
+                    f.file.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                )
+            })
+        );
         reply.ok();
     }
 }
 
 /// Creates (or, without `O_EXCL`, opens an existing) `name` in `parent` for a create request.
-fn create_file(inner: &Inner, parent: u64, name: &OsStr, mode: u32, flags: i32, uid: u32, gid: u32) -> io::Result<(File, FileAttr)> {
+fn create_file(
+    inner: &Inner,
+    parent: u64,
+    name: &OsStr,
+    mode: u32,
+    flags: i32,
+    uid: u32,
+    gid: u32,
+) -> io::Result<(File, FileAttr)> {
     let dir = inner.inode(parent)?;
     let c = cstr(name)?;
     let base = backing_flags(flags);
     // Create exclusively first, so that only a file we really created changes owner; the kernel
     // sends `create` for a name it believed absent, which another node may have created since.
-    let (fd, created) = match openat(dir.fd.as_raw_fd(), &c, base | libc::O_CREAT | libc::O_EXCL, mode & 0o7777) {
+    let (fd, created) = match openat(
+        dir.fd.as_raw_fd(),
+        &c,
+        base | libc::O_CREAT | libc::O_EXCL,
+        mode & 0o7777,
+    ) {
         Ok(fd) => (fd, true),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
             (openat(dir.fd.as_raw_fd(), &c, base, 0)?, false)
@@ -1061,7 +1363,13 @@ fn create_file(inner: &Inner, parent: u64, name: &OsStr, mode: u32, flags: i32, 
         Err(e) => return Err(e),
     };
     if created {
-        inner.give_to_caller(dir.fd.as_raw_fd(), &c, uid, gid, (mode & !libc::S_IFMT) | libc::S_IFREG)?;
+        inner.give_to_caller(
+            dir.fd.as_raw_fd(),
+            &c,
+            uid,
+            gid,
+            (mode & !libc::S_IFMT) | libc::S_IFREG,
+        )?;
     }
     let a = inner.lookup(parent, name)?;
     Ok((File::from(fd), a))

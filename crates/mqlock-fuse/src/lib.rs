@@ -121,7 +121,9 @@ pub enum Error {
         path: PathBuf,
     },
     /// Something is already mounted on the mountpoint.
-    #[error("mountpoint {path} is busy: a file system is already mounted there (unmount it with `fusermount3 -u {path}`)")]
+    #[error(
+        "mountpoint {path} is busy: a file system is already mounted there (unmount it with `fusermount3 -u {path}`)"
+    )]
     MountpointBusy {
         /// The path given.
         path: PathBuf,
@@ -154,7 +156,9 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, Error> {
     let err = |source: io::Error| {
         if source.raw_os_error() == Some(libc::ENOTCONN) {
             // A FUSE mount whose daemon died: the path is mounted, just dead.
-            Error::MountpointBusy { path: path.to_owned() }
+            Error::MountpointBusy {
+                path: path.to_owned(),
+            }
         } else {
             Error::Mountpoint {
                 path: path.to_owned(),
@@ -164,7 +168,9 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, Error> {
     };
     let meta = std::fs::metadata(path).map_err(err)?;
     if !meta.is_dir() {
-        return Err(Error::MountpointNotDir { path: path.to_owned() });
+        return Err(Error::MountpointNotDir {
+            path: path.to_owned(),
+        });
     }
     let canonical = path.canonicalize().map_err(err)?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -173,7 +179,9 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf, Error> {
         .filter_map(|l| l.split(' ').nth(4))
         .any(|mp| unescape_mountinfo(mp) == canonical.as_os_str().to_string_lossy());
     if busy {
-        return Err(Error::MountpointBusy { path: path.to_owned() });
+        return Err(Error::MountpointBusy {
+            path: path.to_owned(),
+        });
     }
     Ok(canonical)
 }
@@ -184,7 +192,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -195,8 +206,23 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A mounted filesystem. Dropping it unmounts (lazily, if files are still open) and waits for
-/// the FUSE session to end.
+/// Checks, before anything is started, that `backing` is a directory and `mountpoint` an
+/// existing directory with nothing mounted on it.
+pub fn preflight(backing: &Path, mountpoint: &Path) -> Result<(), Error> {
+    let meta = std::fs::metadata(backing).map_err(|source| Error::Backing {
+        path: backing.to_owned(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(Error::BackingNotDir {
+            path: backing.to_owned(),
+        });
+    }
+    check_mountpoint(mountpoint).map(drop)
+}
+
+/// A mounted filesystem. Dropping it unmounts (lazily: files still open keep working until
+/// closed) and waits a few seconds for the FUSE session to end.
 #[derive(Debug)]
 pub struct Mounted {
     mountpoint: PathBuf,
@@ -211,31 +237,36 @@ impl Mounted {
         &self.mountpoint
     }
 
-    /// Unmounts. The FUSE session then ends once the kernel lets go of it.
+    /// Detaches the mount from the mountpoint. The FUSE session ends once no file on the mount
+    /// is open any more; [`Mounted::ended`] tells when.
     pub fn unmount(&mut self) -> Result<(), Error> {
         self.unmounter.unmount().map_err(|source| Error::Unmount {
             path: self.mountpoint.clone(),
             source,
-        })?;
-        self.join();
-        Ok(())
+        })
     }
 
-    /// Resolves when the session has ended: after [`Mounted::unmount`], or when someone
-    /// unmounted the mountpoint from outside (`fusermount3 -u`). Cancel safe.
+    /// Resolves when the FUSE session has ended: after [`Mounted::unmount`] once the last open
+    /// file is closed, or when someone unmounted the mountpoint from outside
+    /// (`fusermount3 -u`). Cancel safe.
     pub async fn ended(&mut self) {
         if let Some(rx) = self.ended.as_mut() {
             let _ = rx.await;
             self.ended = None;
         }
+        self.join();
     }
 
     fn join(&mut self) {
         if let Some(t) = self.thread.take() {
             match t.join() {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE session ended with an error"),
-                Err(_) => tracing::error!(mountpoint = %self.mountpoint.display(), "FUSE session thread panicked"),
+                Ok(Err(e)) => {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "FUSE session ended with an error")
+                }
+                Err(_) => {
+                    tracing::error!(mountpoint = %self.mountpoint.display(), "FUSE session thread panicked")
+                }
             }
         }
     }
@@ -243,11 +274,21 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            if let Err(e) = self.unmounter.unmount() {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
-            }
+        let Some(thread) = self.thread.as_ref() else {
+            return;
+        };
+        if let Err(e) = self.unmounter.unmount() {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
+        }
+        // A file left open keeps a lazily unmounted session alive: do not hang on it forever.
+        let start = std::time::Instant::now();
+        while !thread.is_finished() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if thread.is_finished() {
             self.join();
+        } else {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), "files are still open on the unmounted file system; leaving its session running");
         }
     }
 }
@@ -276,10 +317,11 @@ pub fn mount(
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
     let fs = LockedFs::new(backing, locker, opts, runtime)?;
-    let mut session = fuser::Session::new(fs, &canonical, &config).map_err(|source| Error::Mount {
-        path: mountpoint.to_owned(),
-        source,
-    })?;
+    let mut session =
+        fuser::Session::new(fs, &canonical, &config).map_err(|source| Error::Mount {
+            path: mountpoint.to_owned(),
+            source,
+        })?;
     let unmounter = session.unmount_callable();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()

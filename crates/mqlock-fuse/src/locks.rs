@@ -125,7 +125,9 @@ impl LockTable {
         let mut state = if nonblock {
             // Another opener on this node is mid-acquisition: the lock is not ours yet, so for
             // a non-blocking open it counts as held elsewhere.
-            slot.try_lock().map_err(|_| LockError::Busy { name: name.to_owned() })?
+            slot.try_lock().map_err(|_| LockError::Busy {
+                name: name.to_owned(),
+            })?
         } else {
             tokio::time::timeout(self.timeout, slot.lock())
                 .await
@@ -146,7 +148,9 @@ impl LockTable {
             self.locker
                 .try_lock(name)
                 .await?
-                .ok_or_else(|| LockError::Busy { name: name.to_owned() })?
+                .ok_or_else(|| LockError::Busy {
+                    name: name.to_owned(),
+                })?
         } else {
             let left = self.timeout.saturating_sub(started.elapsed());
             match self.locker.lock_timeout(name, left).await {

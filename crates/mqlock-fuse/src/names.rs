@@ -44,7 +44,14 @@ mod tests {
 
     #[test]
     fn every_file_name_maps_to_a_valid_distinct_lock_name() {
-        let names: [&[u8]; 6] = [b"a\nb", b"a%0Ab", b"a\xffb", b"a%FFb", "a\u{85}b".as_bytes(), b"a b"];
+        let names: [&[u8]; 6] = [
+            b"a\nb",
+            b"a%0Ab",
+            b"a\xffb",
+            b"a%FFb",
+            "a\u{85}b".as_bytes(),
+            b"a b",
+        ];
         let mapped: Vec<String> = names.iter().map(|n| lock_name("", n)).collect();
         for m in &mapped {
             mqlock::name::validate(m).unwrap();

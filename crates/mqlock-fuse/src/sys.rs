@@ -2,14 +2,18 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo};
 
 pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 pub(crate) fn cstr(name: &OsStr) -> io::Result<CString> {
@@ -33,7 +37,12 @@ pub(crate) fn fstat(fd: RawFd) -> io::Result<libc::stat> {
     // SAFETY: `st` is a valid out pointer; an empty path with AT_EMPTY_PATH names `fd` itself,
     // which also works for O_PATH fds.
     cvt(unsafe {
-        libc::fstatat(fd, c"".as_ptr(), st.as_mut_ptr(), libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+        libc::fstatat(
+            fd,
+            c"".as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
     })?;
     // SAFETY: initialised by the successful call.
     Ok(unsafe { st.assume_init() })

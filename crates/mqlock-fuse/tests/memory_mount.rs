@@ -32,7 +32,11 @@ impl Drop for TestMount {
     }
 }
 
-fn mount_with(rt: &tokio::runtime::Runtime, locker: &MemoryLocker, opts: MountOptions) -> TestMount {
+fn mount_with(
+    rt: &tokio::runtime::Runtime,
+    locker: &MemoryLocker,
+    opts: MountOptions,
+) -> TestMount {
     let backing = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
     let _g = rt.enter();
@@ -46,13 +50,20 @@ fn mount_with(rt: &tokio::runtime::Runtime, locker: &MemoryLocker, opts: MountOp
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting until {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "timed out waiting until {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -84,7 +95,9 @@ fn write_open_holds_the_lock_until_the_last_handle_closes() {
     assert!(l.is_locked("fs:/a.txt"), "a handle is still open");
     f2.write_all(b"two").unwrap();
     drop(f2);
-    wait_until("the last close releases the lock", || !l.is_locked("fs:/a.txt"));
+    wait_until("the last close releases the lock", || {
+        !l.is_locked("fs:/a.txt")
+    });
     // f2 wrote at its own offset 0, over f1's bytes, straight into the backing file.
     assert_eq!(std::fs::read(m.backing.join("a.txt")).unwrap(), b"two ");
     // Readers take no lock.
@@ -102,9 +115,17 @@ fn nonblocking_open_fails_at_once_and_blocking_open_times_out() {
     wait_until("unlocked", || !l.is_locked("fs:/b"));
     let other = rt.block_on(l.lock("fs:/b")).unwrap();
     let t = Instant::now();
-    let e = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&p).unwrap_err();
+    let e = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&p)
+        .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK));
-    assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
     let t = Instant::now();
     let e = OpenOptions::new().write(true).open(&p).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ETIMEDOUT));
@@ -135,7 +156,11 @@ fn a_waiting_open_does_not_stall_other_files() {
     for i in 0..20 {
         write_file(&m.path.join(format!("free{i}")), b"data");
     }
-    assert!(t.elapsed() < Duration::from_secs(1), "other files stalled: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "other files stalled: {:?}",
+        t.elapsed()
+    );
     assert!(!waiter.is_finished(), "the open must still be waiting");
     drop(other);
     let (ok, waited) = waiter.join().unwrap();
@@ -178,14 +203,26 @@ fn truncate_unlink_and_rename_take_the_locks() {
     // SAFETY: valid path.
     let r = unsafe { libc::truncate(c.as_ptr(), 1) };
     assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ETIMEDOUT));
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ETIMEDOUT)
+    );
     assert_eq!(std::fs::read(&a).unwrap(), b"hello");
-    assert_eq!(std::fs::rename(&a, &b).unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
-    assert_eq!(std::fs::remove_file(&a).unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+    assert_eq!(
+        std::fs::rename(&a, &b).unwrap_err().raw_os_error(),
+        Some(libc::ETIMEDOUT)
+    );
+    assert_eq!(
+        std::fs::remove_file(&a).unwrap_err().raw_os_error(),
+        Some(libc::ETIMEDOUT)
+    );
     drop(held);
     // Holding the target's lock blocks a rename onto it too.
     let held_b = rt.block_on(l.lock("fs:/b")).unwrap();
-    assert_eq!(std::fs::rename(&a, &b).unwrap_err().raw_os_error(), Some(libc::ETIMEDOUT));
+    assert_eq!(
+        std::fs::rename(&a, &b).unwrap_err().raw_os_error(),
+        Some(libc::ETIMEDOUT)
+    );
     drop(held_b);
     // SAFETY: valid path.
     assert_eq!(unsafe { libc::truncate(c.as_ptr(), 1) }, 0);
