@@ -6,13 +6,14 @@
 #   scripts/services.sh status  say what answers
 #
 # Idempotent: running `up` twice is harmless. Choose services with MQLOCK_SERVICES
-# (default "rabbitmq redis postgres fuse"). Endpoints the tests use by default:
+# (default "rabbitmq rabbitmq-faults redis postgres fuse"). Endpoints the tests use by default:
 #   MQLOCK_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
+#   MQLOCK_FAULTS_AMQP_URL=amqp://guest:guest@127.0.0.1:5673/%2f   (a broker tests may restart)
 #   REDIS_URL=redis://127.0.0.1:6379/
 #   DATABASE_URL=postgres://mqlock:mqlock@127.0.0.1:5432/mqlock
 set -euo pipefail
 
-SERVICES=${MQLOCK_SERVICES:-"rabbitmq redis postgres fuse"}
+SERVICES=${MQLOCK_SERVICES:-"rabbitmq rabbitmq-faults redis postgres fuse"}
 RUN_DIR=${MQLOCK_RUN_DIR:-/var/tmp/mqlock-services}
 mkdir -p "$RUN_DIR"
 
@@ -51,37 +52,44 @@ wait_for() {
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------- RabbitMQ
-rabbit_env() {
-  export RABBITMQ_NODENAME=${RABBITMQ_NODENAME:-rabbit@localhost}
+# Two nodes: the main broker (rabbit@localhost, 5672) for everyday use and most tests, and a
+# "faults" broker (mqlock-faults@localhost, 5673) that tests may restart and that checks
+# consumer timeouts every second with a 3 s timeout, so disruptive tests never disturb others.
+rabbit_env() { # NODE PORT
+  export RABBITMQ_NODENAME=$1
   export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
-  export RABBITMQ_NODE_PORT=${MQLOCK_AMQP_PORT:-5672}
-  export RABBITMQ_CONFIG_FILE=/etc/rabbitmq/mqlock
+  export RABBITMQ_NODE_PORT=$2
+  export RABBITMQ_DIST_PORT=$(( $2 + 20000 ))
+  export RABBITMQ_CONFIG_FILE=/etc/rabbitmq/mqlock-$2
+  export RABBITMQ_ADVANCED_CONFIG_FILE=/etc/rabbitmq/mqlock-$2-advanced.config
+  export ERL_EPMD_ADDRESS=127.0.0.1
   export HOME=/var/lib/rabbitmq
 }
-rabbit_ping() { rabbit_env; rabbitmqctl -q -n "$RABBITMQ_NODENAME" await_startup --timeout 5 >/dev/null 2>&1 && port_open "$RABBITMQ_NODE_PORT"; }
-rabbit_up() {
+rabbit_ping() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" await_startup --timeout 5 >/dev/null 2>&1 && port_open "$2"; }
+rabbit_up() { # NODE PORT [ADVANCED-ERLANG-TERMS]
+  local node=$1 port=$2 advanced=${3:-}
   apt_install rabbitmq-server
-  rabbit_env
+  rabbit_env "$node" "$port"
   mkdir -p /etc/rabbitmq
-  # Loopback only. consumer_timeout stays at the broker default (30 min); the long-hold
-  # test lowers it at run time and restores it.
-  cat >/etc/rabbitmq/mqlock.conf <<CONF
-listeners.tcp.1 = 127.0.0.1:${RABBITMQ_NODE_PORT}
+  cat >"/etc/rabbitmq/mqlock-$port.conf" <<CONF
+listeners.tcp.1 = 127.0.0.1:${port}
 loopback_users.guest = true
 log.console = false
 log.file.level = warning
 CONF
-  # epmd must listen on loopback too; the node registers with it.
-  export ERL_EPMD_ADDRESS=127.0.0.1
-  if rabbit_ping; then say "rabbitmq already up on 127.0.0.1:$RABBITMQ_NODE_PORT"; return 0; fi
-  say "starting rabbitmq ($RABBITMQ_NODENAME) on 127.0.0.1:$RABBITMQ_NODE_PORT"
+  echo "[{rabbit, [${advanced}]}]." >"/etc/rabbitmq/mqlock-$port-advanced.config"
+  if rabbit_ping "$node" "$port"; then say "rabbitmq $node already up on 127.0.0.1:$port"; return 0; fi
+  say "starting rabbitmq $node on 127.0.0.1:$port"
   chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq 2>/dev/null || true
   # The Debian wrapper drops to the rabbitmq user by itself.
-  rabbitmq-server -detached >"$RUN_DIR/rabbitmq.start.log" 2>&1 || { cat "$RUN_DIR/rabbitmq.start.log" >&2; fail "rabbitmq-server did not start"; }
-  wait_for "rabbitmq" 90 rabbit_ping
-  say "rabbitmq up: amqp://guest:guest@127.0.0.1:$RABBITMQ_NODE_PORT/%2f"
+  rabbitmq-server -detached >"$RUN_DIR/rabbitmq-$port.start.log" 2>&1 || { cat "$RUN_DIR/rabbitmq-$port.start.log" >&2; fail "rabbitmq-server $node did not start"; }
+  wait_for "rabbitmq $node" 120 rabbit_ping "$node" "$port"
+  say "rabbitmq $node up: amqp://guest:guest@127.0.0.1:$port/%2f"
 }
-rabbit_down() { rabbit_env; rabbitmqctl -q -n "$RABBITMQ_NODENAME" stop 2>/dev/null || true; }
+rabbit_down() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" stop 2>/dev/null || true; }
+MAIN_NODE=(rabbit@localhost "${MQLOCK_AMQP_PORT:-5672}")
+FAULTS_NODE=(mqlock-faults@localhost "${MQLOCK_FAULTS_AMQP_PORT:-5673}")
+FAULTS_ADVANCED='{consumer_timeout, 3000}, {channel_tick_interval, 1000}'
 
 # ---------------------------------------------------------------- Redis
 redis_ping() { redis-cli -h 127.0.0.1 -p "${MQLOCK_REDIS_PORT:-6379}" ping | grep -q PONG; }
@@ -132,7 +140,8 @@ status() {
   local rc=0
   for s in $SERVICES; do
     case $s in
-      rabbitmq) if rabbit_ping 2>/dev/null; then say "rabbitmq: up"; else say "rabbitmq: DOWN"; rc=1; fi ;;
+      rabbitmq) if rabbit_ping "${MAIN_NODE[@]}"; then say "rabbitmq: up"; else say "rabbitmq: DOWN"; rc=1; fi ;;
+      rabbitmq-faults) if rabbit_ping "${FAULTS_NODE[@]}"; then say "rabbitmq-faults: up"; else say "rabbitmq-faults: DOWN"; rc=1; fi ;;
       redis)    if redis_ping 2>/dev/null; then say "redis: up"; else say "redis: DOWN"; rc=1; fi ;;
       postgres) if pg_ping 2>/dev/null; then say "postgres: up"; else say "postgres: DOWN"; rc=1; fi ;;
       fuse)     if command -v fusermount3 >/dev/null && [ -e /dev/fuse ]; then say "fuse: ready"; else say "fuse: MISSING"; rc=1; fi ;;
@@ -147,14 +156,16 @@ case $cmd in
     need_root "$@"
     for s in $SERVICES; do
       case $s in
-        rabbitmq) rabbit_up ;; redis) redis_up ;; postgres) pg_up ;; fuse) fuse_up ;;
-        *) fail "unknown service '$s' (known: rabbitmq redis postgres fuse)" ;;
+        rabbitmq) rabbit_up "${MAIN_NODE[@]}" ;;
+        rabbitmq-faults) rabbit_up "${FAULTS_NODE[@]}" "$FAULTS_ADVANCED" ;;
+        redis) redis_up ;; postgres) pg_up ;; fuse) fuse_up ;;
+        *) fail "unknown service '$s' (known: rabbitmq rabbitmq-faults redis postgres fuse)" ;;
       esac
     done ;;
   down)
     need_root "$@"
     for s in $SERVICES; do
-      case $s in rabbitmq) rabbit_down ;; redis) redis_down ;; postgres) pg_down ;; fuse) ;; esac
+      case $s in rabbitmq) rabbit_down "${MAIN_NODE[@]}" ;; rabbitmq-faults) rabbit_down "${FAULTS_NODE[@]}" ;; redis) redis_down ;; postgres) pg_down ;; fuse) ;; esac
     done ;;
   status) status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;

@@ -96,3 +96,26 @@ pub fn init_tracing() {
             .try_init();
     });
 }
+
+/// The broker that disruptive tests may restart (consumer_timeout 3 s, checked every second).
+pub fn faults_amqp_url() -> String {
+    services_up();
+    std::env::var("MQLOCK_FAULTS_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5673/%2f".into())
+}
+
+/// Runs `rabbitmqctl` against the faults broker and panics if it fails.
+pub fn faults_rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "-n", "mqlock-faults@localhost"])
+        .args(args)
+        .env("HOME", "/var/lib/rabbitmq")
+        .output()
+        .expect("cannot run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

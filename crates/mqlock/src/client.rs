@@ -321,6 +321,11 @@ impl LockClient {
             .create_channel()
             .await
             .map_err(|e| fail(&e))?;
+        // From here on, dropping this future closes the channel (see `Registration`).
+        let mut reg = Registration {
+            channel: Some(channel.clone()),
+            consumer: None,
+        };
         let (qos, confirm) = join(
             channel.basic_qos(PREFETCH, BasicQosOptions::default()),
             channel.confirm_select(ConfirmSelectOptions::default()),
@@ -347,20 +352,23 @@ impl LockClient {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         );
-        let mut consumer = if let Wait::Try = wait {
-            // Someone registered before us holds the lock or will get it first.
+        // The declare is answered before our consumer exists, so its counts are about others.
+        let queue = if let Wait::Try = wait {
             let queue = declare.await.map_err(|e| fail(&e))?;
             if queue.consumer_count() > 0 {
-                let _ = channel.close(200, "busy".into()).await;
+                // Someone registered before us holds the lock or will get it first.
                 return Ok(None);
             }
-            consume.await.map_err(|e| fail(&e))?
+            reg.consumer = Some(consume.await.map_err(|e| fail(&e))?);
+            queue
         } else {
             let (declared, consumed) = join(declare, consume).await;
-            declared.map_err(|e| fail(&e))?;
-            consumed.map_err(|e| fail(&e))?
+            let queue = declared.map_err(|e| fail(&e))?;
+            reg.consumer = Some(consumed.map_err(|e| fail(&e))?);
+            queue
         };
-        // A wake-up, in case the lock has no token yet (new queue) or lost it.
+        // No consumer and no ready message: the lock has no token yet (new queue) or lost it,
+        // so mint one. Two clients may both mint; the holder acks extras away.
         let publish_wake = || {
             channel.basic_publish(
                 "".into(),
@@ -370,7 +378,10 @@ impl LockClient {
                 wake_properties(None),
             )
         };
-        publish_wake().await.map_err(|e| fail(&e))?;
+        if queue.consumer_count() == 0 && queue.message_count() == 0 {
+            publish_wake().await.map_err(|e| fail(&e))?;
+        }
+        let consumer = reg.consumer.as_mut().expect("consumer set");
 
         let deadline = match wait {
             Wait::Forever => None,
@@ -421,6 +432,7 @@ impl LockClient {
 
         let signal = LossSignal::new(Some(conn.lease.clone()));
         let name: Arc<str> = Arc::from(name);
+        let (channel, consumer) = reg.disarm();
         let handle = Holder {
             name: name.clone(),
             lock_queue: names.lock.clone(),
@@ -435,6 +447,45 @@ impl LockClient {
         }
         .spawn();
         Ok(Some(LockGuard::new(name, fence, signal, Box::new(handle))))
+    }
+}
+
+/// A registration on a lock queue that is not (yet) a grant.
+///
+/// If the acquisition is dropped, the channel is closed *before* the consumer is dropped:
+/// lapin cancels a dropped consumer with `basic.cancel`, and on RabbitMQ 3.10.8 cancelling the
+/// active consumer of a classic single-active-consumer queue, followed by any publish, can
+/// crash the queue (rabbitmq-server #5460; docs/protocol.md). Closing the channel switches the
+/// active consumer in one step that also feeds it.
+struct Registration {
+    channel: Option<Channel>,
+    consumer: Option<lapin::Consumer>,
+}
+
+impl Registration {
+    fn disarm(&mut self) -> (Channel, lapin::Consumer) {
+        (
+            self.channel.take().expect("channel set"),
+            self.consumer.take().expect("consumer set"),
+        )
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let (Some(channel), consumer) = (self.channel.take(), self.consumer.take()) else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let _ = channel.close(200, "acquisition abandoned".into()).await;
+                    drop(consumer);
+                });
+            }
+            // No runtime: lapin closes the channel when both handles are gone.
+            Err(_) => drop((consumer, channel)),
+        }
     }
 }
 

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use futures_util::future::join;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::{Channel, Consumer};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -102,7 +101,7 @@ impl Holder {
                 command = commands.recv() => {
                     // `None`: the guard was forgotten without a release; treat as a release.
                     let reply = match command { Some(Command::Release(r)) => r, None => None };
-                    let result = release(&name, &lock_queue, &tag, &channel, &token, &signal).await;
+                    let result = release(&name, &channel, &signal).await;
                     if result.is_ok() {
                         metrics.released();
                     }
@@ -174,38 +173,16 @@ impl Holder {
     }
 }
 
-/// Cancels the consumer, then hands the token on and closes the channel.
+/// Releases by closing the channel.
 ///
-/// The frames are pipelined, not awaited one by one: the broker handles `basic.cancel`
-/// completely before it reads the next frame of the channel, so the fresh wake-up is published
-/// after this consumer stopped being the active one and cannot come back to it. Publishing a
-/// fresh wake-up (and acking the old token) instead of requeueing the token keeps its delivery
-/// count at zero, which matters for quorum queues' delivery limit.
-async fn release(
-    name: &str,
-    lock_queue: &str,
-    tag: &str,
-    channel: &Channel,
-    token: &Delivery,
-    signal: &LossSignal,
-) -> Result<()> {
-    let cancel = channel.basic_cancel(tag.into(), BasicCancelOptions::default());
-    let hand_on = async {
-        channel
-            .basic_publish(
-                "".into(),
-                lock_queue.into(),
-                BasicPublishOptions::default(),
-                b"",
-                wake_properties(None),
-            )
-            .await?;
-        token.acker.ack(BasicAckOptions::default()).await
-    };
-    let (cancelled, handed_on) = join(cancel, hand_on).await;
-    // Deliveries in flight to us when the cancel was processed are requeued by the close.
-    let closed = channel.close(200, "lock released".into()).await;
-    match cancelled.and(handed_on.map(|_| ())).and(closed) {
+/// The broker handles a channel close in one step: it removes our consumer, requeues the token
+/// and runs the queue, which activates the next consumer and delivers the token to it. That is
+/// the cheapest hand-off (one frame, no wake-up publish), it is the same path as a crash, and it
+/// avoids the separate `basic.cancel` that RabbitMQ 3.10.8 mishandles on classic
+/// single-active-consumer queues (the next consumer is activated but not fed, and the next
+/// publish crashes the queue: rabbitmq-server #5460, reproduced by our stress tests).
+async fn release(name: &str, channel: &Channel, signal: &LossSignal) -> Result<()> {
+    match channel.close(200, "lock released".into()).await {
         Ok(()) => Ok(()),
         Err(e) => {
             // Whatever failed, the channel is gone and the broker requeued the token.

@@ -1,0 +1,317 @@
+//! Attempts to break mutual exclusion against the real broker: many clients on separate
+//! connections, many `mqlock exec` processes, killed holders, paused holders, cancelled waiters.
+//! Each test checks a shared counter (exact count), the fencing tokens (strictly increasing in
+//! grant order) and an in-critical-section marker (never two holders).
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mqlock::{ClientConfig, LockClient};
+use rand::Rng;
+
+async fn client(url: &str, config: ClientConfig) -> LockClient {
+    support::init_tracing();
+    LockClient::connect(url, config)
+        .await
+        .expect("connect to the test broker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_clients_never_overlap_and_count_exactly() {
+    const CLIENTS: usize = 8;
+    const ROUNDS: usize = 50;
+    let url = support::amqp_url();
+    let name = support::unique("mutex");
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("counter");
+    std::fs::write(&counter, "0").unwrap();
+    let inside = Arc::new(AtomicBool::new(false));
+    let grants = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let c = client(&url, ClientConfig::default()).await;
+        let (name, counter, inside, grants) = (
+            name.clone(),
+            counter.clone(),
+            inside.clone(),
+            grants.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let g = c.lock(&name).await.unwrap();
+                assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                grants.lock().unwrap().push(g.fencing_token());
+                let n: u64 = tokio::fs::read_to_string(&counter)
+                    .await
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                tokio::task::yield_now().await;
+                tokio::fs::write(&counter, (n + 1).to_string())
+                    .await
+                    .unwrap();
+                assert!(g.is_held());
+                inside.store(false, Ordering::SeqCst);
+                g.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n: usize = std::fs::read_to_string(&counter).unwrap().parse().unwrap();
+    assert_eq!(n, CLIENTS * ROUNDS);
+    let grants = grants.lock().unwrap();
+    assert_eq!(grants.len(), CLIENTS * ROUNDS);
+    assert!(
+        grants.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens must grow in grant order"
+    );
+}
+
+/// The shell body every `mqlock exec` process runs: a read-modify-write of a counter file,
+/// guarded by a marker directory that `mkdir` refuses to create twice.
+const CRITICAL_SECTION: &str = r#"
+if ! mkdir "$D/inside" 2>/dev/null; then echo overlap >> "$D/errors"; fi
+n=$(cat "$D/counter"); sleep 0.005; echo $((n+1)) > "$D/counter"
+echo "$MQLOCK_FENCING_TOKEN" >> "$D/tokens"
+rmdir "$D/inside"
+"#;
+
+#[test]
+fn mqlock_exec_processes_never_overlap() {
+    const PROCS: usize = 8;
+    const ROUNDS: usize = 25;
+    let bin = support::mqlock_bin();
+    let url = support::amqp_url();
+    let name = support::unique("exec-mutex");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("counter"), "0").unwrap();
+    let script = format!(
+        "for i in $(seq {ROUNDS}); do \"$MQLOCK\" exec \"$NAME\" -- sh -c '{}' || exit 1; done",
+        CRITICAL_SECTION.replace('\'', "'\\''")
+    );
+    let procs: Vec<_> = (0..PROCS)
+        .map(|_| {
+            Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .env("MQLOCK", &bin)
+                .env("NAME", &name)
+                .env("D", dir.path())
+                .env("MQLOCK_AMQP_URL", &url)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut p in procs {
+        assert!(p.wait().unwrap().success());
+    }
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
+    assert_eq!(
+        read("errors"),
+        "",
+        "an in-critical-section marker saw two holders"
+    );
+    assert_eq!(
+        read("counter").trim().parse::<usize>().unwrap(),
+        PROCS * ROUNDS
+    );
+    let tokens: Vec<u64> = read("tokens").lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(tokens.len(), PROCS * ROUNDS);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens must grow in grant order"
+    );
+}
+
+fn wait_for_file(p: &Path, within: Duration) -> String {
+    let end = Instant::now() + within;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p)
+            && s.ends_with('\n')
+        {
+            return s;
+        }
+        assert!(Instant::now() < end, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_holder_process_hands_on_promptly_and_its_command_dies() {
+    let url = support::amqp_url();
+    let name = support::unique("crash");
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Command::new(support::mqlock_bin())
+        .args([
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; echo $$ > \"$D/pid\"; exec sleep 600",
+        ])
+        .env("D", dir.path())
+        .env("MQLOCK_AMQP_URL", &url)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token: u64 = wait_for_file(&dir.path().join("token"), Duration::from_secs(20))
+        .trim()
+        .parse()
+        .unwrap();
+    let child: i32 = wait_for_file(&dir.path().join("pid"), Duration::from_secs(5))
+        .trim()
+        .parse()
+        .unwrap();
+    let c = client(&url, ClientConfig::default()).await;
+    let waiter = {
+        let (c, name) = (c.clone(), name.clone());
+        tokio::spawn(async move { c.lock_timeout(&name, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiter.is_finished(),
+        "the waiter must wait while the holder lives"
+    );
+    let killed = Instant::now();
+    holder.kill().unwrap(); // SIGKILL
+    holder.wait().unwrap();
+    let g = waiter.await.unwrap().unwrap();
+    let handoff = killed.elapsed();
+    assert!(g.fencing_token() > token);
+    assert!(
+        handoff < Duration::from_secs(2),
+        "hand-off after kill -9 took {handoff:?}"
+    );
+    // The command must not outlive mqlock (parent-death signal).
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(child) && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!alive(child), "the command outlived its killed mqlock");
+    eprintln!("hand-off after kill -9: {handoff:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_holder_is_replaced_and_learns_of_the_loss_when_resumed() {
+    let url = support::amqp_url();
+    let name = support::unique("pause");
+    let dir = tempfile::tempdir().unwrap();
+    let mut holder = Command::new(support::mqlock_bin())
+        .args([
+            "exec",
+            "--heartbeat",
+            "2s",
+            "--grace",
+            "1s",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; exec sleep 600",
+        ])
+        .env("D", dir.path())
+        .env("MQLOCK_AMQP_URL", &url)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let token: u64 = wait_for_file(&dir.path().join("token"), Duration::from_secs(20))
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = holder.id() as i32;
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let c = client(&url, ClientConfig::default()).await;
+    let g = c
+        .lock_timeout(&name, Duration::from_secs(30))
+        .await
+        .expect("the broker hands the lock on");
+    let replaced = stopped.elapsed();
+    assert!(g.fencing_token() > token);
+    // The broker gives up on a silent client after about 2-3 heartbeats (2 s each here).
+    assert!(
+        replaced >= Duration::from_secs(3),
+        "replaced too early: {replaced:?}"
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let resumed = Instant::now();
+    let status = holder.wait().unwrap();
+    let noticed = resumed.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(holder.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(123),
+        "exit code for a lost lock; stderr: {err}"
+    );
+    assert!(err.contains("lost"), "{err}");
+    assert!(
+        noticed < Duration::from_secs(3),
+        "loss noticed {noticed:?} after resuming"
+    );
+    assert!(g.is_held());
+    eprintln!(
+        "replaced after {replaced:?}; stale holder noticed {noticed:?} after SIGCONT (incl. 1 s grace)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thousands_of_dropped_acquisitions_leave_nothing_behind() {
+    let url = support::amqp_url();
+    let name = support::unique("cancel");
+    let clients = [
+        client(&url, ClientConfig::default()).await,
+        client(&url, ClientConfig::default()).await,
+        client(&url, ClientConfig::default()).await,
+    ];
+    let mut tasks = Vec::new();
+    for c in clients.iter().cloned() {
+        let name = name.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0;
+            for _ in 0..700 {
+                let cut = Duration::from_micros(rand::rng().random_range(0..4000));
+                if let Ok(r) = tokio::time::timeout(cut, c.lock(&name)).await {
+                    granted += 1;
+                    drop(r.unwrap()); // released in the background
+                }
+            }
+            granted
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.unwrap();
+    }
+    // The lock must still be obtainable, and every abandoned consumer must be gone.
+    let g = clients[0]
+        .lock_timeout(&name, Duration::from_secs(10))
+        .await
+        .expect("lock still obtainable");
+    g.release().await.unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = clients[1].status(&name).await.unwrap();
+        if s.consumers == 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "leaked consumers: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("2100 acquisitions dropped at random points; {granted} were granted before the cut");
+}
