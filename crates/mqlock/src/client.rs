@@ -85,6 +85,9 @@ impl LockStatus {
     }
 }
 
+/// How long a waiter whose connection failed keeps trying to reconnect.
+const RECONNECT_WINDOW: Duration = Duration::from_secs(60);
+
 /// How an acquisition waits.
 #[derive(Clone, Copy)]
 enum Wait {
@@ -249,9 +252,34 @@ impl LockClient {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut attempts = 0u32;
+        // Set at the first interruption: how long a waiter keeps reconnecting (a broker
+        // restart) before it reports the broker unreachable.
+        let mut reconnect_until: Option<Instant> = None;
         loop {
             attempts += 1;
-            let conn = self.connection().await?;
+            let conn = match self.connection().await {
+                Ok(c) => c,
+                Err(e @ (Error::Unreachable { .. } | Error::AuthRefused { .. }))
+                    if reconnect_until.is_some_and(|t| Instant::now() < t)
+                        && !matches!(wait, Wait::Try) =>
+                {
+                    if let Wait::Until(deadline) = wait
+                        && Instant::now() + backoff >= deadline
+                    {
+                        metrics.timed_out();
+                        return Err(Error::Timeout {
+                            name: name.into(),
+                            addr: self.inner.addr.clone(),
+                            waited: started.elapsed(),
+                        });
+                    }
+                    debug!(lock = name, error = %e, "broker still unreachable; waiting to reconnect");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match self.attempt(&conn, name, &names, wait, started).await {
                 Ok(Some(guard)) => {
                     metrics.granted(started.elapsed());
@@ -268,8 +296,9 @@ impl LockClient {
                     return Err(e);
                 }
                 Err(Retry::Again(why)) => {
+                    reconnect_until.get_or_insert_with(|| Instant::now() + RECONNECT_WINDOW);
                     warn!(lock = name, broker = %conn.addr, reason = %why, attempt = attempts, "acquisition interrupted; retrying");
-                    if attempts >= 20 {
+                    if attempts >= 200 {
                         return Err(Error::Protocol {
                             name: name.into(),
                             addr: conn.addr.clone(),
