@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -145,7 +145,9 @@ impl InvalidationBus {
     /// Waits until the bus is subscribed, at most `timeout`; returns whether it is.
     pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
         let mut rx = self.shared.subscribed.subscribe();
-        tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     pub(crate) fn register(&self, id: u64, namespace: &str, subscriber: Weak<dyn Subscriber>) {
@@ -165,10 +167,15 @@ impl InvalidationBus {
     /// confirmation.
     pub(crate) async fn publish(&self, origin: u64, namespace: &str, key: &str) -> Result<()> {
         let shared = &self.shared;
-        let channel = shared.publisher.lock().unwrap().clone().ok_or_else(|| Error::Bus {
-            addr: shared.addr.clone(),
-            detail: "not connected (reconnecting)".into(),
-        })?;
+        let channel = shared
+            .publisher
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| Error::Bus {
+                addr: shared.addr.clone(),
+                detail: "not connected (reconnecting)".into(),
+            })?;
         let payload = serde_json::to_vec(&Message {
             o: origin,
             n: namespace.to_owned(),
@@ -189,7 +196,12 @@ impl InvalidationBus {
         };
         let confirmation = tokio::time::timeout(shared.config.timeout, publish)
             .await
-            .map_err(|_| shared.bus_err(format!("no publish confirmation within {:?}", shared.config.timeout)))?
+            .map_err(|_| {
+                shared.bus_err(format!(
+                    "no publish confirmation within {:?}",
+                    shared.config.timeout
+                ))
+            })?
             .map_err(|e| shared.bus_err(e.to_string()))?;
         if confirmation.is_nack() {
             return Err(shared.bus_err("the broker refused the invalidation".into()));
@@ -210,7 +222,8 @@ impl Shared {
         let attempt = async {
             let conn = Connection::connect(
                 &self.url,
-                ConnectionProperties::default().with_connection_name("mqlock-cache invalidations".into()),
+                ConnectionProperties::default()
+                    .with_connection_name("mqlock-cache invalidations".into()),
             )
             .await?;
             let consume = conn.create_channel().await?;
@@ -260,7 +273,9 @@ impl Shared {
                 )
                 .await?;
             let publish = conn.create_channel().await?;
-            publish.confirm_select(ConfirmSelectOptions::default()).await?;
+            publish
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
             Ok::<_, lapin::Error>((conn, consumer, publish, queue))
         };
         let (conn, consumer, publish, queue) = tokio::time::timeout(self.config.timeout, attempt)
@@ -357,8 +372,17 @@ mod tests {
 
     #[test]
     fn heartbeat_is_added_unless_set() {
-        assert_eq!(with_heartbeat("amqp://h/%2f", Duration::from_secs(5)), "amqp://h/%2f?heartbeat=5");
-        assert_eq!(with_heartbeat("amqp://h/%2f?x=1", Duration::from_secs(3)), "amqp://h/%2f?x=1&heartbeat=3");
-        assert_eq!(with_heartbeat("amqp://h/?heartbeat=9", Duration::from_secs(3)), "amqp://h/?heartbeat=9");
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f", Duration::from_secs(5)),
+            "amqp://h/%2f?heartbeat=5"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/%2f?x=1", Duration::from_secs(3)),
+            "amqp://h/%2f?x=1&heartbeat=3"
+        );
+        assert_eq!(
+            with_heartbeat("amqp://h/?heartbeat=9", Duration::from_secs(3)),
+            "amqp://h/?heartbeat=9"
+        );
     }
 }

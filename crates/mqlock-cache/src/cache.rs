@@ -156,7 +156,9 @@ impl<V: CacheValue> CacheBuilder<V> {
             )));
         }
         if self.near.is_none() && self.redis.is_none() {
-            return Err(Error::Config("a cache needs a near tier, a Redis tier or both".into()));
+            return Err(Error::Config(
+                "a cache needs a near tier, a Redis tier or both".into(),
+            ));
         }
         if self.near.is_some() && self.redis.is_some() && self.bus.is_none() {
             return Err(Error::Config(
@@ -164,11 +166,14 @@ impl<V: CacheValue> CacheBuilder<V> {
             ));
         }
         if self.near.is_some_and(|(_, ttl)| ttl.is_zero()) || self.lock_wait.is_zero() {
-            return Err(Error::Config("max_ttl and lock_wait must be positive".into()));
+            return Err(Error::Config(
+                "max_ttl and lock_wait must be positive".into(),
+            ));
         }
         static IDS: AtomicU64 = AtomicU64::new(0);
         // Unique across processes too: the invalidation exchange is cluster-wide.
-        let id = (u64::from(std::process::id()) << 32) | (IDS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
+        let id = (u64::from(std::process::id()) << 32)
+            | (IDS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
         let near = self.near.map(|(cap, ttl)| Arc::new(Near::new(cap, ttl)));
         let inner = Arc::new(Inner {
             id,
@@ -225,7 +230,9 @@ impl<V: CacheValue> LockedCache<V> {
         {
             return Ok(Some(v));
         }
-        let Some(redis) = &inner.redis else { return Ok(None) };
+        let Some(redis) = &inner.redis else {
+            return Ok(None);
+        };
         let generation = inner.near.as_ref().map(|n| n.generation(key));
         let value = match redis.get(&inner.value_key(key)).await? {
             Some(bytes) => decode::<V>(key, &bytes)?,
@@ -265,7 +272,9 @@ impl<V: CacheValue> LockedCache<V> {
         // The failure count seen now tells, under the lock, whether a load failed while we waited.
         let failures_seen = match &inner.redis {
             Some(redis) => {
-                let probe = redis.probe(&inner.value_key(key), &inner.failure_key(key)).await?;
+                let probe = redis
+                    .probe(&inner.value_key(key), &inner.failure_key(key))
+                    .await?;
                 if let Some(bytes) = probe.value {
                     let value = decode::<V>(key, &bytes)?;
                     if let (Some(near), Some(g)) = (&inner.near, generation) {
@@ -292,7 +301,13 @@ impl<V: CacheValue> LockedCache<V> {
         flight.await
     }
 
-    fn start_flight<F, Fut, E>(&self, key: &str, id: u64, failures_seen: u64, loader: F) -> Flight<V>
+    fn start_flight<F, Fut, E>(
+        &self,
+        key: &str,
+        id: u64,
+        failures_seen: u64,
+        loader: F,
+    ) -> Flight<V>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
@@ -319,7 +334,10 @@ impl<V: CacheValue> LockedCache<V> {
         };
         let task = tokio::spawn(async move {
             let landing = landing;
-            landing.inner.load_locked(&landing.key, failures_seen, loader).await
+            landing
+                .inner
+                .load_locked(&landing.key, failures_seen, loader)
+                .await
         });
         let key = key.to_owned();
         async move {
@@ -337,7 +355,10 @@ impl<V: CacheValue> LockedCache<V> {
     /// Stores `value` under the key's lock.
     pub async fn insert(&self, key: &str, value: V) -> Result<()> {
         let held = self.inner.locks.lock(key).await?;
-        let result = self.inner.write_locked(key, &held, Some(&value), true).await;
+        let result = self
+            .inner
+            .write_locked(key, &held, Some(&value), true)
+            .await;
         self.inner.release(key, held).await;
         result
     }
@@ -408,7 +429,12 @@ impl<V: CacheValue> Inner<V> {
                 Some(bytes) => Ok(Some(decode(key, &bytes)?)),
                 None => Ok(None),
             },
-            None => Ok(self.near.as_ref().expect("a cache has a tier").get(key).await),
+            None => Ok(self
+                .near
+                .as_ref()
+                .expect("a cache has a tier")
+                .get(key)
+                .await),
         }
     }
 
@@ -424,7 +450,13 @@ impl<V: CacheValue> Inner<V> {
         result
     }
 
-    async fn load_held<F, Fut, E>(&self, key: &str, held: &HeldKey, failures_seen: u64, loader: F) -> Result<V>
+    async fn load_held<F, Fut, E>(
+        &self,
+        key: &str,
+        held: &HeldKey,
+        failures_seen: u64,
+        loader: F,
+    ) -> Result<V>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
@@ -434,7 +466,9 @@ impl<V: CacheValue> Inner<V> {
         match &self.redis {
             Some(redis) => {
                 let generation = self.near.as_ref().map(|n| n.generation(key));
-                let probe = redis.probe(&self.value_key(key), &self.failure_key(key)).await?;
+                let probe = redis
+                    .probe(&self.value_key(key), &self.failure_key(key))
+                    .await?;
                 if let Some(bytes) = probe.value {
                     let value = decode::<V>(key, &bytes)?;
                     if let (Some(near), Some(g)) = (&self.near, generation) {
@@ -455,7 +489,11 @@ impl<V: CacheValue> Inner<V> {
                 }
             }
         }
-        tracing::debug!(key, token = held.guard.fencing_token(), "running the loader");
+        tracing::debug!(
+            key,
+            token = held.guard.fencing_token(),
+            "running the loader"
+        );
         // Converted inside the block: the loader's error type need not be `Send`.
         let outcome = AssertUnwindSafe(async move { loader().await.map_err(Into::into) })
             .catch_unwind()
@@ -493,7 +531,10 @@ impl<V: CacheValue> Inner<V> {
         if let Some(redis) = &self.redis {
             // Kept for longer than any wait for the lock, so every waiter of this wave sees it.
             let ttl = self.lock_wait + Duration::from_secs(60);
-            if let Err(e) = redis.record_failure(&self.failure_key(key), &error.to_string(), ttl).await {
+            if let Err(e) = redis
+                .record_failure(&self.failure_key(key), &error.to_string(), ttl)
+                .await
+            {
                 tracing::warn!(key, error = %e, "could not record the failed load; waiters on other nodes will retry it");
             }
         }
@@ -503,7 +544,13 @@ impl<V: CacheValue> Inner<V> {
     /// tells the other nodes. `strict`: a failed publish is an error (explicit mutations);
     /// otherwise it is logged (loads: the value is right, only remote near copies may lag,
     /// bounded by their max TTL).
-    async fn write_locked(&self, key: &str, held: &HeldKey, value: Option<&V>, strict: bool) -> Result<()> {
+    async fn write_locked(
+        &self,
+        key: &str,
+        held: &HeldKey,
+        value: Option<&V>,
+        strict: bool,
+    ) -> Result<()> {
         let token = held.guard.fencing_token();
         if !held.guard.is_held() {
             return Err(Error::Fenced {

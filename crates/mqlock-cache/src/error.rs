@@ -31,7 +31,9 @@ pub enum Error {
 
     /// The lock was lost while the write was being prepared, or Redis refused the write because
     /// a later lock holder (with a higher fencing token) has written the key since.
-    #[error("write to cache key {key:?} refused: the lock (fencing token {token}) is no longer the newest grant")]
+    #[error(
+        "write to cache key {key:?} refused: the lock (fencing token {token}) is no longer the newest grant"
+    )]
     Fenced {
         /// The cache key.
         key: String,
@@ -135,7 +137,10 @@ mod tests {
 
     #[test]
     fn urls_lose_their_credentials() {
-        assert_eq!(redact_url("amqp://guest:secret@10.0.0.1:5672/%2f?heartbeat=5"), "10.0.0.1:5672/%2f");
+        assert_eq!(
+            redact_url("amqp://guest:secret@10.0.0.1:5672/%2f?heartbeat=5"),
+            "10.0.0.1:5672/%2f"
+        );
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "h:6379/0");
         assert_eq!(redact_url("redis://h:6379/"), "h:6379/");
     }

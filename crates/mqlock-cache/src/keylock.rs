@@ -13,6 +13,8 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use crate::error::{Error, Result};
 
+const GRACE: Duration = Duration::from_millis(500);
+
 type Slots = Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>;
 
 /// Lock name of `key` in `namespace`.
@@ -116,11 +118,15 @@ impl KeyLocks {
             return Err(timeout());
         }
         let name = lock_name(&self.namespace, key);
-        let guard = self
-            .locker
-            .lock_timeout(&name, remaining)
-            .await
-            .map_err(|e| Error::from_lock(key, e))?;
+        // Bounded here as well, not only by the locker: "never hang" is this crate's promise.
+        // The grace lets the locker report its own timeout (or error) first.
+        let guard = tokio::time::timeout(
+            remaining + GRACE,
+            self.locker.lock_timeout(&name, remaining),
+        )
+        .await
+        .map_err(|_| timeout())?
+        .map_err(|e| Error::from_lock(key, e))?;
         tracing::trace!(key, token = guard.fencing_token(), "cache key locked");
         Ok(HeldKey { guard, local })
     }
@@ -151,12 +157,17 @@ mod tests {
     #[tokio::test]
     async fn local_queue_then_distributed_lock_and_clean_up() {
         let memory = MemoryLocker::new();
-        let locks = Arc::new(KeyLocks::new(Arc::new(memory.clone()), "ns".into(), Duration::from_secs(5)));
+        let locks = Arc::new(KeyLocks::new(
+            Arc::new(memory.clone()),
+            "ns".into(),
+            Duration::from_secs(5),
+        ));
         let held = locks.lock("k").await.unwrap();
         assert!(memory.is_locked("cache/ns/k"));
         // A second task of the node queues in process: still one distributed holder.
         let l2 = locks.clone();
-        let waiter = tokio::spawn(async move { l2.lock("k").await.map(|h| h.guard.fencing_token()) });
+        let waiter =
+            tokio::spawn(async move { l2.lock("k").await.map(|h| h.guard.fencing_token()) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         let first = held.guard.fencing_token();
@@ -169,13 +180,23 @@ mod tests {
     #[tokio::test]
     async fn waits_are_bounded_and_cancelled_waiters_leave_nothing() {
         let memory = MemoryLocker::new();
-        let locks = KeyLocks::new(Arc::new(memory.clone()), "ns".into(), Duration::from_millis(50));
+        let locks = KeyLocks::new(
+            Arc::new(memory.clone()),
+            "ns".into(),
+            Duration::from_millis(50),
+        );
         let outside = memory.lock("cache/ns/k").await.unwrap();
-        assert!(matches!(locks.lock("k").await, Err(Error::LockTimeout { .. })));
+        assert!(matches!(
+            locks.lock("k").await,
+            Err(Error::LockTimeout { .. })
+        ));
         assert_eq!(locks.active_keys(), 0);
         drop(outside);
         let held = locks.lock("k").await.unwrap();
-        assert!(matches!(locks.lock("k").await, Err(Error::LockTimeout { .. })));
+        assert!(matches!(
+            locks.lock("k").await,
+            Err(Error::LockTimeout { .. })
+        ));
         drop(held);
         assert_eq!(locks.active_keys(), 0);
     }

@@ -65,7 +65,9 @@ impl<V: Clone + Send + Sync + 'static> Near<V> {
     pub(crate) async fn fill(&self, key: &str, value: V, generation: Generation) {
         // Entries with an old generation would be ignored anyway; skipping them saves an insert.
         if self.coherent.load(Ordering::Acquire) && self.generation(key) == generation {
-            self.cache.insert(key.to_owned(), (value, generation.0)).await;
+            self.cache
+                .insert(key.to_owned(), (value, generation.0))
+                .await;
         }
     }
 

@@ -43,7 +43,9 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -88,13 +90,16 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         // The manager retries the first connection too; bound the whole attempt.
         let bound = config.connect_timeout * (config.reconnect_retries as u32 + 2);
-        let conn = tokio::time::timeout(bound, ConnectionManager::new_with_config(client, manager_config))
-            .await
-            .map_err(|_| Error::Redis {
-                addr: addr.to_string(),
-                detail: format!("no connection within {bound:?}"),
-            })?
-            .map_err(err)?;
+        let conn = tokio::time::timeout(
+            bound,
+            ConnectionManager::new_with_config(client, manager_config),
+        )
+        .await
+        .map_err(|_| Error::Redis {
+            addr: addr.to_string(),
+            detail: format!("no connection within {bound:?}"),
+        })?
+        .map_err(err)?;
         tracing::debug!(%addr, "connected to redis");
         Ok(RedisStore { conn, addr })
     }
@@ -113,21 +118,26 @@ impl RedisStore {
 
     pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let mut conn = self.conn.clone();
-        redis::cmd("GET").arg(key).query_async(&mut conn).await.map_err(|e| self.err(e))
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     pub(crate) async fn probe(&self, value_key: &str, failure_key: &str) -> Result<Probe> {
         let mut conn = self.conn.clone();
-        let (value, (failures, last_failure)): (Option<Vec<u8>>, (Option<u64>, Option<String>)) = redis::pipe()
-            .cmd("GET")
-            .arg(value_key)
-            .cmd("HMGET")
-            .arg(failure_key)
-            .arg("n")
-            .arg("msg")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(e))?;
+        let (value, (failures, last_failure)): (Option<Vec<u8>>, (Option<u64>, Option<String>)) =
+            redis::pipe()
+                .cmd("GET")
+                .arg(value_key)
+                .cmd("HMGET")
+                .arg(failure_key)
+                .arg("n")
+                .arg("msg")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.err(e))?;
         Ok(Probe {
             value,
             failures: failures.unwrap_or(0),
@@ -165,7 +175,12 @@ impl RedisStore {
 
     /// Records a failed load: bumps the key's failure count, which waiters compare with the
     /// count they saw before waiting.
-    pub(crate) async fn record_failure(&self, failure_key: &str, message: &str, ttl: Duration) -> Result<()> {
+    pub(crate) async fn record_failure(
+        &self,
+        failure_key: &str,
+        message: &str,
+        ttl: Duration,
+    ) -> Result<()> {
         let mut conn = self.conn.clone();
         redis::pipe()
             .atomic()

@@ -1,0 +1,406 @@
+//! mqlock-cache against the real broker and Redis: cluster-wide single-flight, exact
+//! read-modify-write, invalidations, the in-flight-load race, failing loaders.
+
+mod support;
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use mqlock::{ClientConfig, LockClient};
+use mqlock_cache::{
+    BusConfig, CacheValue, Error, InvalidationBus, LockedCache, RedisConfig, RedisStore, lock_name,
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+struct Node<V: CacheValue> {
+    cache: LockedCache<V>,
+    bus: InvalidationBus,
+    locks: LockClient,
+}
+
+/// A two-tier node with its own broker connections and Redis connection.
+async fn node<V: CacheValue>(ns: &str) -> Node<V> {
+    let amqp = support::amqp_url();
+    let locks = LockClient::connect(&amqp, ClientConfig::default())
+        .await
+        .expect("lock client");
+    let bus = InvalidationBus::connect(&amqp, BusConfig::default())
+        .await
+        .expect("bus");
+    let store = RedisStore::connect(&support::redis_url(), RedisConfig::default())
+        .await
+        .expect("redis");
+    let cache = LockedCache::builder(locks.clone(), ns)
+        .near(10_000, Duration::from_secs(60))
+        .redis(store)
+        .invalidations(bus.clone())
+        .lock_wait(Duration::from_secs(60))
+        .build()
+        .expect("cache");
+    Node { cache, bus, locks }
+}
+
+fn namespace() -> String {
+    support::unique("ct").replace('-', "_")
+}
+
+async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(support::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+fn node_bin() -> std::path::PathBuf {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "mqlock-cache",
+            "--example",
+            "cache_node",
+        ])
+        .current_dir(support::root())
+        .status()
+        .expect("cargo build");
+    assert!(status.success(), "building the cache_node example failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| support::root().join("target"));
+    target.join("debug/examples/cache_node")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stampede_four_nodes_fifty_callers_loader_runs_once() {
+    support::init_tracing();
+    let ns = namespace();
+    let key = "cold key";
+    let counter = format!("{ns}:loads");
+    const CALLERS: usize = 50;
+    const LOADER_MS: u64 = 500;
+
+    // Node 4 is a separate process.
+    let mut child = tokio::process::Command::new(node_bin())
+        .args([
+            &support::amqp_url(),
+            &support::redis_url(),
+            &ns,
+            key,
+            &CALLERS.to_string(),
+            &LOADER_MS.to_string(),
+            &counter,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn cache_node");
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(out.next_line().await.unwrap().as_deref(), Some("ready"));
+
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(node::<String>(&ns).await);
+    }
+    let client = redis::Client::open(support::redis_url()).unwrap();
+    let go = Arc::new(tokio::sync::Barrier::new(3 * CALLERS + 1));
+    let mut tasks = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for _ in 0..CALLERS {
+            let (cache, go, client, counter) =
+                (n.cache.clone(), go.clone(), client.clone(), counter.clone());
+            tasks.push(tokio::spawn(async move {
+                go.wait().await;
+                cache
+                    .get_or_compute(key, move || async move {
+                        tokio::time::sleep(Duration::from_millis(LOADER_MS)).await;
+                        let mut c = client.get_multiplexed_async_connection().await?;
+                        let _: u64 = redis::cmd("INCR").arg(&counter).query_async(&mut c).await?;
+                        Ok::<_, redis::RedisError>(format!("computed by in-process node {i}"))
+                    })
+                    .await
+            }));
+        }
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"go\n").await.unwrap();
+    go.wait().await;
+    let started = Instant::now();
+
+    let mut values = std::collections::BTreeSet::new();
+    for t in tasks {
+        values.insert(t.await.unwrap().expect("every caller gets the value"));
+    }
+    let mut child_values = Vec::new();
+    let mut child_done = None;
+    while let Some(line) = out.next_line().await.unwrap() {
+        if let Some(v) = line.strip_prefix("value ") {
+            child_values.push(v.to_owned());
+        } else if let Some(n) = line.strip_prefix("done ") {
+            child_done = Some(n.parse::<usize>().unwrap());
+        }
+    }
+    assert!(
+        child.wait().await.unwrap().success(),
+        "the node process failed"
+    );
+    let elapsed = started.elapsed();
+
+    assert_eq!(
+        child_done,
+        Some(CALLERS),
+        "every caller of the process node got a value"
+    );
+    values.extend(child_values);
+    assert_eq!(
+        values.len(),
+        1,
+        "all 200 callers got the same value: {values:?}"
+    );
+    let loads: u64 = redis::cmd("GET")
+        .arg(&counter)
+        .query_async(&mut redis_conn().await)
+        .await
+        .unwrap();
+    assert_eq!(loads, 1, "the loader ran exactly once in the cluster");
+    eprintln!(
+        "stampede: 4 nodes x {CALLERS} callers served in {elapsed:?}, loader runs {loads}, value {values:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn update_from_four_nodes_gives_the_exact_total() {
+    support::init_tracing();
+    let ns = namespace();
+    let key = "counter";
+    const PER_NODE: u64 = 200;
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(node::<u64>(&ns).await);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for n in &nodes {
+        for _ in 0..PER_NODE {
+            let cache = n.cache.clone();
+            tasks.push(tokio::spawn(async move {
+                cache.update(key, |v| v.unwrap_or(0) + 1).await
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap().expect("update");
+    }
+    let elapsed = started.elapsed();
+    let raw: Vec<u8> = redis::cmd("GET")
+        .arg(format!("{ns}:v:{key}"))
+        .query_async(&mut redis_conn().await)
+        .await
+        .unwrap();
+    let total: u64 = mqlock_cache::decode(key, &raw).unwrap();
+    assert_eq!(total, 4 * PER_NODE, "no increment lost");
+    for n in &nodes {
+        assert_eq!(
+            n.cache.get(key).await.unwrap(),
+            Some(4 * PER_NODE),
+            "every node reads the final value"
+        );
+    }
+    eprintln!(
+        "update: {} increments in {elapsed:?} ({:?} each)",
+        4 * PER_NODE,
+        elapsed / (4 * PER_NODE as u32)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn invalidation_on_one_node_reaches_the_others_quickly() {
+    support::init_tracing();
+    let ns = namespace();
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(node::<String>(&ns).await);
+    }
+    nodes[0].cache.insert("k", "v1".into()).await.unwrap();
+    for n in &nodes {
+        assert_eq!(n.cache.get("k").await.unwrap().as_deref(), Some("v1"));
+        assert_eq!(
+            n.cache.near_get("k").await.as_deref(),
+            Some("v1"),
+            "near tier filled"
+        );
+    }
+    let mut worst = Duration::ZERO;
+    for round in 0..20 {
+        let value = format!("v{}", round + 2);
+        let writer = &nodes[round % 4];
+        let sent = Instant::now();
+        writer.cache.insert("k", value.clone()).await.unwrap();
+        for n in &nodes {
+            loop {
+                match n.cache.near_get("k").await {
+                    Some(v) if v == value => break,
+                    None => break,
+                    Some(_) => {
+                        assert!(
+                            sent.elapsed() < Duration::from_secs(1),
+                            "stale near copy after 1 s"
+                        );
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                }
+            }
+            assert_eq!(n.cache.get("k").await.unwrap(), Some(value.clone()));
+        }
+        worst = worst.max(sent.elapsed());
+        // Refill every near tier for the next round.
+        for n in &nodes {
+            n.cache.get("k").await.unwrap();
+        }
+    }
+    eprintln!("invalidation: worst insert→all nodes fresh {worst:?}");
+}
+
+/// The race moka alone loses: a near fill whose value was read before an invalidation and lands
+/// after it. Readers on nodes B–D hammer `get` while A writes; once the writes stop and the
+/// last invalidation has been delivered, no node may still hold an older value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loads_in_flight_during_invalidations_are_never_served() {
+    support::init_tracing();
+    let ns = namespace();
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        nodes.push(node::<u64>(&ns).await);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for n in &nodes[1..] {
+        for _ in 0..2 {
+            let (cache, stop) = (n.cache.clone(), stop.clone());
+            readers.push(tokio::spawn(async move {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    cache.get("k").await.unwrap();
+                    reads += 1;
+                    // Near hits never yield on their own; let the runtime breathe.
+                    tokio::task::yield_now().await;
+                }
+                reads
+            }));
+        }
+    }
+    const WRITES: u64 = 300;
+    for i in 1..=WRITES {
+        nodes[0].cache.insert("k", i).await.unwrap();
+    }
+    // The last invalidation was confirmed by the broker; give delivery a generous bound.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.unwrap();
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let near = n.cache.near_get("k").await;
+        assert!(
+            near.is_none() || near == Some(WRITES),
+            "node {i} serves stale {near:?}"
+        );
+        assert_eq!(n.cache.get("k").await.unwrap(), Some(WRITES));
+    }
+    eprintln!("race: {WRITES} writes against {reads} concurrent reads, no stale near entry");
+}
+
+async fn failing_flight(panic: bool) {
+    let ns = namespace();
+    let key = "flaky";
+    let a = node::<String>(&ns).await;
+    let b = node::<String>(&ns).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for n in [&a, &b] {
+        for _ in 0..10 {
+            let (cache, runs) = (n.cache.clone(), runs.clone());
+            tasks.push(tokio::spawn(async move {
+                cache
+                    .get_or_compute(key, move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        if panic {
+                            panic!("loader exploded");
+                        }
+                        Err::<String, _>(std::io::Error::other("backend said no"))
+                    })
+                    .await
+            }));
+        }
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            Err(Error::Loader { source, .. }) => {
+                assert!(!panic && source.to_string().contains("backend said no"))
+            }
+            Err(Error::LoaderPanicked { message, .. }) => {
+                assert!(panic && message.contains("loader exploded"))
+            }
+            Err(Error::LoadFailedElsewhere { message, .. }) => {
+                assert!(
+                    message.contains(if panic {
+                        "loader exploded"
+                    } else {
+                        "backend said no"
+                    }),
+                    "{message}"
+                )
+            }
+            other => panic!("expected the loader's failure, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "one loader for the whole wave"
+    );
+    // The lock is free (probed from a third connection) and nothing was cached.
+    let probe = LockClient::connect(&support::amqp_url(), ClientConfig::default())
+        .await
+        .unwrap();
+    let g = probe.try_lock(&lock_name(&ns, key)).await.unwrap();
+    assert!(g.is_some(), "the key's lock was released");
+    drop(g);
+    assert_eq!(
+        a.cache.get(key).await.unwrap(),
+        None,
+        "the failure was not cached"
+    );
+    // The next call retries.
+    let v = b
+        .cache
+        .get_or_compute(key, || async {
+            Ok::<_, std::io::Error>("recovered".to_string())
+        })
+        .await
+        .unwrap();
+    assert_eq!(v, "recovered");
+    assert_eq!(
+        a.cache.get(key).await.unwrap().as_deref(),
+        Some("recovered")
+    );
+    drop((a.bus, b.bus, a.locks, b.locks));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loader_error_reaches_all_waiters_and_is_not_cached() {
+    support::init_tracing();
+    failing_flight(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn loader_panic_reaches_all_waiters_and_releases_the_lock() {
+    support::init_tracing();
+    failing_flight(true).await;
+}
