@@ -34,7 +34,14 @@ impl Node {
             .arg("mount")
             .arg(backing)
             .arg(&mnt)
-            .args(["--url", &support::amqp_url(), "--lock-prefix", lock_prefix, "--heartbeat", "2s"])
+            .args([
+                "--url",
+                &support::amqp_url(),
+                "--lock-prefix",
+                lock_prefix,
+                "--heartbeat",
+                "2s",
+            ])
             .args(extra)
             .env("MQLOCK_LOG", "warn,fuser=error")
             .stdin(Stdio::null())
@@ -52,7 +59,10 @@ impl Node {
             if let Some(status) = node.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("mqlock mount exited before mounting: {status}");
             }
-            assert!(start.elapsed() < Duration::from_secs(15), "mount did not come up");
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "mount did not come up"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         node
@@ -91,7 +101,9 @@ impl Drop for Node {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let start = Instant::now();
-            while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(3) {
+            while child.try_wait().ok().flatten().is_none()
+                && start.elapsed() < Duration::from_secs(3)
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
@@ -106,5 +118,7 @@ impl Drop for Node {
 }
 
 pub fn errno_of<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
-    r.expect_err("expected an error").raw_os_error().expect("an OS error")
+    r.expect_err("expected an error")
+        .raw_os_error()
+        .expect("an OS error")
 }

@@ -1,9 +1,9 @@
 //! Two mounts of one backing directory, each served by its own `mqlock mount` process (two
 //! nodes), locking through the real RabbitMQ broker.
 
-mod support;
 #[path = "fuse_common.rs"]
 mod common;
+mod support;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -30,29 +30,55 @@ fn writer_blocks_the_other_node_until_close(extra: &[&str]) {
     let b_path = b.path("shared.txt");
     let opener = std::thread::spawn(move || {
         let t = Instant::now();
-        let mut f = OpenOptions::new().read(true).write(true).open(&b_path).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&b_path)
+            .unwrap();
         let waited = t.elapsed();
         let mut s = String::new();
         f.read_to_string(&mut s).unwrap();
         (waited, s)
     });
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!opener.is_finished(), "B's write-open must wait while A writes");
+    assert!(
+        !opener.is_finished(),
+        "B's write-open must wait while A writes"
+    );
 
     // Meanwhile B serves everything else: readers of the locked file and writers of others.
     let t = Instant::now();
-    assert_eq!(std::fs::read(b.path("shared.txt")).unwrap(), b"first half, ");
-    let mut o = OpenOptions::new().append(true).open(b.path("other.txt")).unwrap();
+    assert_eq!(
+        std::fs::read(b.path("shared.txt")).unwrap(),
+        b"first half, "
+    );
+    let mut o = OpenOptions::new()
+        .append(true)
+        .open(b.path("other.txt"))
+        .unwrap();
     o.write_all(b" and more").unwrap();
     drop(o);
-    assert!(t.elapsed() < Duration::from_millis(500), "B stalled: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "B stalled: {:?}",
+        t.elapsed()
+    );
 
     w.write_all(b"second half").unwrap();
     drop(w);
     let (waited, content) = opener.join().unwrap();
-    assert!(waited >= Duration::from_millis(500), "opened after {waited:?}");
-    assert_eq!(content, "first half, second half", "B must read A's full content");
-    assert_eq!(std::fs::read(a.path("other.txt")).unwrap(), b"other and more");
+    assert!(
+        waited >= Duration::from_millis(500),
+        "opened after {waited:?}"
+    );
+    assert_eq!(
+        content, "first half, second half",
+        "B must read A's full content"
+    );
+    assert_eq!(
+        std::fs::read(a.path("other.txt")).unwrap(),
+        b"other and more"
+    );
 }
 
 #[test]
@@ -82,7 +108,11 @@ fn concurrent_appenders_through_both_mounts_lose_no_record() {
                     let mut rec = format!("writer {w} record {i:04} ").into_bytes();
                     rec.resize(RECORD - 1, b'.');
                     rec.push(b'\n');
-                    let mut f = OpenOptions::new().append(true).create(true).open(&file).unwrap();
+                    let mut f = OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .open(&file)
+                        .unwrap();
                     f.write_all(&rec).unwrap();
                 }
             })
@@ -96,7 +126,10 @@ fn concurrent_appenders_through_both_mounts_lose_no_record() {
     let mut seen = std::collections::HashSet::new();
     for rec in data.chunks(RECORD) {
         let s = std::str::from_utf8(rec).unwrap();
-        assert!(s.starts_with("writer ") && s.ends_with(".\n"), "torn record {s:?}");
+        assert!(
+            s.starts_with("writer ") && s.ends_with(".\n"),
+            "torn record {s:?}"
+        );
         let key: String = s.split(' ').take(4).collect::<Vec<_>>().join(" ");
         assert!(seen.insert(key.clone()), "duplicate record {key}");
     }
@@ -109,7 +142,12 @@ fn killing_the_holding_daemon_frees_the_file_within_the_heartbeat_bound() {
     let mut held = File::create(a.path("f")).unwrap();
     held.write_all(b"from a").unwrap();
     assert_eq!(
-        errno_of(OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(b.path("f"))),
+        errno_of(
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(b.path("f"))
+        ),
         libc::EWOULDBLOCK
     );
     let b_path = b.path("f");
@@ -121,13 +159,20 @@ fn killing_the_holding_daemon_frees_the_file_within_the_heartbeat_bound() {
     std::thread::sleep(Duration::from_millis(200));
     let killed_at = Instant::now();
     a.stop(libc::SIGKILL);
-    let _ = std::process::Command::new("fusermount3").arg("-uz").arg(&a.mnt).status();
+    let _ = std::process::Command::new("fusermount3")
+        .arg("-uz")
+        .arg(&a.mnt)
+        .status();
     drop(held);
     let (r, _) = opener.join().unwrap();
     r.expect("B's write-open must succeed once A is dead");
     // Heartbeat 2 s: the broker drops a dead client within 2 heartbeats at worst; a killed
     // process closes its socket, so it is much faster in practice.
-    assert!(killed_at.elapsed() < Duration::from_secs(4), "took {:?}", killed_at.elapsed());
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        killed_at.elapsed()
+    );
     assert!(!is_mounted(&a.mnt));
 }
 
@@ -136,12 +181,28 @@ fn nonblocking_and_timed_out_opens_fail_with_documented_errnos() {
     let (_backing, a, b) = two_nodes(&["--lock-timeout", "700ms"]);
     let _held = File::create(a.path("f")).unwrap();
     let t = Instant::now();
-    let e = errno_of(OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(b.path("f")));
+    let e = errno_of(
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(b.path("f")),
+    );
     assert_eq!(e, libc::EWOULDBLOCK);
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     let t = Instant::now();
-    assert_eq!(errno_of(OpenOptions::new().write(true).open(b.path("f"))), libc::ETIMEDOUT);
-    assert!(t.elapsed() >= Duration::from_millis(700), "{:?}", t.elapsed());
+    assert_eq!(
+        errno_of(OpenOptions::new().write(true).open(b.path("f"))),
+        libc::ETIMEDOUT
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
     // O_TRUNC and O_CREAT opens are write-opens too.
     assert_eq!(errno_of(File::create(b.path("f"))), libc::ETIMEDOUT);
     // Readers are not blocked.
@@ -157,20 +218,34 @@ fn truncate_rename_and_unlink_wait_for_the_other_nodes_lock() {
     let truncate = |p: &std::path::Path, len: i64| {
         let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
         // SAFETY: valid C string.
-        if unsafe { libc::truncate(c.as_ptr(), len) } == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap() }
+        if unsafe { libc::truncate(c.as_ptr(), len) } == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap()
+        }
     };
     assert_eq!(truncate(&f, 2), libc::ETIMEDOUT);
     assert_eq!(errno_of(std::fs::rename(&f, b.path("g"))), libc::ETIMEDOUT);
     assert_eq!(errno_of(std::fs::remove_file(&f)), libc::ETIMEDOUT);
-    assert_eq!(std::fs::read(&f).unwrap(), b"0123456789", "nothing may have changed");
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        b"0123456789",
+        "nothing may have changed"
+    );
     // The destination of a rename is locked too.
     std::fs::write(b.path("src"), b"src").unwrap();
-    assert_eq!(errno_of(std::fs::rename(b.path("src"), &f)), libc::ETIMEDOUT);
+    assert_eq!(
+        errno_of(std::fs::rename(b.path("src"), &f)),
+        libc::ETIMEDOUT
+    );
     drop(held);
     // Once A has closed, the same operations go through on B.
     let start = Instant::now();
     while truncate(&f, 2) != 0 {
-        assert!(start.elapsed() < Duration::from_secs(3), "truncate still refused");
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "truncate still refused"
+        );
     }
     assert_eq!(std::fs::read(&f).unwrap(), b"01");
     std::fs::rename(&f, b.path("g")).unwrap();
@@ -190,15 +265,26 @@ fn sigterm_sigint_and_outside_unmount_stop_the_daemon_cleanly() {
         assert!(!is_mounted(&n.mnt));
     }
     let mut n = Node::start(backing.path(), &prefix, &[]);
-    let out = std::process::Command::new("fusermount3").arg("-u").arg(&n.mnt).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(&n.mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut child = n.child.take().unwrap();
     let start = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "daemon still running after fusermount3 -u");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "daemon still running after fusermount3 -u"
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success());
@@ -219,12 +305,21 @@ fn bad_paths_are_refused_with_a_clear_error() {
     };
     let out = run(&backing.path().join("missing"), backing.path());
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("backing directory"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("backing directory"),
+        "{out:?}"
+    );
     let out = run(backing.path(), &backing.path().join("missing"));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("mountpoint"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mountpoint"),
+        "{out:?}"
+    );
     let n = Node::start(backing.path(), &support::unique("fuse"), &[]);
     let out = run(backing.path(), &n.mnt);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("busy"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("busy"),
+        "{out:?}"
+    );
 }

@@ -206,6 +206,21 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Every inode the kernel knows costs an `O_PATH` fd: lift the soft fd limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer / in pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Checks, before anything is started, that `backing` is a directory and `mountpoint` an
 /// existing directory with nothing mounted on it.
 pub fn preflight(backing: &Path, mountpoint: &Path) -> Result<(), Error> {
@@ -304,6 +319,7 @@ pub fn mount(
     opts: MountOptions,
 ) -> Result<Mounted, Error> {
     let runtime = tokio::runtime::Handle::current();
+    raise_fd_limit();
     let canonical = check_mountpoint(mountpoint)?;
     let mut config = Config::default();
     config.mount_options = vec![
