@@ -49,6 +49,9 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// `GET value` and `HMGET failures n msg`, pipelined.
+type ProbeReply = (Option<Vec<u8>>, (Option<u64>, Option<String>));
+
 /// A value key's content and its failure record, read in one round trip.
 pub(crate) struct Probe {
     pub(crate) value: Option<Vec<u8>>,
@@ -127,17 +130,16 @@ impl RedisStore {
 
     pub(crate) async fn probe(&self, value_key: &str, failure_key: &str) -> Result<Probe> {
         let mut conn = self.conn.clone();
-        let (value, (failures, last_failure)): (Option<Vec<u8>>, (Option<u64>, Option<String>)) =
-            redis::pipe()
-                .cmd("GET")
-                .arg(value_key)
-                .cmd("HMGET")
-                .arg(failure_key)
-                .arg("n")
-                .arg("msg")
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.err(e))?;
+        let (value, (failures, last_failure)): ProbeReply = redis::pipe()
+            .cmd("GET")
+            .arg(value_key)
+            .cmd("HMGET")
+            .arg(failure_key)
+            .arg("n")
+            .arg("msg")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(Probe {
             value,
             failures: failures.unwrap_or(0),
