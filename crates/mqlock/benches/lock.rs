@@ -1,0 +1,291 @@
+//! `cargo bench -p mqlock`: mqlock against its baselines, in one run, on loopback.
+//!
+//! Prints p50/p99 of: the raw AMQP publish→deliver hop; a Redis `SET NX PX` + scripted-delete
+//! lock cycle; a PostgreSQL advisory lock+unlock cycle; mqlock's uncontended lock+release cycle;
+//! and its contended hand-off (release → next holder granted) with 2, 8 and 32 waiters, with
+//! ratios against the baselines and the count of FIFO violations.
+//!
+//! Needs the services of `scripts/services.sh up`. `MQLOCK_BENCH_ITERS` scales the run.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use mqlock::{ClientConfig, LockClient};
+
+fn env(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.into())
+}
+
+#[derive(Clone, Copy)]
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    n: usize,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    Stats {
+        p50: at(0.5),
+        p99: at(0.99),
+        n: v.len(),
+    }
+}
+
+fn row(name: &str, s: Stats) {
+    println!(
+        "| {name:<44} | {:>9.1} | {:>9.1} | {:>6} |",
+        s.p50.as_secs_f64() * 1e6,
+        s.p99.as_secs_f64() * 1e6,
+        s.n
+    );
+}
+
+async fn amqp_hop(url: &str, iters: usize) -> Stats {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let pubc = conn.create_channel().await.unwrap();
+    let subc = conn.create_channel().await.unwrap();
+    let q = pubc
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = subc
+        .basic_consume(
+            q.name().clone(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        pubc.basic_publish(
+            "".into(),
+            q.name().clone(),
+            BasicPublishOptions::default(),
+            b"x",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+        let d = consumer.next().await.unwrap().unwrap();
+        v.push(t.elapsed());
+        d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    stats(v)
+}
+
+async fn redis_cycle(url: &str, iters: usize) -> Stats {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let unlock = redis::Script::new(
+        r#"if redis.call("get",KEYS[1]) == ARGV[1] then return redis.call("del",KEYS[1]) else return 0 end"#,
+    );
+    let mut v = Vec::with_capacity(iters);
+    for i in 0..iters {
+        let t = Instant::now();
+        let token = i.to_string();
+        let ok: Option<String> = redis::cmd("SET")
+            .arg("mqlock-bench")
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(30000)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert!(ok.is_some());
+        let _: i32 = unlock
+            .key("mqlock-bench")
+            .arg(&token)
+            .invoke_async(&mut con)
+            .await
+            .unwrap();
+        v.push(t.elapsed());
+    }
+    stats(v)
+}
+
+async fn pg_cycle(url: &str, iters: usize) -> Stats {
+    use sqlx::Connection as _;
+    let mut con = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        sqlx::query("SELECT pg_advisory_lock(4242)")
+            .execute(&mut con)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut con)
+            .await
+            .unwrap();
+        v.push(t.elapsed());
+    }
+    stats(v)
+}
+
+async fn mqlock_uncontended(url: &str, iters: usize) -> Stats {
+    let c = LockClient::connect(url, ClientConfig::default())
+        .await
+        .unwrap();
+    let name = format!("bench-uncontended-{}", std::process::id());
+    let mut v = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let g = c.lock(&name).await.unwrap();
+        g.release().await.unwrap();
+        v.push(t.elapsed());
+    }
+    stats(v)
+}
+
+/// `waiters` clients contend in a loop; the hand-off time is from the moment a holder starts
+/// its release to the moment the next holder has its guard.
+async fn mqlock_handoff(url: &str, waiters: usize, grants: usize) -> (Stats, usize) {
+    let name = format!("bench-handoff-{waiters}-{}", std::process::id());
+    let clients: Vec<LockClient> = futures_util::future::join_all(
+        (0..waiters).map(|_| LockClient::connect(url, ClientConfig::default())),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    struct Shared {
+        released_at: Option<Instant>,
+        handoffs: Vec<Duration>,
+        waiting_since: Vec<Option<Instant>>,
+        fifo_violations: usize,
+        grants: usize,
+    }
+    let shared = Arc::new(Mutex::new(Shared {
+        released_at: None,
+        handoffs: Vec::new(),
+        waiting_since: vec![None; waiters],
+        fifo_violations: 0,
+        grants: 0,
+    }));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(id, c)| {
+            let (shared, name) = (shared.clone(), name.clone());
+            tokio::spawn(async move {
+                loop {
+                    let asked = Instant::now();
+                    shared.lock().unwrap().waiting_since[id] = Some(asked);
+                    let g = c.lock(&name).await.unwrap();
+                    let granted = Instant::now();
+                    {
+                        let mut s = shared.lock().unwrap();
+                        s.waiting_since[id] = None;
+                        if let Some(r) = s.released_at.take() {
+                            s.handoffs.push(granted - r);
+                        }
+                        // Someone who started waiting well before us (5 ms of slack for the
+                        // registration to reach the broker) should have been served first.
+                        if s.waiting_since
+                            .iter()
+                            .flatten()
+                            .any(|w| *w + Duration::from_millis(5) < asked)
+                        {
+                            s.fifo_violations += 1;
+                        }
+                        s.grants += 1;
+                        if s.grants >= grants {
+                            return;
+                        }
+                        s.released_at = Some(Instant::now());
+                    }
+                    g.release().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    // The first task to reach the quota returns holding its guard (dropped = released); the
+    // others are still waiting and are simply aborted.
+    loop {
+        if shared.lock().unwrap().grants >= grants {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let s = shared.lock().unwrap();
+    (stats(s.handoffs.clone()), s.fifo_violations)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let amqp = env("MQLOCK_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    let redis_url = env("REDIS_URL", "redis://127.0.0.1:6379/");
+    let pg = env(
+        "DATABASE_URL",
+        "postgres://mqlock:mqlock@127.0.0.1:5432/mqlock",
+    );
+    let iters: usize = env("MQLOCK_BENCH_ITERS", "2000").parse().unwrap();
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` probes
+    }
+    println!("mqlock bench: {iters} iterations per baseline, loopback");
+    println!(
+        "| {:<44} | {:>9} | {:>9} | {:>6} |",
+        "measurement", "p50 µs", "p99 µs", "n"
+    );
+    println!("|{:-<46}|{:-<11}|{:-<11}|{:-<8}|", "", "", "", "");
+    let hop = amqp_hop(&amqp, iters).await;
+    row("raw AMQP publish→deliver hop", hop);
+    let redis = redis_cycle(&redis_url, iters).await;
+    row("Redis SET NX PX + scripted DEL cycle", redis);
+    let pgs = pg_cycle(&pg, iters).await;
+    row("PostgreSQL advisory lock+unlock cycle", pgs);
+    let unc = mqlock_uncontended(&amqp, iters / 2).await;
+    row("mqlock uncontended lock+release cycle", unc);
+    let mut handoffs = Vec::new();
+    for w in [2, 8, 32] {
+        let (s, fifo) = mqlock_handoff(&amqp, w, iters / 2).await;
+        row(
+            &format!("mqlock hand-off, {w} waiters ({fifo} FIFO violations)"),
+            s,
+        );
+        handoffs.push((w, s, fifo));
+    }
+    let r = |a: Stats, b: Stats| a.p50.as_secs_f64() / b.p50.as_secs_f64();
+    println!();
+    println!(
+        "uncontended cycle p50 / Redis lock cycle p50 = {:.2}x (target <= 2x)",
+        r(unc, redis)
+    );
+    println!(
+        "uncontended cycle p50 / PostgreSQL advisory cycle p50 = {:.2}x",
+        r(unc, pgs)
+    );
+    for (w, s, fifo) in handoffs {
+        println!(
+            "hand-off p50 with {w} waiters / raw AMQP hop p50 = {:.2}x (target <= 2x); FIFO violations: {fifo}",
+            r(s, hop)
+        );
+    }
+}
