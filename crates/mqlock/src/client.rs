@@ -465,6 +465,8 @@ impl LockClient {
         let handle = Holder {
             name: name.clone(),
             lock_queue: names.lock.clone(),
+            fence_queue: names.fence.clone(),
+            fence_args: fence_queue_args(config),
             tag,
             channel,
             consumer,

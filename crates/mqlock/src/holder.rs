@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -20,6 +21,10 @@ use crate::protocol::{loss_reason, wake_properties};
 pub(crate) struct Holder {
     pub(crate) name: Arc<str>,
     pub(crate) lock_queue: String,
+    /// The fence register and its arguments: renewal declares it again so that its idle
+    /// expiry never runs out under a long hold.
+    pub(crate) fence_queue: String,
+    pub(crate) fence_args: FieldTable,
     pub(crate) tag: String,
     pub(crate) channel: Channel,
     pub(crate) consumer: Consumer,
@@ -82,6 +87,8 @@ impl Holder {
         let Holder {
             name,
             lock_queue,
+            fence_queue,
+            fence_args,
             tag,
             channel,
             mut consumer,
@@ -147,6 +154,14 @@ impl Holder {
                     match published {
                         Ok(_) => renew_id = Some(id),
                         Err(e) => break loss_reason(&e),
+                    }
+                    let touched = channel.queue_declare(
+                        fence_queue.as_str().into(),
+                        QueueDeclareOptions { durable: true, nowait: true, ..Default::default() },
+                        fence_args.clone(),
+                    ).await;
+                    if let Err(e) = touched {
+                        break loss_reason(&e);
                     }
                 }
             }
