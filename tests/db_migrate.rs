@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use mqlock::{ClientConfig, LockClient, Locker};
+use mqlock::{ClientConfig, LockClient};
 use sqlx::{PgPool, SqlitePool};
 
 async fn fresh_pg() -> String {
