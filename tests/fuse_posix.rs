@@ -1,7 +1,7 @@
 //! POSIX behaviour of the passthrough, through a real `mqlock mount` on the real broker:
 //! what a program sees on the mount must match what it would see on the backing directory.
 
-#[path = "fuse_common.rs"]
+#[path = "fuse_common/mod.rs"]
 mod common;
 mod support;
 

@@ -1,7 +1,7 @@
 //! Two mounts of one backing directory, each served by its own `mqlock mount` process (two
 //! nodes), locking through the real RabbitMQ broker.
 
-#[path = "fuse_common.rs"]
+#[path = "fuse_common/mod.rs"]
 mod common;
 mod support;
 

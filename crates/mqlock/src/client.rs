@@ -280,7 +280,28 @@ impl LockClient {
                 }
                 Err(e) => return Err(e),
             };
-            match self.attempt(&conn, name, &names, wait, started).await {
+            // Every step of an attempt (channel, declare, fence write, reconnects) counts
+            // against the caller's deadline, not only the wait for the first delivery.
+            let attempt = self.attempt(&conn, name, &names, wait, started);
+            let outcome = match wait {
+                Wait::Until(deadline) => tokio::time::timeout_at(deadline.into(), attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Retry::Fail(Error::Timeout {
+                            name: name.into(),
+                            addr: conn.addr.clone(),
+                            waited: started.elapsed(),
+                        }))
+                    }),
+                Wait::Try => tokio::time::timeout_at(
+                    (started + 2 * self.inner.config.try_window).into(),
+                    attempt,
+                )
+                .await
+                .unwrap_or(Ok(None)),
+                Wait::Forever => attempt.await,
+            };
+            match outcome {
                 Ok(Some(guard)) => {
                     metrics.granted(started.elapsed());
                     return Ok(Some(guard));
