@@ -19,15 +19,18 @@ use mqlock_db::{MigrationGuard, TxGuard};
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let amqp = std::env::var("MQLOCK_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let db_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://mqlock:mqlock@127.0.0.1:5432/mqlock".into());
-    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "migrations".into()));
+    let dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "migrations".into()),
+    );
 
     let locker = LockClient::connect(&amqp, ClientConfig::default()).await?;
 

@@ -45,7 +45,11 @@ async fn try_lock_sees_a_held_lock_and_timeout_expires() {
         .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     assert!(t0.elapsed() >= Duration::from_millis(300));
-    assert!(t0.elapsed() < Duration::from_secs(2), "overran its timeout: {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "overran its timeout: {:?}",
+        t0.elapsed()
+    );
     assert!(err.to_string().contains(&name) && err.to_string().contains("127.0.0.1:5672"));
     let status = b.status(&name).await.unwrap();
     assert!(status.is_held(), "{status:?}");

@@ -292,7 +292,10 @@ mod tests {
         assert!(signal.reason().is_none());
         // A frozen process: no task ran while the deadline passed.
         std::thread::sleep(Duration::from_millis(40));
-        assert!(matches!(signal.reason(), Some(LossReason::LeaseExpired { .. })));
+        assert!(matches!(
+            signal.reason(),
+            Some(LossReason::LeaseExpired { .. })
+        ));
         // Extending never revives a deadline into the past, and the first fired reason wins.
         lease.extend_to(Instant::now() - Duration::from_secs(1));
         assert!(signal.reason().is_some());
@@ -305,7 +308,9 @@ mod tests {
     async fn lost_resolves_when_the_lease_runs_out() {
         let lease = Arc::new(Lease::new(Duration::from_millis(20)));
         let signal = LossSignal::new(Some(lease));
-        let r = tokio::time::timeout(Duration::from_secs(2), signal.lost()).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), signal.lost())
+            .await
+            .unwrap();
         assert!(matches!(r, LossReason::LeaseExpired { .. }));
     }
 }
