@@ -280,7 +280,8 @@ async fn thousands_of_dropped_acquisitions_leave_nothing_behind() {
         client(&url, ClientConfig::default()).await,
     ];
     let mut tasks = Vec::new();
-    for c in clients.iter().cloned() {
+    for c in &clients {
+        let c = c.clone();
         let name = name.clone();
         tasks.push(tokio::spawn(async move {
             let mut granted = 0;
