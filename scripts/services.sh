@@ -64,6 +64,11 @@ rabbit_env() { # NODE PORT
   export RABBITMQ_ADVANCED_CONFIG_FILE=/etc/rabbitmq/mqlock-$2-advanced.config
   export ERL_EPMD_ADDRESS=127.0.0.1
   export HOME=/var/lib/rabbitmq
+  # Our own data directory: these are scratch brokers for development and tests, and a node
+  # started by this script starts empty. A broker that had to recover thousands of leftover
+  # durable queues from earlier runs took minutes to boot.
+  export RABBITMQ_MNESIA_BASE=/var/lib/rabbitmq/mqlock-mnesia
+  export RABBITMQ_PID_FILE=$RABBITMQ_MNESIA_BASE/$1.pid
 }
 rabbit_ping() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" await_startup --timeout 5 >/dev/null 2>&1 && port_open "$2"; }
 rabbit_up() { # NODE PORT [ADVANCED-ERLANG-TERMS]
@@ -79,12 +84,45 @@ log.file.level = warning
 CONF
   echo "[{rabbit, [${advanced}]}]." >"/etc/rabbitmq/mqlock-$port-advanced.config"
   if rabbit_ping "$node" "$port"; then say "rabbitmq $node already up on 127.0.0.1:$port"; return 0; fi
-  say "starting rabbitmq $node on 127.0.0.1:$port"
+  # A node that exists but does not answer (still recovering old state, or wedged) would
+  # make the new one fail with "node name already in use": stop it first.
+  rabbit_kill "$node"
+  say "starting rabbitmq $node on 127.0.0.1:$port (fresh state in $RABBITMQ_MNESIA_BASE/$node)"
+  rm -rf "${RABBITMQ_MNESIA_BASE:?}/$node" "$RABBITMQ_MNESIA_BASE/$node"-*
+  mkdir -p "$RABBITMQ_MNESIA_BASE"
   chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq 2>/dev/null || true
+  # Every lock is a queue, and RabbitMQ wants a file handle per queue; the default of 1024
+  # leaves it warning and throttling.
+  ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   # The Debian wrapper drops to the rabbitmq user by itself.
   rabbitmq-server -detached >"$RUN_DIR/rabbitmq-$port.start.log" 2>&1 || { cat "$RUN_DIR/rabbitmq-$port.start.log" >&2; fail "rabbitmq-server $node did not start"; }
-  wait_for "rabbitmq $node" 120 rabbit_ping "$node" "$port"
-  say "rabbitmq $node up: amqp://guest:guest@127.0.0.1:$port/%2f"
+  local start=$SECONDS
+  until rabbit_ping "$node" "$port"; do
+    if [ $((SECONDS - start)) -ge 300 ]; then
+      say "last lines of /var/log/rabbitmq/$node.log:"
+      grep -v -e 'Mnesia is overloaded' -e '^[0-9:. +-]*\[warning\] <[0-9.]*> *$' "/var/log/rabbitmq/$node.log" 2>/dev/null | tail -n 30 >&2
+      fail "rabbitmq $node did not answer on 127.0.0.1:$port within 300s"
+    fi
+    [ $(( (SECONDS - start) % 30 )) -eq 29 ] && say "still waiting for rabbitmq $node ($((SECONDS - start))s)"
+    sleep 1
+  done
+  say "rabbitmq $node up after $((SECONDS - start))s: amqp://guest:guest@127.0.0.1:$port/%2f"
+}
+# rabbit_kill NODE: stop a node that does not answer, wherever it keeps its pid file (the
+# Debian default location is checked too, for nodes started by an older version of this script).
+rabbit_kill() {
+  local node=$1 f pid
+  for f in "$RABBITMQ_MNESIA_BASE/$node.pid" "/var/lib/rabbitmq/mnesia/$node.pid"; do
+    [ -s "$f" ] || continue
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+      say "stopping unresponsive rabbitmq $node (pid $pid)"
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+  done
 }
 rabbit_down() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" stop 2>/dev/null || true; }
 MAIN_NODE=(rabbit@localhost "${MQLOCK_AMQP_PORT:-5672}")
