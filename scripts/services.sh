@@ -8,6 +8,7 @@
 # Idempotent: running `up` twice is harmless. Choose services with MQLOCK_SERVICES
 # (default "rabbitmq rabbitmq-faults redis postgres fuse"). Endpoints the tests use by default:
 #   MQLOCK_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
+#   amqps://guest:guest@127.0.0.1:5671/%2f  (same broker over TLS; CA: /var/tmp/mqlock-services/tls/ca.pem)
 #   MQLOCK_FAULTS_AMQP_URL=amqp://guest:guest@127.0.0.1:5673/%2f   (a broker tests may restart)
 #   REDIS_URL=redis://127.0.0.1:6379/
 #   DATABASE_URL=postgres://mqlock:mqlock@127.0.0.1:5432/mqlock
@@ -70,9 +71,39 @@ rabbit_env() { # NODE PORT
   export RABBITMQ_MNESIA_BASE=/var/lib/rabbitmq/mqlock-mnesia
   export RABBITMQ_PID_FILE=$RABBITMQ_MNESIA_BASE/$1.pid
 }
+# A self-signed CA and a server certificate for localhost / 127.0.0.1 (and a client certificate
+# signed by the same CA), made once in $TLS_DIR. The broker reads the key as user rabbitmq.
+TLS_DIR=$RUN_DIR/tls
+tls_files() {
+  [ -s "$TLS_DIR/ca.pem" ] && [ -s "$TLS_DIR/server.pem" ] && [ -s "$TLS_DIR/server.key" ] \
+    && [ -s "$TLS_DIR/client.pem" ] && [ -s "$TLS_DIR/client.key" ] && return 0
+  command -v openssl >/dev/null || apt_install openssl
+  say "creating a test CA and certificates in $TLS_DIR"
+  local tmp; tmp=$(mktemp -d "$RUN_DIR/tls.XXXXXX")
+  (
+    cd "$tmp"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=mqlock test CA" \
+      -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=mqlock-client" -keyout client.key -out client.csr
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile client.ext -out client.pem
+    rm -f ./*.csr ./*.ext ./*.srl
+  ) >"$RUN_DIR/tls.log" 2>&1 || { cat "$RUN_DIR/tls.log" >&2; rm -rf "$tmp"; fail "openssl"; }
+  rm -rf "$TLS_DIR"; mv "$tmp" "$TLS_DIR"
+  chmod 755 "$TLS_DIR"; chmod 644 "$TLS_DIR"/*.pem; chmod 640 "$TLS_DIR"/*.key
+  # The CA key stays root-only; the broker (user rabbitmq) reads the server key, tests the client key.
+  chmod 600 "$TLS_DIR/ca.key"
+  chgrp rabbitmq "$TLS_DIR/server.key" 2>/dev/null || chmod 644 "$TLS_DIR/server.key"
+  chmod 644 "$TLS_DIR/client.key"
+}
 rabbit_ping() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" await_startup --timeout 5 >/dev/null 2>&1 && port_open "$2"; }
-rabbit_up() { # NODE PORT [ADVANCED-ERLANG-TERMS]
-  local node=$1 port=$2 advanced=${3:-}
+rabbit_up() { # NODE PORT [ADVANCED-ERLANG-TERMS] [TLS-PORT]
+  local node=$1 port=$2 advanced=${3:-} tls_port=${4:-}
   apt_install rabbitmq-server
   rabbit_env "$node" "$port"
   mkdir -p /etc/rabbitmq
@@ -82,8 +113,27 @@ loopback_users.guest = true
 log.console = false
 log.file.level = warning
 CONF
+  if [ -n "$tls_port" ]; then
+    tls_files
+    # verify_peer without fail_if_no_peer_cert: a client certificate is checked when one is
+    # presented (it must be signed by the CA), and clients without one are let in.
+    cat >>"/etc/rabbitmq/mqlock-$port.conf" <<CONF
+listeners.ssl.default = 127.0.0.1:${tls_port}
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+CONF
+  fi
   echo "[{rabbit, [${advanced}]}]." >"/etc/rabbitmq/mqlock-$port-advanced.config"
-  if rabbit_ping "$node" "$port"; then say "rabbitmq $node already up on 127.0.0.1:$port"; return 0; fi
+  if rabbit_ping "$node" "$port"; then
+    say "rabbitmq $node already up on 127.0.0.1:$port"
+    if [ -n "$tls_port" ] && ! port_open "$tls_port"; then
+      say "note: $node was started before its TLS listener was configured; 'MQLOCK_SERVICES=rabbitmq $0 down' then 'up' adds amqps on 127.0.0.1:$tls_port"
+    fi
+    return 0
+  fi
   # A node that exists but does not answer (still recovering old state, or wedged) would
   # make the new one fail with "node name already in use": stop it first.
   rabbit_kill "$node"
@@ -126,6 +176,7 @@ rabbit_kill() {
 }
 rabbit_down() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" stop 2>/dev/null || true; }
 MAIN_NODE=(rabbit@localhost "${MQLOCK_AMQP_PORT:-5672}")
+MAIN_TLS_PORT=${MQLOCK_AMQPS_PORT:-5671}
 FAULTS_NODE=(mqlock-faults@localhost "${MQLOCK_FAULTS_AMQP_PORT:-5673}")
 FAULTS_ADVANCED='{consumer_timeout, 3000}, {channel_tick_interval, 1000}'
 
@@ -194,7 +245,7 @@ case $cmd in
     need_root "$@"
     for s in $SERVICES; do
       case $s in
-        rabbitmq) rabbit_up "${MAIN_NODE[@]}" ;;
+        rabbitmq) rabbit_up "${MAIN_NODE[@]}" "" "$MAIN_TLS_PORT" ;;
         rabbitmq-faults) rabbit_up "${FAULTS_NODE[@]}" "$FAULTS_ADVANCED" ;;
         redis) redis_up ;; postgres) pg_up ;; fuse) fuse_up ;;
         *) fail "unknown service '$s' (known: rabbitmq rabbitmq-faults redis postgres fuse)" ;;

@@ -1,5 +1,7 @@
 //! Client configuration.
 
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -50,11 +52,76 @@ pub struct ClientConfig {
     pub nudge_interval: Duration,
     /// How long `try_lock` waits for the broker to hand over a lock it found free (default 1 s).
     pub try_window: Duration,
-    /// `x-delivery-limit` for quorum lock queues. RabbitMQ 4.x drops a message after 20
-    /// deliveries by default; set `Some(-1)` there. Leave `None` on 3.x (no default limit).
+    /// `x-delivery-limit` for quorum lock queues.
+    ///
+    /// `None` (the default) chooses by the broker's version: RabbitMQ 4.x drops a message after
+    /// 20 deliveries by default, and every release requeues the token, so the client sends `-1`
+    /// (no limit) to a 4.x broker; a 3.x broker has no default limit and must not get `-1`, so
+    /// nothing is sent there (nor when the version could not be read). `Some(n)` sends `n`
+    /// whatever the version. Every client of one lock must end up sending the same value.
     pub quorum_delivery_limit: Option<i64>,
     /// Name shown for this client's connection in the broker's management tools.
     pub connection_name: Option<String>,
+    /// Certificates for `amqps://` URLs (used only with the `rustls` feature).
+    pub tls: TlsConfig,
+    /// What the client learnt about the broker of its current connection. The client fills
+    /// it in when it connects; leave the default.
+    pub broker: BrokerInfo,
+}
+
+/// Certificates for `amqps://` broker URLs.
+///
+/// The broker's certificate is checked against the system's trust store plus `ca_cert`, and
+/// its name against the URL's host (use the name or IP address the certificate was issued
+/// for). Needs mqlock's `rustls` cargo feature; without it an `amqps://` URL is refused with
+/// [`Error::Config`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificate(s) that signed the broker's certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file with a client certificate (and its chain), for brokers that require one
+    /// (`ssl_options.verify = verify_peer`, `fail_if_no_peer_cert = true`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM file with the client certificate's private key (PKCS#8, PKCS#1 or SEC1, not
+    /// encrypted). Required with `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+/// What the client learnt about the broker it is connected to (filled in on every connection).
+///
+/// The version is read from the broker's `connection.start` properties when the client needs
+/// it: for quorum lock queues with an automatic delivery limit (see
+/// [`ClientConfig::quorum_delivery_limit`]). Cloning copies the current value.
+#[derive(Debug, Default)]
+pub struct BrokerInfo {
+    version: Mutex<Option<String>>,
+}
+
+impl Clone for BrokerInfo {
+    fn clone(&self) -> Self {
+        BrokerInfo {
+            version: Mutex::new(self.version()),
+        }
+    }
+}
+
+impl BrokerInfo {
+    /// The broker's version (e.g. `"4.0.5"`), if it was read on the current connection.
+    pub fn version(&self) -> Option<String> {
+        self.version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The broker's major version (3, 4...), if known.
+    pub fn major(&self) -> Option<u32> {
+        self.version()?.split('.').next()?.trim().parse().ok()
+    }
+
+    pub(crate) fn set_version(&self, version: Option<String>) {
+        *self.version.lock().unwrap_or_else(|p| p.into_inner()) = version;
+    }
 }
 
 impl Default for ClientConfig {
@@ -69,6 +136,8 @@ impl Default for ClientConfig {
             try_window: Duration::from_secs(1),
             quorum_delivery_limit: None,
             connection_name: None,
+            tls: TlsConfig::default(),
+            broker: BrokerInfo::default(),
         }
     }
 }
@@ -97,12 +166,32 @@ impl ClientConfig {
                 self.renew_interval
             )));
         }
+        if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
+            return Err(Error::Config(
+                "a TLS client certificate needs its key, and a key needs its certificate".into(),
+            ));
+        }
         if self.nudge_interval < Duration::from_millis(100) {
             return Err(Error::Config(
                 "nudge_interval must be at least 100 ms".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The `x-delivery-limit` to declare quorum lock queues with, if any (see
+    /// [`ClientConfig::quorum_delivery_limit`]).
+    pub(crate) fn effective_delivery_limit(&self) -> Option<i64> {
+        match self.quorum_delivery_limit {
+            Some(n) => Some(n),
+            None if self.broker.major().is_some_and(|m| m >= 4) => Some(-1),
+            None => None,
+        }
+    }
+
+    /// Whether connecting must read the broker's version.
+    pub(crate) fn needs_broker_version(&self) -> bool {
+        self.queue_type == QueueType::Quorum && self.quorum_delivery_limit.is_none()
     }
 
     /// The heartbeat in whole seconds, as AMQP negotiates it.

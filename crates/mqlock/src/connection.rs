@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use lapin::options::BasicQosOptions;
-use lapin::uri::AMQPUri;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::AMQPValue;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, Event};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::ClientConfig;
 use crate::error::Error;
@@ -50,6 +52,12 @@ pub(crate) fn parse_urls(urls: &str, config: &ClientConfig) -> Result<Vec<AMQPUr
             return Err(Error::InvalidUrl {
                 reason: format!("URL #{}: no host", i + 1),
             });
+        }
+        if uri.scheme == AMQPScheme::AMQPS && !cfg!(feature = "rustls") {
+            return Err(Error::Config(format!(
+                "URL #{} is amqps:// but this build of mqlock has no TLS support (enable the \"rustls\" cargo feature)",
+                i + 1
+            )));
         }
         uri.query.heartbeat = Some(config.heartbeat_secs());
         uri.query.connection_timeout.get_or_insert(5_000);
@@ -119,22 +127,47 @@ impl Conn {
             .clone()
             .unwrap_or_else(|| format!("mqlock pid {}", std::process::id()));
         let props = ConnectionProperties::default().with_connection_name(name.into());
-        let connect = Connection::connect_uri(uri.clone(), props);
+        let tls = tls_config(uri, config)?;
+        let runtime = lapin::runtime::default_runtime().map_err(|e| Error::Unreachable {
+            addr: addr.into(),
+            detail: format!("no async runtime: {e}"),
+        })?;
+        let connect = Connection::connect_uri_with_config(uri.clone(), props, tls.clone(), runtime);
         // The URL's connection_timeout bounds the TCP connect; this bounds the AMQP handshake too.
-        let connection = match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        let connect = tokio::time::timeout(Duration::from_secs(15), connect);
+        // The broker's version decides queue arguments (config.rs); lapin does not expose the
+        // server properties, so they are read on a short-lived socket of our own, in parallel.
+        let (connected, version) = if config.needs_broker_version() {
+            let (c, v) = futures_util::future::join(connect, read_broker_version(uri, &tls)).await;
+            (c, Some(v))
+        } else {
+            (connect.await, None)
+        };
+        let connection = match connected {
             Err(_) => {
                 return Err(Error::Unreachable {
                     addr: addr.into(),
                     detail: "no answer to the AMQP handshake within 15 s".into(),
                 });
             }
-            Ok(Err(e)) => return Err(connect_error(&e, addr, &uri.authority.userinfo.username)),
+            Ok(Err(e)) => return Err(connect_error(&e, uri, addr)),
             Ok(Ok(c)) => c,
         };
+        match version {
+            Some(Ok(v)) => {
+                info!(%addr, version = %v, "broker version");
+                config.broker.set_version(Some(v));
+            }
+            Some(Err(e)) => {
+                warn!(%addr, error = %e, "could not read the broker's version; quorum lock queues get no x-delivery-limit");
+                config.broker.set_version(None);
+            }
+            None => config.broker.set_version(None),
+        }
         let probe = connection
             .create_channel()
             .await
-            .map_err(|e| connect_error(&e, addr, &uri.authority.userinfo.username))?;
+            .map_err(|e| connect_error(&e, uri, addr))?;
 
         let negotiated = connection.configuration().heartbeat();
         let heartbeat = if negotiated == 0 {
@@ -260,7 +293,114 @@ async fn sleep_past(lease: &Lease) {
     }
 }
 
-fn connect_error(e: &lapin::Error, addr: &str, user: &str) -> Error {
+/// The TLS settings of one connection: the CA and client certificate files of the
+/// configuration, read at every connection (so renewed files are picked up on reconnect).
+fn tls_config(uri: &AMQPUri, config: &ClientConfig) -> Result<OwnedTLSConfig, Error> {
+    let mut tls = OwnedTLSConfig::default();
+    if uri.scheme != AMQPScheme::AMQPS {
+        return Ok(tls);
+    }
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Config(format!("cannot read the {what} {}: {e}", path.display())))
+    };
+    if let Some(path) = &config.tls.ca_cert {
+        let pem = read("CA certificate", path)?;
+        let pem = String::from_utf8(pem).map_err(|_| {
+            Error::Config(format!(
+                "the CA certificate {} is not a PEM file",
+                path.display()
+            ))
+        })?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(Error::Config(format!(
+                "the CA certificate {} holds no PEM certificate",
+                path.display()
+            )));
+        }
+        tls.cert_chain = Some(pem);
+    }
+    if let (Some(cert), Some(key)) = (&config.tls.client_cert, &config.tls.client_key) {
+        tls.identity = Some(OwnedIdentity::PKCS8 {
+            pem: read("client certificate", cert)?,
+            key: read("client key", key)?,
+        });
+    }
+    Ok(tls)
+}
+
+/// Reads the broker's `version` server property (`"3.10.8"`, `"4.0.5"`...).
+///
+/// lapin 4 keeps the server properties of `connection.start` to itself, so this opens its own
+/// socket (TLS as configured), sends the AMQP 0-9-1 protocol header, reads the broker's
+/// `connection.start` and hangs up. Bounded by 5 s.
+async fn read_broker_version(uri: &AMQPUri, tls: &OwnedTLSConfig) -> Result<String, String> {
+    use futures_util::io::{AsyncReadExt, AsyncWriteExt};
+    use lapin::tcp::AMQPUriTcpExt;
+
+    let probe = async {
+        let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
+        let mut stream = uri
+            .connect_with_config_async(tls.as_ref(), &runtime)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"AMQP\x00\x00\x09\x01")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut header = [0u8; 7];
+        stream
+            .read_exact(&mut header)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Frame type 1 (method) on channel 0; anything else (e.g. the broker's own protocol
+        // header, when it does not speak 0-9-1) is not a connection.start.
+        if header[0] != 1 || header[1..3] != [0, 0] {
+            return Err("the broker did not answer with connection.start".to_string());
+        }
+        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
+        if size > 1 << 20 {
+            return Err(format!("connection.start frame of {size} bytes"));
+        }
+        let mut payload = vec![0u8; size + 1];
+        stream
+            .read_exact(&mut payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = stream.close().await;
+        parse_start_version(&payload[..size])
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .unwrap_or_else(|_| Err("no connection.start within 5 s".into()))
+}
+
+/// The `version` server property of a `connection.start` method payload.
+pub(crate) fn parse_start_version(payload: &[u8]) -> Result<String, String> {
+    // class 10 (connection), method 10 (start), version-major, version-minor, server-properties.
+    if payload.len() < 6 || payload[..4] != [0, 10, 0, 10] {
+        return Err("not a connection.start method".into());
+    }
+    let (_, props) = lapin::types::parsing::parse_field_table(&payload[6..])
+        .map_err(|e| format!("unreadable server properties: {e}"))?;
+    match props.inner().get("version") {
+        Some(AMQPValue::LongString(v)) => Ok(v.to_string()),
+        Some(other) => Err(format!("unexpected version property {other:?}")),
+        None => Err("the broker sent no version property".into()),
+    }
+}
+
+fn connect_error(e: &lapin::Error, uri: &AMQPUri, addr: &str) -> Error {
+    let user = uri.authority.userinfo.username.as_str();
+    if uri.scheme == AMQPScheme::AMQPS
+        && let lapin::ErrorKind::IOError(io) = e.kind()
+        && is_tls_failure(io)
+    {
+        return Error::Tls {
+            addr: addr.into(),
+            detail: io.to_string(),
+        };
+    }
     match classify(e) {
         Fault::AccessRefused(_) => Error::AuthRefused {
             addr: addr.into(),
@@ -280,4 +420,21 @@ fn connect_error(e: &lapin::Error, addr: &str, user: &str) -> Error {
             }
         }
     }
+}
+
+/// Whether an I/O error of an `amqps://` connection attempt came from the TLS layer (rustls
+/// reports certificate and protocol failures as `InvalidData`), rather than from the network.
+fn is_tls_failure(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::ConnectionRefused | K::TimedOut | K::HostUnreachable | K::NetworkUnreachable
+    ) {
+        return false;
+    }
+    let text = e.to_string().to_ascii_lowercase();
+    e.kind() == K::InvalidData
+        || ["certificate", "tls", "handshake", "peer", "alert"]
+            .iter()
+            .any(|w| text.contains(w))
 }

@@ -40,6 +40,17 @@ pub enum Error {
         detail: String,
     },
 
+    /// The TLS handshake with the broker failed: its certificate is not signed by a trusted CA
+    /// (see [`crate::TlsConfig::ca_cert`]), was not issued for the URL's host, or the port does
+    /// not speak TLS.
+    #[error("TLS handshake with the broker at {addr} failed: {detail}")]
+    Tls {
+        /// Broker address.
+        addr: String,
+        /// What the TLS library reported.
+        detail: String,
+    },
+
     /// The broker refused the credentials.
     #[error(
         "the broker at {addr} refused the login of user {user:?} (check the user name, password and vhost permissions)"

@@ -39,7 +39,7 @@ pub mod name;
 mod protocol;
 
 pub use client::{LockClient, LockStatus};
-pub use config::{ClientConfig, QueueType};
+pub use config::{BrokerInfo, ClientConfig, QueueType, TlsConfig};
 pub use error::{Error, Result};
 pub use guard::{BoxFuture, Lease, LockGuard, LossReason, LossSignal, Release};
 pub use locker::{Locker, MemoryLocker};
