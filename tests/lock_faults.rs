@@ -84,6 +84,7 @@ async fn broker_restart_loses_holders_and_waiters_get_the_locks_afterwards() {
             tokio::spawn(async move { (s.lost().await, Instant::now()) })
         })
         .collect();
+    let (ahead, ahead_epoch, ahead_token) = lock_with_epoch_ahead_of_the_clock(&holders).await;
     tokio::task::spawn_blocking(|| {
         support::faults_rabbitmqctl(&["stop_app"]);
         support::faults_rabbitmqctl(&["start_app"]);
@@ -126,6 +127,20 @@ async fn broker_restart_loses_holders_and_waiters_get_the_locks_afterwards() {
         assert!(g.fencing_token() > guards[i].fencing_token());
         g.release().await.unwrap();
     }
+    // The restart dropped the transient fence register; the next token comes from the durable
+    // epoch, not from the clock, which is far behind that epoch here.
+    let g = holders
+        .lock_timeout(&ahead, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        g.fencing_token() >> 32,
+        ahead_epoch + 2,
+        "token {} after the restart; before it {ahead_token}",
+        g.fencing_token()
+    );
+    assert!(g.fencing_token() > ahead_token);
+    g.release().await.unwrap();
     for g in guards {
         assert!(!g.is_held());
         assert!(
@@ -133,4 +148,83 @@ async fn broker_restart_loses_holders_and_waiters_get_the_locks_afterwards() {
             "releasing a lost lock reports the loss"
         );
     }
+}
+
+/// Seeds a lock's epoch queue with an epoch far ahead of this machine's clock, as a node with
+/// a fast clock would have left it, takes the lock once, and returns (name, seeded epoch,
+/// token). A client that fell back to its clock after losing the register would go backwards.
+async fn lock_with_epoch_ahead_of_the_clock(client: &LockClient) -> (String, u64, u64) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let name = support::unique("epoch-ahead");
+    let clock_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 1_704_067_200;
+    let seeded = clock_epoch + 1_000_000;
+    let conn = lapin::Connection::connect(
+        &support::faults_amqp_url(),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    // The same arguments the client declares (docs/protocol.md, "The queues of one lock").
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    let expiry = client.config().idle_expiry.as_millis() as i64;
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(expiry));
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("drop-head".into()),
+    );
+    let queue = format!("{}epoch:{name}", client.config().prefix);
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        queue.as_str().into(),
+        BasicPublishOptions::default(),
+        seeded.to_string().as_bytes(),
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "seeded".into()).await;
+
+    let g = client.lock(&name).await.unwrap();
+    let token = g.fencing_token();
+    assert_eq!(
+        token >> 32,
+        seeded + 1,
+        "a new lock moves past the stored epoch"
+    );
+    g.release().await.unwrap();
+    let g = client.lock(&name).await.unwrap();
+    assert_eq!(
+        g.fencing_token(),
+        token + 1,
+        "later grants count up in the epoch"
+    );
+    g.release().await.unwrap();
+    (name, seeded, token + 1)
 }

@@ -3,7 +3,9 @@
 //! Prints p50/p99 of: the raw AMQP publish→deliver hop; a Redis `SET NX PX` + scripted-delete
 //! lock cycle; a PostgreSQL advisory lock+unlock cycle; mqlock's uncontended lock+release cycle;
 //! and its contended hand-off (release → next holder granted) with 2, 8 and 32 waiters, with
-//! ratios against the baselines and the count of FIFO violations.
+//! ratios against the baselines and the count of FIFO violations. Two "broker floor" rows show
+//! what single active consumer itself costs with no fencing at all (a bare consume→close cycle
+//! and a bare close→next-consumer hand-off), so mqlock's own overhead can be read off.
 //!
 //! Needs the services of `scripts/services.sh up`. `MQLOCK_BENCH_ITERS` scales the run.
 
@@ -90,6 +92,98 @@ async fn amqp_hop(url: &str, iters: usize) -> Stats {
         let d = consumer.next().await.unwrap().unwrap();
         v.push(t.elapsed());
         d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    stats(v)
+}
+
+/// A consumer on its own channel, as a lock waiter registers.
+async fn sac_register(
+    conn: &Connection,
+    queue: &str,
+    tag: usize,
+) -> (lapin::Channel, lapin::Consumer) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(2, Default::default()).await.unwrap();
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            format!("bench-{tag}").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (ch, consumer)
+}
+
+async fn sac_queue(conn: &Connection, name: &str) {
+    let mut args = FieldTable::default();
+    args.insert("x-single-active-consumer".into(), true.into());
+    args.insert(
+        "x-expires".into(),
+        lapin::types::AMQPValue::LongLongInt(60_000),
+    );
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(name.into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "".into(),
+        name.into(),
+        BasicPublishOptions::default(),
+        b"",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let _ = ch.close(200, "bye".into()).await;
+}
+
+/// The broker's floor for a lock cycle on single active consumer, with no fencing and no
+/// safety checks: open a channel, consume, receive the token, close the channel.
+async fn bare_sac_cycle(url: &str, iters: usize) -> Stats {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let queue = format!("bench-bare-cycle-{}", std::process::id());
+    sac_queue(&conn, &queue).await;
+    let mut v = Vec::with_capacity(iters);
+    for i in 0..iters {
+        let t = Instant::now();
+        let (ch, mut consumer) = sac_register(&conn, &queue, i).await;
+        consumer.next().await.unwrap().unwrap();
+        ch.close(200, "release".into()).await.unwrap();
+        v.push(t.elapsed());
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    stats(v)
+}
+
+/// The broker's floor for a hand-off on single active consumer: the holder closes its channel,
+/// the next consumer receives the token. Two participants take turns.
+async fn bare_sac_handoff(url: &str, iters: usize) -> Stats {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let queue = format!("bench-bare-handoff-{}", std::process::id());
+    sac_queue(&conn, &queue).await;
+    let mut holder = sac_register(&conn, &queue, 0).await;
+    holder.1.next().await.unwrap().unwrap();
+    let mut waiter = sac_register(&conn, &queue, 1).await;
+    let mut v = Vec::with_capacity(iters);
+    for i in 0..iters {
+        let t = Instant::now();
+        let (closed, delivered) =
+            futures_util::future::join(holder.0.close(200, "release".into()), async {
+                let d = waiter.1.next().await;
+                (d, t.elapsed())
+            })
+            .await;
+        closed.unwrap();
+        delivered.0.unwrap().unwrap();
+        v.push(delivered.1);
+        holder = std::mem::replace(&mut waiter, sac_register(&conn, &queue, i + 2).await);
     }
     let _ = conn.close(200, "bye".into()).await;
     stats(v)
@@ -261,6 +355,13 @@ async fn main() {
     row("Redis SET NX PX + scripted DEL cycle", redis);
     let pgs = pg_cycle(&pg, iters).await;
     row("PostgreSQL advisory lock+unlock cycle", pgs);
+    let floor_cycle = bare_sac_cycle(&amqp, iters / 2).await;
+    row("broker floor: bare SAC consume→token→close", floor_cycle);
+    let floor_handoff = bare_sac_handoff(&amqp, iters / 2).await;
+    row(
+        "broker floor: bare SAC hand-off (close→next)",
+        floor_handoff,
+    );
     let unc = mqlock_uncontended(&amqp, iters / 2).await;
     row("mqlock uncontended lock+release cycle", unc);
     let mut handoffs = Vec::new();
@@ -282,10 +383,20 @@ async fn main() {
         "uncontended cycle p50 / PostgreSQL advisory cycle p50 = {:.2}x",
         r(unc, pgs)
     );
+    println!(
+        "uncontended cycle p50 / broker floor cycle p50 = {:.2}x; the floor itself is {:.2}x Redis",
+        r(unc, floor_cycle),
+        r(floor_cycle, redis)
+    );
+    println!(
+        "broker floor hand-off p50 / raw AMQP hop p50 = {:.2}x",
+        r(floor_handoff, hop)
+    );
     for (w, s, fifo) in handoffs {
         println!(
-            "hand-off p50 with {w} waiters / raw AMQP hop p50 = {:.2}x (target <= 2x); FIFO violations: {fifo}",
-            r(s, hop)
+            "hand-off p50 with {w} waiters / raw AMQP hop p50 = {:.2}x (target <= 2x), / broker floor hand-off = {:.2}x; FIFO violations: {fifo}",
+            r(s, hop),
+            r(s, floor_handoff)
         );
     }
 }

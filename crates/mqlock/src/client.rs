@@ -6,28 +6,26 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::future::join;
+use lapin::Channel;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Confirmation};
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::config::ClientConfig;
 use crate::connection::{Conn, display_addr, parse_urls};
 use crate::error::{Error, Result};
+use crate::fence::{self, FenceError};
 use crate::guard::{BoxFuture, LockGuard, LossReason, LossSignal};
 use crate::holder::Holder;
 use crate::locker::Locker;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::name::{QueueNames, queue_names};
-use crate::protocol::{
-    Fault, PREFETCH, classify, fence_queue_args, lock_queue_args, next_fence, parse_fence,
-    wake_properties,
-};
+use crate::protocol::{Fault, PREFETCH, classify, common_args, lock_queue_args, wake_properties};
 
 /// A lock client: one broker connection shared by every lock taken through it.
 ///
@@ -48,6 +46,14 @@ struct Inner {
     closed: AtomicBool,
     tag_prefix: String,
     tag_seq: AtomicU64,
+    /// A lock channel being opened ahead of the next acquisition (see `lock_channel`).
+    spare: std::sync::Mutex<Option<Spare>>,
+}
+
+/// A channel opened in the background, with `basic.qos` and `confirm.select` done, on `conn`.
+struct Spare {
+    conn: Arc<Conn>,
+    channel: tokio::task::JoinHandle<lapin::Result<Channel>>,
 }
 
 impl std::fmt::Debug for LockClient {
@@ -129,6 +135,7 @@ impl LockClient {
                 closed: AtomicBool::new(false),
                 tag_prefix: format!("mqlock.{}.{now:x}", std::process::id()),
                 tag_seq: AtomicU64::new(0),
+                spare: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -345,6 +352,32 @@ impl LockClient {
         }
     }
 
+    /// A fresh channel for one acquisition, set up as a lock channel needs.
+    ///
+    /// Release closes a lock's channel, so every acquisition needs a new one; opening it and
+    /// setting it up costs two round trips. The client keeps the next one opening in the
+    /// background, so an acquisition usually finds it ready. Cancel safe: a channel whose
+    /// taker was dropped is closed when the background task's result is dropped.
+    async fn lock_channel(&self, conn: &Arc<Conn>) -> lapin::Result<Channel> {
+        let taken = {
+            let mut slot = self.inner.spare.lock().unwrap_or_else(|p| p.into_inner());
+            let taken = slot.take().filter(|s| Arc::ptr_eq(&s.conn, conn));
+            let next = conn.clone();
+            *slot = Some(Spare {
+                conn: conn.clone(),
+                channel: tokio::spawn(async move { open_lock_channel(&next).await }),
+            });
+            taken
+        };
+        if let Some(spare) = taken
+            && let Ok(Ok(channel)) = spare.channel.await
+            && channel.status().connected()
+        {
+            return Ok(channel);
+        }
+        open_lock_channel(conn).await
+    }
+
     /// One registration on the lock queue, from declaring it to the grant.
     ///
     /// Everything lives in this future's locals: dropping it drops the channel, which the
@@ -366,22 +399,12 @@ impl LockClient {
             Fault::NotFound(d) => Retry::Again(d),
             fault => Retry::Fail(to_error(name, &conn.addr, &names.lock, fault)),
         };
-        let channel = conn
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| fail(&e))?;
+        let channel = self.lock_channel(conn).await.map_err(|e| fail(&e))?;
         // From here on, dropping this future closes the channel (see `Registration`).
         let mut reg = Registration {
             channel: Some(channel.clone()),
             consumer: None,
         };
-        let (qos, confirm) = join(
-            channel.basic_qos(PREFETCH, BasicQosOptions::default()),
-            channel.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await;
-        qos.and(confirm).map_err(|e| fail(&e))?;
 
         let declare = channel.queue_declare(
             names.lock.as_str().into(),
@@ -468,7 +491,7 @@ impl LockClient {
         };
         // First delivery: the broker made us the active consumer. Record the fence before
         // anyone can use it.
-        let fence = record_fence(&channel, names, config)
+        let fence = fence::record(&channel, names, config)
             .await
             .map_err(|e| match e {
                 FenceError::Amqp(e) => fail(&e),
@@ -487,7 +510,7 @@ impl LockClient {
             name: name.clone(),
             lock_queue: names.lock.clone(),
             fence_queue: names.fence.clone(),
-            fence_args: fence_queue_args(config),
+            fence_args: fence::register_args(common_args(config)),
             tag,
             channel,
             consumer,
@@ -500,6 +523,17 @@ impl LockClient {
         .spawn();
         Ok(Some(LockGuard::new(name, fence, signal, Box::new(handle))))
     }
+}
+
+async fn open_lock_channel(conn: &Conn) -> lapin::Result<Channel> {
+    let channel = conn.connection.create_channel().await?;
+    let (qos, confirm) = join(
+        channel.basic_qos(PREFETCH, BasicQosOptions::default()),
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await;
+    qos.and(confirm)?;
+    Ok(channel)
 }
 
 /// A registration on a lock queue that is not (yet) a grant.
@@ -539,86 +573,6 @@ impl Drop for Registration {
             Err(_) => drop((consumer, channel)),
         }
     }
-}
-
-enum FenceError {
-    Amqp(lapin::Error),
-    Refused(String),
-}
-
-impl From<lapin::Error> for FenceError {
-    fn from(e: lapin::Error) -> Self {
-        FenceError::Amqp(e)
-    }
-}
-
-/// Reads the fence register, writes `last + 1` (confirmed), and returns it.
-///
-/// Only the active consumer of the lock queue runs this, and it returns the token only after
-/// the broker confirmed the write; so the writes are ordered like the grants (docs/protocol.md,
-/// invariant F1).
-async fn record_fence(
-    channel: &Channel,
-    names: &QueueNames,
-    config: &ClientConfig,
-) -> Result<u64, FenceError> {
-    // Declaring first recreates a register that expired, and resets its idle timer.
-    let (declared, got) = join(
-        channel.queue_declare(
-            names.fence.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            fence_queue_args(config),
-        ),
-        channel.basic_get(
-            names.fence.as_str().into(),
-            BasicGetOptions { no_ack: false },
-        ),
-    )
-    .await;
-    declared?;
-    let got = got?;
-    let last = got.as_ref().and_then(|m| parse_fence(&m.delivery.data));
-    let fence =
-        next_fence(last).ok_or_else(|| FenceError::Refused("fencing token overflow".into()))?;
-    let confirmation = channel
-        .basic_publish(
-            "".into(),
-            names.fence.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            fence.to_string().as_bytes(),
-            wake_properties(None),
-        )
-        .await?
-        .await?;
-    match confirmation {
-        Confirmation::Ack(None) => {}
-        Confirmation::Ack(Some(_)) => {
-            return Err(FenceError::Refused(format!(
-                "the fence register {} vanished while the token was written",
-                names.fence
-            )));
-        }
-        Confirmation::Nack(_) => {
-            return Err(FenceError::Refused(
-                "the broker refused to store the fencing token".into(),
-            ));
-        }
-        Confirmation::NotRequested => {
-            return Err(FenceError::Refused(
-                "publisher confirms are not enabled".into(),
-            ));
-        }
-    }
-    if let Some(old) = got {
-        old.delivery.acker.ack(BasicAckOptions::default()).await?;
-    }
-    Ok(fence)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

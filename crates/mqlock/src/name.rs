@@ -2,8 +2,8 @@
 //!
 //! A lock name is any non-empty UTF-8 string without control characters (`U+0000..=U+001F`,
 //! `U+007F..=U+009F`). Slashes, dots, spaces and non-ASCII letters are fine: a file path is a
-//! good lock name. Each lock uses two queues, `{prefix}lock:{name}` and `{prefix}fence:{name}`;
-//! because the prefix is always prepended, no lock name can reach a queue outside the prefix.
+//! good lock name. Each lock uses three queues, `{prefix}lock:{name}`, `{prefix}fence:{name}`
+//! and `{prefix}epoch:{name}`; because the prefix is always prepended, no lock name can reach a queue outside the prefix.
 //! When a queue name would exceed RabbitMQ's 255-byte limit, the name part is replaced by a
 //! readable head plus the SHA-256 of the whole name, so every name maps to a valid, distinct
 //! queue (a collision would need a SHA-256 collision, and would only make two locks one).
@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 pub const MAX_QUEUE_NAME_BYTES: usize = 255;
 const LOCK_KIND: &str = "lock:";
 const FENCE_KIND: &str = "fence:";
+const EPOCH_KIND: &str = "epoch:";
 /// 32 hex digits of SHA-256 (128 bits) plus the separator.
 const HASH_SUFFIX_BYTES: usize = 1 + 32;
 
@@ -26,13 +27,15 @@ pub struct QueueNames {
     pub lock: String,
     /// The fence register: holds the last fencing token granted.
     pub fence: String,
+    /// The epoch queue: holds the fencing tokens' current epoch (docs/protocol.md).
+    pub epoch: String,
 }
 
 /// Checks `name` and maps it to queue names under `prefix`.
 pub fn queue_names(prefix: &str, name: &str) -> Result<QueueNames> {
     validate(name)?;
     let budget = MAX_QUEUE_NAME_BYTES
-        .checked_sub(prefix.len() + FENCE_KIND.len().max(LOCK_KIND.len()))
+        .checked_sub(prefix.len() + FENCE_KIND.len().max(LOCK_KIND.len()).max(EPOCH_KIND.len()))
         .filter(|b| *b > HASH_SUFFIX_BYTES)
         .ok_or_else(|| Error::Config(format!("queue name prefix {prefix:?} is too long")))?;
     let part = if name.len() <= budget {
@@ -49,6 +52,7 @@ pub fn queue_names(prefix: &str, name: &str) -> Result<QueueNames> {
     Ok(QueueNames {
         lock: format!("{prefix}{LOCK_KIND}{part}"),
         fence: format!("{prefix}{FENCE_KIND}{part}"),
+        epoch: format!("{prefix}{EPOCH_KIND}{part}"),
     })
 }
 
@@ -98,6 +102,7 @@ mod tests {
         let q = queue_names("mqlock.", "files/a b.txt").unwrap();
         assert_eq!(q.lock, "mqlock.lock:files/a b.txt");
         assert_eq!(q.fence, "mqlock.fence:files/a b.txt");
+        assert_eq!(q.epoch, "mqlock.epoch:files/a b.txt");
     }
 
     #[test]
@@ -125,6 +130,7 @@ mod tests {
             let qb = queue_names("mqlock.", &b).unwrap();
             assert!(qa.lock.len() <= MAX_QUEUE_NAME_BYTES, "{len}");
             assert!(qa.fence.len() <= MAX_QUEUE_NAME_BYTES, "{len}");
+            assert!(qa.epoch.len() <= MAX_QUEUE_NAME_BYTES, "{len}");
             assert_ne!(qa.lock, qb.lock);
             assert_ne!(qa.fence, qa.lock);
         }

@@ -28,19 +28,8 @@ pub(crate) fn lock_queue_args(config: &ClientConfig) -> FieldTable {
     args
 }
 
-/// Arguments of a fence register: it keeps only the newest value (`drop-head`), so a value
-/// requeued after a crash is dropped in favour of the one published after it.
-pub(crate) fn fence_queue_args(config: &ClientConfig) -> FieldTable {
-    let mut args = common_args(config);
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("drop-head".into()),
-    );
-    args
-}
-
-fn common_args(config: &ClientConfig) -> FieldTable {
+/// Arguments every queue of a lock carries: its type and its idle expiry.
+pub(crate) fn common_args(config: &ClientConfig) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -63,28 +52,12 @@ pub(crate) fn wake_properties(message_id: Option<String>) -> BasicProperties {
     }
 }
 
-/// The fencing token of a new grant, from the register's last value.
-///
-/// With a value: `last + 1`. Without one (a new lock, or a register that expired after
-/// `idle_expiry` without use): the wall clock in microseconds, which is larger than any token
-/// granted before the register expired as long as clocks differ by less than half the idle
-/// expiry (see docs/protocol.md, invariant F3).
-pub(crate) fn next_fence(last: Option<u64>) -> Option<u64> {
-    match last {
-        Some(v) => v.checked_add(1),
-        None => Some(now_micros().max(1)),
-    }
-}
-
+/// Microseconds since 1970; makes consumer tags unique across restarts of a process id.
 pub(crate) fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
-}
-
-pub(crate) fn parse_fence(data: &[u8]) -> Option<u64> {
-    std::str::from_utf8(data).ok()?.trim().parse().ok()
 }
 
 /// What a broker or connection error means for the operation that hit it.
@@ -130,23 +103,5 @@ pub(crate) fn loss_reason(e: &lapin::Error) -> LossReason {
         Fault::NotFound(d) | Fault::Precondition(d) | Fault::AccessRefused(d) | Fault::Other(d) => {
             LossReason::ChannelClosed(d)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fences_grow_from_the_register_or_the_clock() {
-        assert_eq!(next_fence(Some(41)), Some(42));
-        assert_eq!(next_fence(Some(u64::MAX)), None);
-        let from_clock = next_fence(None).unwrap();
-        assert!(
-            from_clock > 1_600_000_000_000_000,
-            "microseconds since 1970"
-        );
-        assert_eq!(parse_fence(b"123"), Some(123));
-        assert_eq!(parse_fence(b"x"), None);
     }
 }
