@@ -264,7 +264,25 @@ impl LockClient {
         let mut reconnect_until: Option<Instant> = None;
         loop {
             attempts += 1;
-            let conn = match self.connection().await {
+            // Opening a connection may take seconds (TCP connect and handshake timeouts); a
+            // timed acquisition must not outlive its deadline there either.
+            let connected = match wait {
+                Wait::Until(deadline) => {
+                    match tokio::time::timeout_at(deadline.into(), self.connection()).await {
+                        Ok(connected) => connected,
+                        Err(_) => {
+                            metrics.timed_out();
+                            return Err(Error::Timeout {
+                                name: name.into(),
+                                addr: self.inner.addr.clone(),
+                                waited: started.elapsed(),
+                            });
+                        }
+                    }
+                }
+                _ => self.connection().await,
+            };
+            let conn = match connected {
                 Ok(c) => c,
                 Err(e @ (Error::Unreachable { .. } | Error::AuthRefused { .. }))
                     if reconnect_until.is_some_and(|t| Instant::now() < t)
