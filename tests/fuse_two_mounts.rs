@@ -123,6 +123,14 @@ fn concurrent_appenders_through_both_mounts_lose_no_record() {
     }
     let data = std::fs::read(backing.path().join("log")).unwrap();
     assert_eq!(data.len(), 4 * PER_WRITER * RECORD, "lost or extra bytes");
+    // Each node's view (its page cache may be kept across opens) is the backing file's.
+    for n in &nodes {
+        assert!(
+            std::fs::read(n.join("log")).unwrap() == data,
+            "{} reads other bytes than the backing file holds",
+            n.display()
+        );
+    }
     let mut seen = std::collections::HashSet::new();
     for rec in data.chunks(RECORD) {
         let s = std::str::from_utf8(rec).unwrap();
@@ -134,6 +142,55 @@ fn concurrent_appenders_through_both_mounts_lose_no_record() {
         assert!(seen.insert(key.clone()), "duplicate record {key}");
     }
     assert_eq!(seen.len(), 4 * PER_WRITER);
+}
+
+/// B keeps its page cache of a file across opens while nothing changes it; every change A
+/// makes (same size, right after B's read, with and without a handle of B open meanwhile) must
+/// be what B's next open reads, read-only or for writing.
+#[test]
+fn a_node_reads_the_other_nodes_rewrite_after_keeping_its_cache() {
+    let (_backing, a, b) = two_nodes(&[]);
+    let content = |i: usize| {
+        let mut v = format!("version {i:04} ").into_bytes();
+        v.resize(64 * 1024, b'a' + (i % 26) as u8);
+        v
+    };
+    std::fs::write(a.path("f"), content(0)).unwrap();
+    for i in 1..=12 {
+        // B reads twice (the second open may keep the cache the first filled).
+        assert!(
+            std::fs::read(b.path("f")).unwrap() == content(i - 1),
+            "round {i}"
+        );
+        assert!(
+            std::fs::read(b.path("f")).unwrap() == content(i - 1),
+            "round {i}"
+        );
+        let held = (i % 2 == 0).then(|| File::open(b.path("f")).unwrap());
+        // A rewrites in place: same size, so only the times tell.
+        let mut w = OpenOptions::new().write(true).open(a.path("f")).unwrap();
+        w.write_all(&content(i)).unwrap();
+        drop(w);
+        if i % 3 == 0 {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(b.path("f"))
+                .unwrap();
+            let mut got = Vec::new();
+            f.read_to_end(&mut got).unwrap();
+            assert!(
+                got == content(i),
+                "B's write-open read stale bytes in round {i}"
+            );
+        } else {
+            assert!(
+                std::fs::read(b.path("f")).unwrap() == content(i),
+                "B's read-only open read stale bytes in round {i}"
+            );
+        }
+        drop(held);
+    }
 }
 
 #[test]

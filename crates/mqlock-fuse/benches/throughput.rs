@@ -2,6 +2,15 @@
 //! sequential write and read, a small-file create+write+close loop, and the latency of an
 //! uncontended write-open, with and without kernel passthrough. Prints ratios (medians of 3).
 //!
+//! Two reads are measured: "seq read" re-reads the file this node just wrote (the kernel may
+//! keep its page cache across opens: nothing changed the file since), "read after a foreign
+//! change" first changes the backing file's times through the backing directory, as another
+//! node's write would, so the mount must drop its cache and read through the daemon.
+//!
+//! A last table splits the write-open latency: the same open on a mount whose locks come from
+//! the in-process `MemoryLocker` (the FUSE path and lock table without the broker), and a
+//! read-only open (the FUSE path without any lock).
+//!
 //! `cargo bench -p mqlock-fuse --bench throughput` (as root, broker on MQLOCK_AMQP_URL).
 //! MQLOCK_BENCH_MB sets the sequential size (default 1024), MQLOCK_BENCH_DIR where the
 //! backing directory is created (default the temp dir).
@@ -12,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqlock::{ClientConfig, LockClient};
+use mqlock::{ClientConfig, LockClient, Locker, MemoryLocker};
 use mqlock_fuse::{MountOptions, mount};
 
 const CHUNK: usize = 1 << 20;
@@ -22,8 +31,15 @@ const OPENS: usize = 300;
 struct Results {
     write_mbs: f64,
     read_mbs: f64,
+    foreign_read_mbs: f64,
     small_per_s: f64,
-    open_p50: Duration,
+    open: Latency,
+}
+
+#[derive(Clone, Copy)]
+struct Latency {
+    p50: Duration,
+    p90: Duration,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -31,11 +47,61 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn measure(dir: &Path, mb: usize) -> Results {
+fn read_all(p: &Path, mb: usize) -> f64 {
+    let t = Instant::now();
+    let mut f = File::open(p).unwrap();
+    let mut rb = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = f.read(&mut rb).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, mb * CHUNK);
+    mb as f64 / t.elapsed().as_secs_f64()
+}
+
+/// What another node's write does to the backing file's version: new times (and ctime).
+fn touch(p: &Path) {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: valid C string; a null times pointer means "now".
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) },
+        0
+    );
+}
+
+/// Latency of `OPENS` opens of an existing file, each closed before the next.
+fn open_latency(p: &Path, write: bool) -> Latency {
+    let mut opens = Vec::with_capacity(OPENS);
+    for _ in 0..OPENS {
+        let t = Instant::now();
+        let f = OpenOptions::new()
+            .read(!write)
+            .write(write)
+            .open(p)
+            .unwrap();
+        opens.push(t.elapsed());
+        drop(f);
+        // Let the background release finish, so that each open is uncontended.
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    opens.sort();
+    Latency {
+        p50: opens[OPENS / 2],
+        p90: opens[OPENS * 9 / 10],
+    }
+}
+
+/// `dir` is where the program works (mount or backing dir), `backing` the backing dir.
+fn measure(dir: &Path, backing: &Path, mb: usize) -> Results {
     let buf = vec![0x5au8; CHUNK];
     let big = dir.join("big");
     let mut writes = Vec::new();
     let mut reads = Vec::new();
+    let mut foreign = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
         let mut f = File::create(&big).unwrap();
@@ -44,19 +110,9 @@ fn measure(dir: &Path, mb: usize) -> Results {
         }
         drop(f);
         writes.push(mb as f64 / t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        let mut f = File::open(&big).unwrap();
-        let mut rb = vec![0u8; CHUNK];
-        let mut total = 0;
-        loop {
-            let n = f.read(&mut rb).unwrap();
-            if n == 0 {
-                break;
-            }
-            total += n;
-        }
-        assert_eq!(total, mb * CHUNK);
-        reads.push(mb as f64 / t.elapsed().as_secs_f64());
+        reads.push(read_all(&big, mb));
+        touch(&backing.join("big"));
+        foreign.push(read_all(&big, mb));
     }
     std::fs::remove_file(&big).unwrap();
     let mut smalls = Vec::new();
@@ -74,21 +130,17 @@ fn measure(dir: &Path, mb: usize) -> Results {
     }
     let p = dir.join("open-me");
     std::fs::write(&p, b"x").unwrap();
-    let mut opens = Vec::with_capacity(OPENS);
-    for _ in 0..OPENS {
-        let t = Instant::now();
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
-        opens.push(t.elapsed().as_secs_f64());
-        drop(f);
-        // Let the background release finish, so that each open is uncontended.
-        std::thread::sleep(Duration::from_millis(3));
-    }
     Results {
         write_mbs: median(writes),
         read_mbs: median(reads),
+        foreign_read_mbs: median(foreign),
         small_per_s: median(smalls),
-        open_p50: Duration::from_secs_f64(median(opens)),
+        open: open_latency(&p, true),
     }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 fn main() {
@@ -106,19 +158,24 @@ fn main() {
         .block_on(LockClient::connect(&url, ClientConfig::default()))
         .expect("broker");
     let backing = tempfile::tempdir_in(&base).unwrap();
-    let native = measure(backing.path(), mb);
+    let native = measure(backing.path(), backing.path(), mb);
+    let native_read_open = open_latency(&backing.path().join("open-me"), false);
     println!(
         "sequential size {mb} MiB, {SMALL_FILES} small files of 4 KiB, {OPENS} write-opens; medians of 3 runs"
     );
-    println!("| mode | seq write | seq read | small files | write-open p50 |");
-    println!("|---|---|---|---|---|");
     println!(
-        "| backing dir | {:.0} MiB/s | {:.0} MiB/s | {:.0}/s | {:.1} µs |",
+        "| mode | seq write | seq read | seq read after a foreign change | small files | write-open p50 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| backing dir | {:.0} MiB/s | {:.0} MiB/s | {:.0} MiB/s | {:.0}/s | {:.1} µs |",
         native.write_mbs,
         native.read_mbs,
+        native.foreign_read_mbs,
         native.small_per_s,
-        native.open_p50.as_secs_f64() * 1e6
+        us(native.open.p50)
     );
+    let mut split = Vec::new();
     for passthrough in [false, true] {
         let mnt = tempfile::tempdir_in(&base).unwrap();
         let mut opts = MountOptions::default();
@@ -126,24 +183,62 @@ fn main() {
         let _g = rt.enter();
         let mut m =
             mount(backing.path(), mnt.path(), Arc::new(client.clone()), opts).expect("mount");
-        let r = measure(mnt.path(), mb);
+        let r = measure(mnt.path(), backing.path(), mb);
+        let read_open = open_latency(&mnt.path().join("open-me"), false);
         m.unmount().unwrap();
         drop(m);
+        let name = if passthrough {
+            "mount --passthrough"
+        } else {
+            "mount"
+        };
         println!(
-            "| {} | {:.2}× ({:.0} MiB/s) | {:.2}× ({:.0} MiB/s) | {:.2}× ({:.0}/s) | {:.1} µs (+{:.1} µs) |",
-            if passthrough {
-                "mount --passthrough"
-            } else {
-                "mount"
-            },
+            "| {name} | {:.2}× ({:.0} MiB/s) | {:.2}× ({:.0} MiB/s) | {:.2}× ({:.0} MiB/s) | {:.3}× ({:.0}/s) | {:.1} µs (+{:.1} µs) |",
             r.write_mbs / native.write_mbs,
             r.write_mbs,
             r.read_mbs / native.read_mbs,
             r.read_mbs,
+            r.foreign_read_mbs / native.foreign_read_mbs,
+            r.foreign_read_mbs,
             r.small_per_s / native.small_per_s,
             r.small_per_s,
-            r.open_p50.as_secs_f64() * 1e6,
-            (r.open_p50.as_secs_f64() - native.open_p50.as_secs_f64()) * 1e6
+            us(r.open.p50),
+            us(r.open.p50) - us(native.open.p50)
+        );
+        split.push((format!("{name}, broker locks"), r.open, read_open));
+    }
+    // The same opens with an in-process locker: what the mount itself costs.
+    {
+        let mnt = tempfile::tempdir_in(&base).unwrap();
+        let _g = rt.enter();
+        let memory: Arc<dyn Locker> = Arc::new(MemoryLocker::new());
+        let mut m =
+            mount(backing.path(), mnt.path(), memory, MountOptions::default()).expect("mount");
+        let p = mnt.path().join("open-me");
+        let write_open = open_latency(&p, true);
+        let read_open = open_latency(&p, false);
+        m.unmount().unwrap();
+        drop(m);
+        split.push(("mount, MemoryLocker".into(), write_open, read_open));
+    }
+    println!();
+    println!("write-open latency split ({OPENS} opens of an existing file, p50 / p90)");
+    println!("| mount | write-open | read-only open (no lock) |");
+    println!("|---|---|---|");
+    println!(
+        "| backing dir | {:.1} / {:.1} µs | {:.1} / {:.1} µs |",
+        us(native.open.p50),
+        us(native.open.p90),
+        us(native_read_open.p50),
+        us(native_read_open.p90)
+    );
+    for (name, w, r) in split {
+        println!(
+            "| {name} | {:.1} / {:.1} µs | {:.1} / {:.1} µs |",
+            us(w.p50),
+            us(w.p90),
+            us(r.p50),
+            us(r.p90)
         );
     }
 }

@@ -22,11 +22,16 @@ use fuser::{
 };
 use tokio::runtime::Handle as Runtime;
 
+use crate::cache::{CacheBaselines, Version};
 use crate::locks::{LockError, LockTable, Share};
 use crate::sys::{self, attr, cstr, cvt, errno, fstat, openat, proc_path};
 use crate::{Error, MountOptions, names};
 
 const GEN: Generation = Generation(0);
+
+thread_local! {
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 struct Inode {
     fd: OwnedFd,
@@ -84,6 +89,8 @@ pub(crate) struct Inner {
     backings: Mutex<HashMap<u64, Backing>>,
     next_fh: AtomicU64,
     locks: LockTable,
+    /// When the kernel may keep a file's page cache across opens (`crate::cache`).
+    cache: CacheBaselines,
     runtime: Runtime,
     as_root: bool,
 }
@@ -152,6 +159,7 @@ impl LockedFs {
                 backings: Mutex::default(),
                 next_fh: AtomicU64::new(1),
                 locks,
+                cache: CacheBaselines::default(),
                 runtime,
                 // SAFETY: geteuid cannot fail.
                 as_root: unsafe { libc::geteuid() } == 0,
@@ -266,6 +274,7 @@ impl Inner {
             if let Some(inode) = t.by_ino.remove(&ino) {
                 t.by_key.remove(&inode.key);
             }
+            self.cache.forget(ino);
         }
     }
 
@@ -328,6 +337,49 @@ impl Inner {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().unwrap().insert(fh, Arc::new(file));
         fh
+    }
+
+    /// The open flags for a new handle of `ino` in the default mode: `FOPEN_KEEP_CACHE` when
+    /// the kernel's page cache of the file still holds the backing file's bytes
+    /// (`crate::cache`); without it the kernel drops the cache, so the reads of this open see
+    /// what other nodes wrote.
+    fn cache_flags(&self, ino: u64, file: &File, lock: Option<&Share>) -> FopenFlags {
+        match fstat(file.as_raw_fd()) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
+                let grant = lock.map(|s| (&s.name, s.token));
+                if self.cache.open(ino, Version::of(&st), grant) {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                }
+            }
+            _ => {
+                self.cache.forget(ino);
+                FopenFlags::empty()
+            }
+        }
+    }
+
+    /// After this node wrote through `f` (or changed its size): the kernel's cache holds the
+    /// change, so the file's new version is a good baseline, if `f`'s grant is still the
+    /// baseline's and still held. `append_end`: for an `O_APPEND` write, where the kernel
+    /// believes the file now ends. The backing file appends at its real end, which differs
+    /// when the kernel's size was stale (another node appended while this open waited for the
+    /// lock): the kernel then cached the bytes at the wrong offset.
+    fn wrote(&self, f: &OpenFile, append_end: Option<u64>) {
+        if self.opts.passthrough {
+            return;
+        }
+        let Some(share) = &f.lock else {
+            return self.cache.forget(f.ino);
+        };
+        match fstat(f.file.as_raw_fd()) {
+            Ok(st) if !share.is_lost() && append_end.is_none_or(|end| end == st.st_size as u64) => {
+                self.cache
+                    .wrote(f.ino, Version::of(&st), (&share.name, share.token))
+            }
+            _ => self.cache.forget(f.ino),
+        }
     }
 
     /// Reopens the inode for I/O with the caller's flags.
@@ -570,10 +622,12 @@ fn finish_open(
             }
         }
     } else {
-        // No FOPEN_KEEP_CACHE: the kernel drops this inode's page cache at every open, so a
-        // node that just got the lock reads what the previous holder wrote.
+        // The kernel keeps its page cache of the file only if nothing else changed the file
+        // since it was filled, so a node that just got the lock reads what the previous holder
+        // wrote.
+        let flags = inner.cache_flags(ino, &file, lock.as_ref());
         let fh = inner.add_file(OpenFile { file, ino, lock });
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        reply.opened(FileHandle(fh), flags);
     }
 }
 
@@ -652,6 +706,7 @@ impl Filesystem for LockedFs {
             self.inner.with_locks(
                 vec![name],
                 move |inner| {
+                    inner.cache.forget(ino.0);
                     inner.setattr(ino.0, mode, uid, gid, size, atime, mtime, file.as_deref())
                 },
                 move |r| match r {
@@ -668,11 +723,21 @@ impl Filesystem for LockedFs {
         {
             return reply.error(e);
         }
-        let a = tri!(
-            reply,
-            self.inner
-                .setattr(ino.0, mode, uid, gid, size, atime, mtime, file.as_deref())
-        );
+        let r = self
+            .inner
+            .setattr(ino.0, mode, uid, gid, size, atime, mtime, file.as_deref());
+        if let Some(f) = &file
+            && f.lock.is_some()
+        {
+            // Through a write handle: the kernel truncates its cache to a new size itself, and
+            // modes and times leave the bytes alone, so the new version is a good baseline.
+            match &r {
+                Ok(_) => self.inner.wrote(f, None),
+                Err(_) if size.is_some() => self.inner.cache.forget(f.ino),
+                Err(_) => {}
+            }
+        }
+        let a = tri!(reply, r);
         reply.attr(&ttl, &a);
     }
 
@@ -925,18 +990,26 @@ impl Filesystem for LockedFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        // The kernel fills a short read with zeroes unless it is at EOF: read until full or EOF.
-        while done < buf.len() {
-            match f.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return reply.error(errno(&e)),
+        READ_BUF.with_borrow_mut(|buf| {
+            // One buffer per worker thread: a fresh zeroed allocation of a large read costs a
+            // page fault per page.
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
             }
-        }
-        reply.data(&buf[..done]);
+            let buf = &mut buf[..size as usize];
+            let mut done = 0;
+            // The kernel fills a short read with zeroes unless it is at EOF: read until full
+            // or EOF.
+            while done < buf.len() {
+                match f.file.read_at(&mut buf[done..], offset + done as u64) {
+                    Ok(0) => break,
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return reply.error(errno(&e)),
+                }
+            }
+            reply.data(&buf[..done]);
+        });
     }
 
     fn write(
@@ -947,7 +1020,7 @@ impl Filesystem for LockedFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -966,9 +1039,18 @@ impl Filesystem for LockedFs {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if done == 0 => return reply.error(errno(&e)),
+                Err(e) if done == 0 => {
+                    self.inner.cache.forget(f.ino);
+                    return reply.error(errno(&e));
+                }
                 Err(_) => break,
             }
+        }
+        if done == data.len() {
+            let append = flags.0 & libc::O_APPEND != 0;
+            self.inner.wrote(&f, append.then_some(offset + done as u64));
+        } else {
+            self.inner.cache.forget(f.ino);
         }
         reply.written(done as u32);
     }
@@ -1286,12 +1368,13 @@ impl Filesystem for LockedFs {
                             }
                         }
                     } else {
+                        let flags = inner.cache_flags(ino, &file, Some(&share));
                         let fh = inner.add_file(OpenFile {
                             file,
                             ino,
                             lock: Some(share),
                         });
-                        reply.created(&ttl, &a, GEN, FileHandle(fh), FopenFlags::empty());
+                        reply.created(&ttl, &a, GEN, FileHandle(fh), flags);
                     }
                 }
                 Err(e) => {
@@ -1319,6 +1402,9 @@ impl Filesystem for LockedFs {
         if let Err(e) = f.check_lock() {
             return reply.error(e);
         }
+        // The kernel drops punched or zeroed ranges from its cache itself, but only after we
+        // answer: do not vouch for the cache across this call.
+        self.inner.cache.forget(f.ino);
         // SAFETY: plain syscall on an fd we own.
         tri!(
             reply,

@@ -33,6 +33,7 @@
 //!   fencing token. In [`MountOptions::passthrough`] mode the kernel writes straight to the
 //!   backing file, so writes after a loss cannot be stopped there.
 
+mod cache;
 mod fs;
 mod locks;
 pub mod names;
@@ -221,6 +222,31 @@ fn raise_fd_limit() {
     }
 }
 
+/// Read-ahead of the mount, in KiB: one maximal FUSE request (256 pages).
+const READ_AHEAD_KB: u32 = 1024;
+
+/// The kernel gives a FUSE mount 128 KiB of read-ahead, so a sequential read through the
+/// daemon arrives in 128 KiB requests; raise it to what one request may carry. The setting
+/// lives in sysfs (root only) and the kernel lowers it to its own value when it processes the
+/// session's INIT reply, so this waits for the mount to answer a `stat` first.
+fn raise_readahead(mountpoint: &Path) {
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(m) => std::os::unix::fs::MetadataExt::dev(&m),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot stat the new mount to set its read-ahead");
+            return;
+        }
+    };
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        tracing::debug!(path, error = %e, "cannot raise the mount's read-ahead");
+    }
+}
+
 /// Checks, before anything is started, that `backing` is a directory and `mountpoint` an
 /// existing directory with nothing mounted on it.
 pub fn preflight(backing: &Path, mountpoint: &Path) -> Result<(), Error> {
@@ -351,6 +377,7 @@ pub fn mount(
             path: mountpoint.to_owned(),
             source,
         })?;
+    raise_readahead(&canonical);
     tracing::info!(backing = %backing.display(), mountpoint = %canonical.display(), "mounted");
     Ok(Mounted {
         mountpoint: canonical,

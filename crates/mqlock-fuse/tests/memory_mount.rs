@@ -248,3 +248,44 @@ fn a_handle_sees_data_written_on_the_backing_side_after_reopen() {
     File::open(&p).unwrap().read_to_string(&mut s).unwrap();
     assert_eq!(s, "a much longer content");
 }
+
+#[test]
+fn an_unchanged_file_keeps_its_cache_and_a_same_size_rewrite_is_seen() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, opts(2000));
+    let p = m.path.join("e");
+    write_file(&p, b"first content");
+    for round in 0..5 {
+        let want: &[u8] = if round % 2 == 0 {
+            b"first content"
+        } else {
+            b"other content"
+        };
+        assert_eq!(std::fs::read(&p).unwrap(), want, "round {round}");
+        assert_eq!(std::fs::read(&p).unwrap(), want, "round {round}");
+        // Another node rewrites the file in place with as many bytes.
+        let next: &[u8] = if round % 2 == 0 {
+            b"other content"
+        } else {
+            b"first content"
+        };
+        std::fs::write(m.backing.join("e"), next).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), next, "round {round}");
+        let mut f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let mut got = Vec::new();
+        f.read_to_end(&mut got).unwrap();
+        assert_eq!(got, next, "write-open, round {round}");
+        drop(f);
+        std::fs::write(m.backing.join("e"), want).unwrap();
+        std::fs::write(m.backing.join("e"), next).unwrap();
+    }
+    // Writes through the mount are read back through it.
+    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b" + appended").unwrap();
+    drop(f);
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        std::fs::read(m.backing.join("e")).unwrap()
+    );
+}
