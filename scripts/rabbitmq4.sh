@@ -5,6 +5,8 @@
 #                                start it on 127.0.0.1:5674 and wait until it answers
 #   scripts/rabbitmq4.sh down    stop it and unmount what `up` mounted
 #   scripts/rabbitmq4.sh status  say whether it answers (exit 1 if not)
+#   scripts/rabbitmq4.sh ctl ARGS...         rabbitmqctl ARGS against the node
+#   scripts/rabbitmq4.sh diagnostics ARGS... rabbitmq-diagnostics ARGS against the node
 #
 # Idempotent. The chroot is cached in $MQLOCK_RMQ4_ROOT (default /var/lib/mqlock-rmq4/chroot);
 # delete it to rebuild. Node rabbit4@localhost, AMQP port 5674, distribution port 25674; it
@@ -160,5 +162,7 @@ case ${1:-up} in
   up) need_root "$@"; up ;;
   down) need_root "$@"; down ;;
   status) need_root "$@"; status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  ctl) need_root "$@"; shift; in_root rabbitmqctl -q -n "$NODE" "$@" ;;
+  diagnostics) need_root "$@"; shift; in_root rabbitmq-diagnostics -q -n "$NODE" "$@" ;;
+  *) echo "usage: $0 up|down|status|ctl ARGS|diagnostics ARGS" >&2; exit 2 ;;
 esac

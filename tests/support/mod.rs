@@ -119,3 +119,58 @@ pub fn faults_rabbitmqctl(args: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs `rabbitmqctl` against the main broker (rabbit@localhost) and returns its output;
+/// panics if it fails.
+pub fn main_rabbitmqctl(args: &[&str]) -> String {
+    services_up();
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "-n", "rabbit@localhost"])
+        .args(args)
+        .env("HOME", "/var/lib/rabbitmq")
+        .output()
+        .expect("cannot run rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The main broker over TLS (`scripts/services.sh` adds the listener and the test CA).
+pub fn amqps_url() -> String {
+    services_up();
+    std::env::var("MQLOCK_AMQPS_URL")
+        .unwrap_or_else(|_| "amqps://guest:guest@127.0.0.1:5671/%2f".into())
+}
+
+/// Where `scripts/services.sh` keeps the test CA (`ca.pem`) and the client certificate
+/// (`client.pem`, `client.key`).
+pub fn tls_dir() -> PathBuf {
+    services_up();
+    PathBuf::from(
+        std::env::var("MQLOCK_TLS_DIR").unwrap_or_else(|_| "/var/tmp/mqlock-services/tls".into()),
+    )
+}
+
+/// Starts the RabbitMQ 4.x broker of `scripts/rabbitmq4.sh` (once per test binary; the first
+/// run builds its chroot) and returns its URL. Panics, failing the test loudly, if it cannot.
+pub fn rabbitmq4_url() -> String {
+    static UP: OnceLock<()> = OnceLock::new();
+    UP.get_or_init(|| {
+        let out = Command::new(root().join("scripts/rabbitmq4.sh"))
+            .arg("up")
+            .output()
+            .expect("cannot run scripts/rabbitmq4.sh");
+        assert!(
+            out.status.success(),
+            "scripts/rabbitmq4.sh up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    std::env::var("MQLOCK_RMQ4_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5674/%2f".into())
+}

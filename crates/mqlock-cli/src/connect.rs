@@ -1,15 +1,18 @@
 //! Broker connection options shared by every subcommand.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use mqlock::{ClientConfig, LockClient, QueueType};
+use mqlock::{ClientConfig, LockClient, QueueType, TlsConfig};
 
 /// How to reach the broker and how lock queues are declared.
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
     /// Broker URL; several may be given, comma-separated, and are tried in turn.
-    /// Example: amqp://user:pass@rabbit1:5672/%2f
+    /// Example: amqp://user:pass@rabbit1:5672/%2f, or amqps://user:pass@rabbit1:5671/%2f for TLS.
+    /// Prefer the environment variable to the command line for a URL with a password: other
+    /// users can see a process's arguments.
     #[arg(
         long,
         env = "MQLOCK_AMQP_URL",
@@ -30,6 +33,29 @@ pub struct ConnectArgs {
     /// AMQP heartbeat; a holder cut off from the broker learns of its loss within 1.5 times this.
     #[arg(long, env = "MQLOCK_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
+
+    /// PEM file of the CA that signed the broker's certificate, for amqps:// URLs; only this CA
+    /// is trusted then (default: the system's CA bundle). Example: --ca-cert /etc/mqlock/ca.pem
+    #[arg(long, env = "MQLOCK_CA_CERT", value_name = "PATH")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM file of a client certificate, for brokers that ask for one (needs --client-key).
+    #[arg(
+        long,
+        env = "MQLOCK_CLIENT_CERT",
+        value_name = "PATH",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM file of the client certificate's private key (not encrypted).
+    #[arg(
+        long,
+        env = "MQLOCK_CLIENT_KEY",
+        value_name = "PATH",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
 }
 
 fn parse_queue_type(s: &str) -> Result<QueueType, String> {
@@ -47,6 +73,11 @@ impl ConnectArgs {
             heartbeat: self.heartbeat,
             queue_type: self.queue_type,
             prefix: self.prefix.clone(),
+            tls: TlsConfig {
+                ca_cert: self.ca_cert.clone(),
+                client_cert: self.client_cert.clone(),
+                client_key: self.client_key.clone(),
+            },
             ..ClientConfig::default()
         }
     }

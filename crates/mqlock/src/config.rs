@@ -71,13 +71,15 @@ pub struct ClientConfig {
 
 /// Certificates for `amqps://` broker URLs.
 ///
-/// The broker's certificate is checked against the system's trust store plus `ca_cert`, and
-/// its name against the URL's host (use the name or IP address the certificate was issued
-/// for). Needs mqlock's `rustls` cargo feature; without it an `amqps://` URL is refused with
+/// The broker's certificate is checked against `ca_cert` alone when it is given (the system's
+/// CAs are then not trusted), or else against the system's CA bundle (`$SSL_CERT_FILE`,
+/// `/etc/ssl/certs/ca-certificates.crt`...); its name is checked against the URL's host (use
+/// the name or IP address the certificate was issued for). Needs mqlock's `rustls` cargo feature; without it an `amqps://` URL is refused with
 /// [`Error::Config`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsConfig {
-    /// PEM file with the CA certificate(s) that signed the broker's certificate.
+    /// PEM file with the CA certificate(s) that signed the broker's certificate; the only CAs
+    /// trusted when given.
     pub ca_cert: Option<PathBuf>,
     /// PEM file with a client certificate (and its chain), for brokers that require one
     /// (`ssl_options.verify = verify_peer`, `fail_if_no_peer_cert = true`).

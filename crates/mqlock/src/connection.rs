@@ -195,6 +195,13 @@ impl Conn {
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
                 if let Event::Error(e) = event {
+                    // lapin also reports a channel the broker closed (403, 404, 406 on one
+                    // lock) as an error event; that channel's owner handles it, and the
+                    // connection and the other locks on it are fine.
+                    if is_channel_level(&e) {
+                        debug!(addr = %addr_owned, error = %e, "a channel was closed by the broker");
+                        continue;
+                    }
                     warn!(addr = %addr_owned, error = %e, "broker connection failed");
                     mark_dead(&dead_tx, LossReason::ConnectionLost(e.to_string()));
                     return;
@@ -304,7 +311,12 @@ fn tls_config(uri: &AMQPUri, config: &ClientConfig) -> Result<OwnedTLSConfig, Er
         std::fs::read(path)
             .map_err(|e| Error::Config(format!("cannot read the {what} {}: {e}", path.display())))
     };
-    if let Some(path) = &config.tls.ca_cert {
+    // With a CA file, only that CA is trusted; without one, the system's CA bundle.
+    let ca = match &config.tls.ca_cert {
+        Some(path) => Some(path.clone()),
+        None => system_ca_bundle(),
+    };
+    if let Some(path) = &ca {
         let pem = read("CA certificate", path)?;
         let pem = String::from_utf8(pem).map_err(|_| {
             Error::Config(format!(
@@ -327,6 +339,21 @@ fn tls_config(uri: &AMQPUri, config: &ClientConfig) -> Result<OwnedTLSConfig, Er
         });
     }
     Ok(tls)
+}
+
+/// The system's CA bundle: `$SSL_CERT_FILE`, or the first of the usual locations that exists.
+fn system_ca_bundle() -> Option<std::path::PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE") {
+        return Some(f.into());
+    }
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.is_file())
 }
 
 /// Reads the broker's `version` server property (`"3.10.8"`, `"4.0.5"`...).
@@ -437,4 +464,11 @@ fn is_tls_failure(e: &std::io::Error) -> bool {
         || ["certificate", "tls", "handshake", "peer", "alert"]
             .iter()
             .any(|w| text.contains(w))
+}
+
+/// Whether an error event concerns one channel only: a soft AMQP error (channel.close from the
+/// broker), as opposed to I/O errors, missed heartbeats and hard (connection.close) errors.
+fn is_channel_level(e: &lapin::Error) -> bool {
+    use lapin::protocol::AMQPErrorKind;
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)))
 }

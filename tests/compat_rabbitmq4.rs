@@ -1,0 +1,289 @@
+//! The core scenarios against RabbitMQ 4.x (Debian trixie's 4.0.5, run from a chroot by
+//! `scripts/rabbitmq4.sh` on 127.0.0.1:5674), and what differs from 3.x: quorum queues' default
+//! delivery limit (20 on 4.x), which mqlock lifts with `x-delivery-limit: -1` on 4.x only.
+//!
+//! The first run builds the chroot (about a minute here, see docs/compat.md); a broker that
+//! cannot be started fails these tests.
+
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mqlock::{ClientConfig, Error, LockClient, QueueType};
+
+fn quorum() -> ClientConfig {
+    ClientConfig {
+        queue_type: QueueType::Quorum,
+        ..ClientConfig::default()
+    }
+}
+
+async fn client(url: &str, config: ClientConfig) -> LockClient {
+    support::init_tracing();
+    LockClient::connect(url, config)
+        .await
+        .expect("connect to the test broker")
+}
+
+/// `rabbitmqctl ARGS` (4.x node through the script, or the host's 3.x node).
+fn ctl4(args: &[&str]) -> String {
+    let out = Command::new(support::root().join("scripts/rabbitmq4.sh"))
+        .arg("ctl")
+        .args(args)
+        .output()
+        .expect("scripts/rabbitmq4.sh ctl");
+    assert!(
+        out.status.success(),
+        "rabbitmq4.sh ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `arguments` column of `list_queues` for one queue.
+fn queue_arguments(listing: &str, queue: &str) -> String {
+    listing
+        .lines()
+        .find(|l| l.split('\t').next() == Some(queue))
+        .unwrap_or_else(|| panic!("queue {queue} not listed in:\n{listing}"))
+        .to_string()
+}
+
+/// 8 clients on 8 connections × `rounds` read-modify-write increments of a counter: the count
+/// must be exact, never two holders inside, fencing tokens strictly increasing in grant order.
+async fn eight_clients(url: &str, config: ClientConfig, rounds: usize) {
+    const CLIENTS: usize = 8;
+    let name = support::unique("compat-mutex");
+    let counter = Arc::new(std::sync::Mutex::new(0u64));
+    let inside = Arc::new(AtomicBool::new(false));
+    let grants = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let c = client(url, config.clone()).await;
+        let (name, counter, inside, grants) = (
+            name.clone(),
+            counter.clone(),
+            inside.clone(),
+            grants.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..rounds {
+                let g = c.lock(&name).await.unwrap();
+                assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
+                grants.lock().unwrap().push(g.fencing_token());
+                let n = *counter.lock().unwrap();
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                *counter.lock().unwrap() = n + 1;
+                assert!(g.is_held());
+                inside.store(false, Ordering::SeqCst);
+                g.release().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*counter.lock().unwrap(), (CLIENTS * rounds) as u64);
+    let grants = grants.lock().unwrap();
+    assert_eq!(grants.len(), CLIENTS * rounds);
+    assert!(
+        grants.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens must grow in grant order"
+    );
+}
+
+#[tokio::test]
+async fn the_4x_broker_is_detected_and_3x_is_not_mistaken_for_it() {
+    let url4 = support::rabbitmq4_url();
+    let c = client(&url4, quorum()).await;
+    let v = c.config().broker.version().expect("version read from 4.x");
+    assert!(v.starts_with("4."), "{v}");
+    assert_eq!(c.config().broker.major(), Some(4));
+
+    let c3 = client(&support::amqp_url(), quorum()).await;
+    let v3 = c3.config().broker.version().expect("version read from 3.x");
+    assert!(v3.starts_with("3."), "{v3}");
+
+    // Classic queues do not need the version: no extra socket is opened for them.
+    let classic = client(&url4, ClientConfig::default()).await;
+    assert_eq!(classic.config().broker.version(), None);
+    // An explicit limit is sent as given, so the version is not needed either.
+    let explicit = client(
+        &url4,
+        ClientConfig {
+            quorum_delivery_limit: Some(1000),
+            ..quorum()
+        },
+    )
+    .await;
+    assert_eq!(explicit.config().broker.version(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn classic_eight_clients_count_exactly_on_4x() {
+    eight_clients(&support::rabbitmq4_url(), ClientConfig::default(), 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quorum_eight_clients_count_exactly_on_4x() {
+    eight_clients(&support::rabbitmq4_url(), quorum(), 30).await;
+}
+
+/// Two clients hand a quorum lock back and forth `n` times; returns the slowest hand-off.
+async fn ping_pong(url: &str, config: ClientConfig, name: &str, n: usize) -> Duration {
+    let a = client(url, config.clone()).await;
+    let b = client(url, config).await;
+    let mut g = a.lock(name).await.unwrap();
+    let mut last = g.fencing_token();
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let next = if i % 2 == 0 { &b } else { &a };
+        let waiter = tokio::spawn({
+            let next = next.clone();
+            let name = name.to_string();
+            async move { next.lock(&name).await }
+        });
+        // Let the waiter register behind the holder.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let t0 = Instant::now();
+        g.release().await.unwrap();
+        g = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .unwrap_or_else(|_| panic!("hand-off #{i} never completed"))
+            .unwrap()
+            .unwrap();
+        slowest = slowest.max(t0.elapsed());
+        assert!(g.fencing_token() > last);
+        last = g.fencing_token();
+    }
+    g.release().await.unwrap();
+    slowest
+}
+
+#[tokio::test]
+async fn quorum_token_survives_many_hand_offs_on_4x() {
+    let url = support::rabbitmq4_url();
+    // A token dropped by the delivery limit would stall a hand-off until the waiter's next
+    // nudge: make that a minute, so a drop cannot hide.
+    let config = ClientConfig {
+        nudge_interval: Duration::from_secs(60),
+        ..quorum()
+    };
+    let name = support::unique("compat-handoff");
+    let slowest = ping_pong(&url, config.clone(), &name, 40).await;
+    eprintln!("40 quorum hand-offs on 4.x, slowest {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(5),
+        "slowest hand-off {slowest:?}"
+    );
+
+    let listing = ctl4(&["list_queues", "name", "arguments"]);
+    let lock_queue = mqlock::name::queue_names("mqlock.", &name).unwrap().lock;
+    let args = queue_arguments(&listing, &lock_queue);
+    assert!(
+        args.contains("x-delivery-limit") && args.contains("-1"),
+        "{args}"
+    );
+}
+
+#[tokio::test]
+async fn the_default_delivery_limit_would_drop_the_token_on_4x() {
+    // Control for the test above: with 4.x's default limit of 20 written out explicitly, the
+    // token dies after ~20 hand-offs and only a waiter's nudge brings the lock back.
+    let url = support::rabbitmq4_url();
+    let config = ClientConfig {
+        quorum_delivery_limit: Some(20),
+        nudge_interval: Duration::from_secs(3),
+        ..quorum()
+    };
+    let name = support::unique("compat-limit");
+    let slowest = ping_pong(&url, config, &name, 30).await;
+    eprintln!("30 hand-offs with x-delivery-limit 20, slowest {slowest:?}");
+    assert!(
+        slowest >= Duration::from_millis(2500),
+        "the token should have been dropped and re-minted by a nudge; slowest {slowest:?}"
+    );
+}
+
+#[tokio::test]
+async fn quorum_on_3x_gets_no_delivery_limit_argument() {
+    let url = support::amqp_url();
+    let name = support::unique("compat-3x");
+    let slowest = ping_pong(
+        &url,
+        ClientConfig {
+            nudge_interval: Duration::from_secs(60),
+            ..quorum()
+        },
+        &name,
+        30,
+    )
+    .await;
+    assert!(
+        slowest < Duration::from_secs(5),
+        "slowest hand-off {slowest:?}"
+    );
+    let listing = support::main_rabbitmqctl(&["list_queues", "name", "arguments"]);
+    let lock_queue = mqlock::name::queue_names("mqlock.", &name).unwrap().lock;
+    let args = queue_arguments(&listing, &lock_queue);
+    assert!(!args.contains("x-delivery-limit"), "{args}");
+}
+
+#[tokio::test]
+async fn try_lock_status_timeout_and_incompatible_queue_on_4x() {
+    let url = support::rabbitmq4_url();
+    for config in [ClientConfig::default(), quorum()] {
+        let a = client(&url, config.clone()).await;
+        let b = client(&url, config.clone()).await;
+        let name = support::unique("compat-basic");
+        let g = a.lock(&name).await.unwrap();
+        assert!(b.try_lock(&name).await.unwrap().is_none());
+        assert!(b.status(&name).await.unwrap().is_held());
+        let err = b
+            .lock_timeout(&name, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        g.release().await.unwrap();
+        let g = b
+            .try_lock(&name)
+            .await
+            .unwrap()
+            .expect("free after release");
+        g.release().await.unwrap();
+    }
+    // A lock declared classic cannot be used as quorum.
+    let name = support::unique("compat-mixed");
+    let c = client(&url, ClientConfig::default()).await;
+    c.lock(&name).await.unwrap().release().await.unwrap();
+    let q = client(&url, quorum()).await;
+    let err = q.lock(&name).await.unwrap_err();
+    assert!(matches!(err, Error::IncompatibleQueue { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn no_deprecated_broker_feature_is_used_on_4x() {
+    // Transient non-exclusive queues and global QoS are deprecated in 4.0 (and refused from
+    // 4.3): the broker reports whether anything currently uses them.
+    let url = support::rabbitmq4_url();
+    let c = client(&url, ClientConfig::default()).await;
+    let q = client(&url, quorum()).await;
+    let g1 = c.lock(&support::unique("compat-depr")).await.unwrap();
+    let g2 = q.lock(&support::unique("compat-depr")).await.unwrap();
+    let out = Command::new(support::root().join("scripts/rabbitmq4.sh"))
+        .args(["diagnostics", "check_if_any_deprecated_features_are_used"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    g1.release().await.unwrap();
+    g2.release().await.unwrap();
+}
