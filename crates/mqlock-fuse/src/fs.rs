@@ -1399,6 +1399,12 @@ impl Filesystem for LockedFs {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
+        // fallocate changes the file like a write: only through a write handle, which holds
+        // the file's lock (the kernel refuses read-only fds itself), and not after the lock was
+        // lost.
+        if f.lock.is_none() {
+            return reply.error(Errno::EBADF);
+        }
         if let Err(e) = f.check_lock() {
             return reply.error(e);
         }

@@ -289,3 +289,70 @@ fn an_unchanged_file_keeps_its_cache_and_a_same_size_rewrite_is_seen() {
         std::fs::read(m.backing.join("e")).unwrap()
     );
 }
+
+fn fallocate(f: &File, mode: i32, offset: i64, len: i64) -> Result<(), i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open fd.
+    match unsafe { libc::fallocate(f.as_raw_fd(), mode, offset, len) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error().raw_os_error().unwrap()),
+    }
+}
+
+/// fallocate is a write: it works through a write handle while its lock is held, fails with
+/// EIO once the lock is lost (also with kernel passthrough, where reads and writes bypass the
+/// daemon but fallocate does not), and a read-only handle gets the backing directory's EBADF.
+#[test]
+fn fallocate_is_covered_by_the_handles_lock_in_both_modes() {
+    for passthrough in [false, true] {
+        let rt = rt();
+        let l = MemoryLocker::new();
+        let mut o = opts(2000);
+        o.passthrough = passthrough;
+        let m = mount_with(&rt, &l, o);
+        let p = m.path.join("g");
+        let backing = m.backing.join("g");
+        let f = File::create(&p).unwrap();
+        assert_eq!(
+            fallocate(&f, 0, 0, 8192),
+            Ok(()),
+            "passthrough {passthrough}"
+        );
+        assert_eq!(std::fs::metadata(&backing).unwrap().len(), 8192);
+        assert_eq!(
+            fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 0, 65536),
+            Ok(()),
+            "passthrough {passthrough}"
+        );
+        assert_eq!(std::fs::metadata(&backing).unwrap().len(), 8192);
+        // Read-only handles: the same errno as on the backing directory.
+        let r = File::open(&p).unwrap();
+        let native = File::open(&backing).unwrap();
+        assert_eq!(fallocate(&native, 0, 0, 16384), Err(libc::EBADF));
+        assert_eq!(fallocate(&r, 0, 0, 16384), Err(libc::EBADF));
+        drop((r, native));
+        // Lost lock: refused, file untouched.
+        assert!(l.revoke("fs:/g"));
+        assert_eq!(
+            fallocate(&f, 0, 0, 16384),
+            Err(libc::EIO),
+            "passthrough {passthrough}"
+        );
+        assert_eq!(
+            fallocate(
+                &f,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                4096
+            ),
+            Err(libc::EIO)
+        );
+        assert_eq!(std::fs::metadata(&backing).unwrap().len(), 8192);
+        // A new write handle takes a new grant and may allocate again.
+        let g = OpenOptions::new().write(true).open(&p).unwrap();
+        assert_eq!(fallocate(&g, 0, 0, 16384), Ok(()));
+        assert_eq!(std::fs::metadata(&backing).unwrap().len(), 16384);
+        drop(g);
+        drop(f);
+    }
+}
