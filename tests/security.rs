@@ -491,6 +491,11 @@ struct TempUser {
 impl TempUser {
     /// Creates a user with the given configure / write / read permissions on vhost `/`.
     fn new(configure: &str, write: &str, read: &str) -> TempUser {
+        Self::new_in("/", configure, write, read)
+    }
+
+    /// Creates a user with the given permissions on `vhost`.
+    fn new_in(vhost: &str, configure: &str, write: &str, read: &str) -> TempUser {
         use rand::Rng;
         let mut rng = rand::rng();
         let name = format!("mqlock-app-{}", rng.random::<u32>());
@@ -498,7 +503,15 @@ impl TempUser {
             .map(|_| rng.sample(rand::distr::Alphanumeric) as char)
             .collect();
         support::main_rabbitmqctl(&["add_user", &name, &password]);
-        support::main_rabbitmqctl(&["set_permissions", "-p", "/", &name, configure, write, read]);
+        support::main_rabbitmqctl(&[
+            "set_permissions",
+            "-p",
+            vhost,
+            &name,
+            configure,
+            write,
+            read,
+        ]);
         TempUser { name, password }
     }
 
@@ -516,9 +529,12 @@ impl Drop for TempUser {
     }
 }
 
-/// The permissions docs/security.md recommends for the default prefix `mqlock.`.
+/// The permissions docs/security.md recommends for the default prefix `mqlock.`: declare
+/// (configure) and consume/get (read) the lock queues, publish (write) to the default exchange.
+/// Publishing through the default exchange checks write on `amq.default` only, never on the
+/// queue, so the lock queues need no write permission.
 const CONFIGURE: &str = r"^mqlock\.";
-const WRITE: &str = r"^(mqlock\..*|amq\.default)$";
+const WRITE: &str = r"^amq\.default$";
 const READ: &str = r"^mqlock\.";
 
 #[tokio::test]
@@ -649,8 +665,9 @@ async fn a_refused_or_incompatible_queue_does_not_cost_the_client_its_other_lock
 async fn publishing_to_the_default_exchange_is_what_write_on_amq_default_is_for() {
     setup();
     // Without write permission on amq.default, the first grant of a new lock cannot mint its
-    // token: the broker refuses the publish.
-    let user = TempUser::new(CONFIGURE, r"^mqlock\.", READ);
+    // token: the broker refuses the publish. (Write on the queues themselves does not help,
+    // and read on amq.default is not what publishing needs.)
+    let user = TempUser::new(CONFIGURE, r"^mqlock\.", r"^(mqlock\.|amq\.default$)");
     let app = LockClient::connect(&user.url(), ClientConfig::default())
         .await
         .unwrap();
@@ -674,4 +691,49 @@ async fn read_permission_on_the_lock_queues_is_needed() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::AccessRefused { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_dedicated_vhost_confines_the_default_exchange() {
+    setup();
+    // Write on amq.default lets a user publish into *any* queue of its vhost (RabbitMQ checks
+    // the exchange, not the queue). A vhost of its own keeps the lock user away from every
+    // other application's queues.
+    use rand::Rng;
+    let vhost = format!("mqlock-test-{}", rand::rng().random::<u32>());
+    support::main_rabbitmqctl(&["add_vhost", &vhost]);
+    struct DropVhost(String);
+    impl Drop for DropVhost {
+        fn drop(&mut self) {
+            let _ = Command::new("rabbitmqctl")
+                .args(["-q", "-n", "rabbit@localhost", "delete_vhost", &self.0])
+                .env("HOME", "/var/lib/rabbitmq")
+                .output();
+        }
+    }
+    let _cleanup = DropVhost(vhost.clone());
+    let user = TempUser::new_in(&vhost, CONFIGURE, WRITE, READ);
+    let url = format!(
+        "amqp://{}:{}@127.0.0.1:5672/{vhost}",
+        user.name, user.password
+    );
+    let app = LockClient::connect(&url, ClientConfig::default())
+        .await
+        .unwrap();
+    assert!(
+        app.broker_addr().ends_with(&format!("/{vhost}")),
+        "{}",
+        app.broker_addr()
+    );
+    let name = support::unique("vhost");
+    let g = app.lock(&name).await.unwrap();
+    assert!(app.status(&name).await.unwrap().is_held());
+    g.release().await.unwrap();
+
+    // The default vhost is out of reach altogether.
+    let err = LockClient::connect(&user.url(), ClientConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AuthRefused { .. }), "{err:?}");
+    assert_hides(&err, &user.password);
 }
