@@ -50,7 +50,8 @@ async fn try_lock_sees_a_held_lock_and_timeout_expires() {
         "overran its timeout: {:?}",
         t0.elapsed()
     );
-    assert!(err.to_string().contains(&name) && err.to_string().contains("127.0.0.1:5672"));
+    // The broker's address (host:port of the URL under test, e.g. 127.0.0.1:5672).
+    assert!(err.to_string().contains(&name) && err.to_string().contains(b.broker_addr()));
     let status = b.status(&name).await.unwrap();
     assert!(status.is_held(), "{status:?}");
     assert_eq!(
