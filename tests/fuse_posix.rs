@@ -310,3 +310,380 @@ fn appends_and_large_writes_round_trip_in_both_modes() {
         );
     }
 }
+
+/// "ok" or the errno of a result, for transcripts.
+fn outcome<T>(r: std::io::Result<T>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The semantics a passthrough most easily gets wrong, run in `dir`; returns what a program
+/// observes, step by step, so that the mount's transcript can be compared with the backing
+/// directory's.
+fn tricky_semantics(dir: &Path) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let mut t = Vec::new();
+    let p = |n: &str| dir.join(n);
+    let read_handle = |f: &mut File| {
+        let mut s = String::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_string(&mut s).unwrap();
+        s
+    };
+
+    // rename over a file that is open: the old handle keeps the old file, now unlinked.
+    std::fs::write(p("a"), "old a").unwrap();
+    std::fs::write(p("b"), "new b").unwrap();
+    let mut old = File::open(p("a")).unwrap();
+    std::fs::rename(p("b"), p("a")).unwrap();
+    t.push(format!(
+        "rename-over-open: handle reads {:?}",
+        read_handle(&mut old)
+    ));
+    t.push(format!(
+        "rename-over-open: handle nlink {}",
+        old.metadata().unwrap().nlink()
+    ));
+    t.push(format!(
+        "rename-over-open: path reads {:?}",
+        std::fs::read_to_string(p("a")).unwrap()
+    ));
+    drop(old);
+
+    // unlink of an open file: the handle still reads and writes it.
+    let mut u = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p("u"))
+        .unwrap();
+    u.write_all(b"before unlink").unwrap();
+    std::fs::remove_file(p("u")).unwrap();
+    u.write_all(b", after unlink").unwrap();
+    t.push(format!(
+        "unlinked-open: handle reads {:?}",
+        read_handle(&mut u)
+    ));
+    t.push(format!(
+        "unlinked-open: nlink {}",
+        u.metadata().unwrap().nlink()
+    ));
+    t.push(format!(
+        "unlinked-open: size {}",
+        u.metadata().unwrap().len()
+    ));
+    t.push(format!(
+        "unlinked-open: path {}",
+        outcome(File::open(p("u")))
+    ));
+    t.push(format!(
+        "unlinked-open: ftruncate {}",
+        outcome(u.set_len(6))
+    ));
+    t.push(format!(
+        "unlinked-open: after ftruncate {:?}",
+        read_handle(&mut u)
+    ));
+    drop(u);
+
+    // Hard links share one inode.
+    std::fs::write(p("h1"), "linked").unwrap();
+    std::fs::hard_link(p("h1"), p("h2")).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(p("h2"))
+        .unwrap()
+        .write_all(b" +h2")
+        .unwrap();
+    t.push(format!(
+        "hard-link: h1 reads {:?}",
+        std::fs::read_to_string(p("h1")).unwrap()
+    ));
+    let (m1, m2) = (
+        std::fs::metadata(p("h1")).unwrap(),
+        std::fs::metadata(p("h2")).unwrap(),
+    );
+    t.push(format!(
+        "hard-link: same ino {}, nlink {}/{}",
+        m1.ino() == m2.ino(),
+        m1.nlink(),
+        m2.nlink()
+    ));
+    std::fs::remove_file(p("h1")).unwrap();
+    t.push(format!(
+        "hard-link: nlink after unlink {}",
+        std::fs::metadata(p("h2")).unwrap().nlink()
+    ));
+    t.push(format!(
+        "hard-link: link to a directory {}",
+        outcome(std::fs::hard_link(dir, p("dirlink")))
+    ));
+
+    // O_APPEND: every write goes to the end, whatever the offset.
+    std::fs::write(p("ap"), "12345").unwrap();
+    let mut ap = OpenOptions::new().append(true).open(p("ap")).unwrap();
+    ap.seek(SeekFrom::Start(0)).unwrap();
+    ap.write_all(b"x").unwrap();
+    ap.write_at(b"y", 1).unwrap();
+    t.push(format!(
+        "append: position {}",
+        ap.stream_position().unwrap()
+    ));
+    drop(ap);
+    t.push(format!(
+        "append: content {:?}",
+        std::fs::read_to_string(p("ap")).unwrap()
+    ));
+    t.push(format!(
+        "append: read on a write-only fd {}",
+        outcome(
+            OpenOptions::new()
+                .append(true)
+                .open(p("ap"))
+                .unwrap()
+                .read(&mut [0u8; 4])
+        )
+    ));
+
+    // O_EXCL on create, including over a dangling symlink.
+    let excl = |n: &str| outcome(OpenOptions::new().write(true).create_new(true).open(p(n)));
+    t.push(format!("excl: new {}", excl("ex")));
+    t.push(format!("excl: existing {}", excl("ex")));
+    symlink("nowhere", p("dangling")).unwrap();
+    t.push(format!("excl: dangling symlink {}", excl("dangling")));
+    t.push(format!(
+        "nofollow: symlink {}",
+        outcome(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p("dangling"))
+        )
+    ));
+    t.push(format!(
+        "creat through a dangling symlink {}",
+        outcome(
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .open(p("dangling"))
+        )
+    ));
+    t.push(format!(
+        "creat through a dangling symlink: target exists {}",
+        p("nowhere").exists()
+    ));
+
+    // Truncate a file that is open for reading (path) and for writing (handle).
+    std::fs::write(p("tr"), "0123456789").unwrap();
+    let mut r = File::open(p("tr")).unwrap();
+    let cpath = c(&p("tr"));
+    // SAFETY: valid C string.
+    t.push(format!(
+        "truncate-open: truncate {}",
+        outcome(cvt(unsafe { libc::truncate(cpath.as_ptr(), 3) }))
+    ));
+    t.push(format!(
+        "truncate-open: reader sees {:?}",
+        read_handle(&mut r)
+    ));
+    let w = OpenOptions::new().write(true).open(p("tr")).unwrap();
+    w.set_len(5).unwrap();
+    t.push(format!("truncate-open: extended {:?}", read_handle(&mut r)));
+    t.push(format!(
+        "truncate-open: ftruncate on a read-only fd {}",
+        outcome(r.set_len(1))
+    ));
+    drop((r, w));
+
+    // utimensat with UTIME_OMIT and UTIME_NOW.
+    std::fs::write(p("tm"), "t").unwrap();
+    let tp = c(&p("tm"));
+    let set = |a: libc::timespec, m: libc::timespec| {
+        let times = [a, m];
+        // SAFETY: valid C string and times.
+        cvt(unsafe { libc::utimensat(libc::AT_FDCWD, tp.as_ptr(), times.as_ptr(), 0) })
+    };
+    let ts = |sec, nsec| libc::timespec {
+        tv_sec: sec,
+        tv_nsec: nsec,
+    };
+    set(ts(1_000_000, 1), ts(2_000_000, 2)).unwrap();
+    set(ts(3_000_000, 3), ts(0, libc::UTIME_OMIT)).unwrap();
+    let m = std::fs::metadata(p("tm")).unwrap();
+    t.push(format!(
+        "utimens omit: atime {}.{} mtime {}.{}",
+        m.atime(),
+        m.atime_nsec(),
+        m.mtime(),
+        m.mtime_nsec()
+    ));
+    set(ts(0, libc::UTIME_OMIT), ts(0, libc::UTIME_NOW)).unwrap();
+    let m = std::fs::metadata(p("tm")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    t.push(format!(
+        "utimens now: atime {}.{} mtime recent {}",
+        m.atime(),
+        m.atime_nsec(),
+        (now - m.mtime()).abs() < 10
+    ));
+
+    // Directory errnos.
+    std::fs::create_dir(p("d1")).unwrap();
+    std::fs::create_dir(p("d2")).unwrap();
+    std::fs::write(p("d2/x"), "x").unwrap();
+    t.push(format!(
+        "rename dir over non-empty dir {}",
+        outcome(std::fs::rename(p("d1"), p("d2")))
+    ));
+    t.push(format!(
+        "rename dir over file {}",
+        outcome(std::fs::rename(p("d1"), p("ap")))
+    ));
+    t.push(format!(
+        "rename file over dir {}",
+        outcome(std::fs::rename(p("ap"), p("d1")))
+    ));
+    t.push(format!(
+        "rename dir into itself {}",
+        outcome(std::fs::rename(p("d2"), p("d2/sub")))
+    ));
+    t.push(format!(
+        "rename dir over empty dir {}",
+        outcome(std::fs::rename(p("d1"), p("d3")).and_then(|_| {
+            std::fs::create_dir(p("d4"))?;
+            std::fs::rename(p("d3"), p("d4"))
+        }))
+    ));
+    t.push(format!(
+        "open dir for writing {}",
+        outcome(OpenOptions::new().write(true).open(p("d2")))
+    ));
+    t.push(format!(
+        "unlink a dir {}",
+        outcome(std::fs::remove_file(p("d2")))
+    ));
+    t.push(format!(
+        "O_DIRECTORY on a file {}",
+        outcome(
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY)
+                .open(p("ap"))
+        )
+    ));
+    t.push(format!(
+        "name too long {}",
+        outcome(File::create(p(&"n".repeat(256))))
+    ));
+    symlink("loop2", p("loop1")).unwrap();
+    symlink("loop1", p("loop2")).unwrap();
+    t.push(format!("symlink loop {}", outcome(File::open(p("loop1")))));
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    t.push(format!("readdir {names:?}"));
+    t
+}
+
+#[test]
+fn tricky_posix_semantics_match_the_backing_directory() {
+    let (_backing, n) = node(&[]);
+    let native = tempfile::tempdir().unwrap();
+    let want = tricky_semantics(native.path());
+    let got = tricky_semantics(&n.mnt);
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(g, w, "mount vs backing directory");
+    }
+    assert_eq!(got.len(), want.len());
+}
+
+/// Files owned by root with various modes, for another user to be refused.
+fn permission_fixture(dir: &Path) {
+    let mode = |p: &str, m: u32| {
+        std::fs::set_permissions(dir.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, m) in [("secret", 0o600), ("readonly", 0o644), ("writable", 0o666)] {
+        std::fs::write(dir.join(name), name).unwrap();
+        mode(name, m);
+    }
+    std::fs::create_dir(dir.join("tmp")).unwrap();
+    mode("tmp", 0o1777);
+    std::fs::write(dir.join("tmp/rootfile"), "root's").unwrap();
+    mode("tmp/rootfile", 0o666);
+}
+
+/// What nobody sees doing things root's modes forbid (and a few they allow), one line each.
+const NOBODY_SCRIPT: &str = r#"
+r() { "$@" 2>&1; echo "$* -> $?"; }
+r cat secret
+r cat readonly
+r sh -c 'echo x >> readonly'
+r sh -c 'echo x >> writable'
+r touch new-in-root
+r rm readonly
+r rm tmp/rootfile
+r mv tmp/rootfile tmp/stolen
+r sh -c 'echo x >> tmp/rootfile'
+r chmod 600 readonly
+r chown nobody readonly
+r touch -d 2000-01-01 writable
+r touch writable
+r truncate -s 0 readonly
+r truncate -s 1 writable
+r ln secret tmp/hardlink
+r mkdir tmp/mine
+r chmod 700 tmp/mine
+r touch tmp/mine/f
+r stat -c '%U %G %a' tmp/mine tmp/mine/f
+r ls tmp/mine
+"#;
+
+#[test]
+fn another_users_permission_errors_match_the_backing_directory() {
+    let (backing, n) = node(&["--allow-other"]);
+    permission_fixture(backing.path());
+    let native = tempfile::tempdir().unwrap();
+    permission_fixture(native.path());
+    let run = |dir: &Path| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "cd '{}' && umask 022 && {NOBODY_SCRIPT}",
+                dir.display()
+            ))
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let want = run(native.path());
+    let got = run(&n.mnt);
+    assert!(
+        want.contains("Permission denied") && want.contains("Operation not permitted"),
+        "the fixture must refuse things: {want}"
+    );
+    for (w, g) in want.lines().zip(got.lines()) {
+        assert_eq!(g, w, "mount vs backing directory");
+    }
+    assert_eq!(got.lines().count(), want.lines().count(), "{got}");
+}

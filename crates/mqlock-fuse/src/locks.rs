@@ -70,7 +70,17 @@ struct Held {
     watcher: JoinHandle<()>,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Held>>>;
+/// One lock name's state on this node. `waiting` is set while an opener waits for the lock
+/// service to grant it (the lock is held elsewhere, or at least not yet ours); the mutex alone
+/// is also held for quick steps (a release in flight, a non-blocking try), which a
+/// non-blocking opener waits out rather than failing.
+#[derive(Default)]
+struct SlotState {
+    held: tokio::sync::Mutex<Option<Held>>,
+    waiting: std::sync::atomic::AtomicBool,
+}
+
+type Slot = Arc<SlotState>;
 
 /// The locks this node holds for open files, by lock name.
 pub(crate) struct LockTable {
@@ -122,14 +132,27 @@ impl LockTable {
             name: name.to_owned(),
             waited: started.elapsed(),
         };
+        let busy = || LockError::Busy {
+            name: name.to_owned(),
+        };
         let mut state = if nonblock {
-            // Another opener on this node is mid-acquisition: the lock is not ours yet, so for
-            // a non-blocking open it counts as held elsewhere.
-            slot.try_lock().map_err(|_| LockError::Busy {
-                name: name.to_owned(),
-            })?
+            // Another opener on this node waiting for the lock service: the lock is not ours
+            // yet, so for a non-blocking open it counts as held elsewhere. A release in flight
+            // (this node's last close, a moment ago) is waited out: the lock is about to be free.
+            loop {
+                if slot.waiting.load(Ordering::Acquire) {
+                    return Err(busy());
+                }
+                if let Ok(state) = slot.held.try_lock() {
+                    break state;
+                }
+                if started.elapsed() >= self.timeout {
+                    return Err(busy());
+                }
+                tokio::time::sleep(Duration::from_micros(500)).await;
+            }
         } else {
-            tokio::time::timeout(self.timeout, slot.lock())
+            tokio::time::timeout(self.timeout, slot.held.lock())
                 .await
                 .map_err(|_| timeout())?
         };
@@ -153,7 +176,18 @@ impl LockTable {
                 })?
         } else {
             let left = self.timeout.saturating_sub(started.elapsed());
-            match self.locker.lock_timeout(name, left).await {
+            /// Clears `waiting` however the wait ends (also if the future is dropped).
+            struct Waiting<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::Release);
+                }
+            }
+            slot.waiting.store(true, Ordering::Release);
+            let w = Waiting(&slot.waiting);
+            let r = self.locker.lock_timeout(name, left).await;
+            drop(w);
+            match r {
                 Ok(g) => g,
                 Err(mqlock::Error::Timeout { .. }) => return Err(timeout()),
                 Err(e) => return Err(e.into()),
@@ -188,7 +222,7 @@ impl LockTable {
             return;
         };
         {
-            let mut state = slot.lock().await;
+            let mut state = slot.held.lock().await;
             let last = match state.as_mut() {
                 Some(held) if held.epoch == share.epoch => {
                     held.count -= 1;
@@ -213,7 +247,7 @@ impl LockTable {
     fn collect(&self, name: &str, slot: Slot) {
         let mut slots = self.slots.lock().unwrap();
         // Two references: the map's and ours. Anyone else would be an opener in flight.
-        if Arc::strong_count(&slot) == 2 && slot.try_lock().is_ok_and(|s| s.is_none()) {
+        if Arc::strong_count(&slot) == 2 && slot.held.try_lock().is_ok_and(|s| s.is_none()) {
             slots.remove(name);
         }
     }
@@ -271,6 +305,37 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(200));
         drop(other);
         assert!(t.acquire("f", false).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_nonblocking_opener_waits_out_a_release_in_flight_but_not_a_waiter() {
+        let l = MemoryLocker::new();
+        let t = Arc::new(table(&l, Duration::from_secs(2)));
+        let a = t.acquire("f", false).await.unwrap();
+        // A release in flight holds the slot's mutex for a moment.
+        let slot = t.slot("f");
+        let g = slot.held.lock().await;
+        let t2 = t.clone();
+        let opener = tokio::spawn(async move { t2.acquire("f", true).await.map(|s| s.token) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(g);
+        assert_eq!(
+            opener.await.unwrap().unwrap(),
+            a.token,
+            "joined the held grant"
+        );
+        drop(slot);
+        // An opener waiting for a lock held elsewhere makes a non-blocking open fail at once.
+        let other = l.lock("g").await.unwrap();
+        let t3 = t.clone();
+        let waiter = tokio::spawn(async move { t3.acquire("g", false).await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let e = t.acquire("g", true).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EWOULDBLOCK);
+        assert!(started.elapsed() < Duration::from_millis(100));
+        drop(other);
+        assert!(waiter.await.unwrap());
     }
 
     #[tokio::test]
