@@ -1,7 +1,6 @@
 //! Client configuration.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -52,22 +51,28 @@ pub struct ClientConfig {
     pub nudge_interval: Duration,
     /// How long `try_lock` waits for the broker to hand over a lock it found free (default 1 s).
     pub try_window: Duration,
-    /// `x-delivery-limit` for quorum lock queues.
+    /// `x-delivery-limit` of quorum lock queues (default
+    /// [`DEFAULT_QUORUM_DELIVERY_LIMIT`], about two billion).
     ///
-    /// `None` (the default) chooses by the broker's version: RabbitMQ 4.x drops a message after
-    /// 20 deliveries by default, and every release requeues the token, so the client sends `-1`
-    /// (no limit) to a 4.x broker; a 3.x broker has no default limit and must not get `-1`, so
-    /// nothing is sent there (nor when the version could not be read). `Some(n)` sends `n`
-    /// whatever the version. Every client of one lock must end up sending the same value.
+    /// Every release requeues the token, and a quorum queue drops a message delivered more
+    /// often than its limit. RabbitMQ 4.x sets a limit of 20 when none is given; 3.x has none.
+    /// `-1` means "no limit" on 4.x only: 3.10 takes it literally and drops every released
+    /// token. A large explicit limit means the same on both, and the argument — which the
+    /// broker compares on every declaration — does not change when a broker is upgraded or a
+    /// cluster mixes versions (docs/compat.md). `None` sends no argument (the broker's default
+    /// applies). A dropped token delays the next grant until a waiter's nudge; it never
+    /// breaks mutual exclusion. All clients of one lock must use the same value.
     pub quorum_delivery_limit: Option<i64>,
     /// Name shown for this client's connection in the broker's management tools.
     pub connection_name: Option<String>,
     /// Certificates for `amqps://` URLs (used only with the `rustls` feature).
     pub tls: TlsConfig,
-    /// What the client learnt about the broker of its current connection. The client fills
-    /// it in when it connects; leave the default.
-    pub broker: BrokerInfo,
 }
+
+/// The default `x-delivery-limit` of quorum lock queues: `i32::MAX` deliveries, which a lock
+/// handed on 1 000 times a second reaches after 24 days (and then loses one token, replaced by
+/// the next nudge).
+pub const DEFAULT_QUORUM_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
 /// Certificates for `amqps://` broker URLs.
 ///
@@ -89,43 +94,6 @@ pub struct TlsConfig {
     pub client_key: Option<PathBuf>,
 }
 
-/// What the client learnt about the broker it is connected to (filled in on every connection).
-///
-/// The version is read from the broker's `connection.start` properties when the client needs
-/// it: for quorum lock queues with an automatic delivery limit (see
-/// [`ClientConfig::quorum_delivery_limit`]). Cloning copies the current value.
-#[derive(Debug, Default)]
-pub struct BrokerInfo {
-    version: Mutex<Option<String>>,
-}
-
-impl Clone for BrokerInfo {
-    fn clone(&self) -> Self {
-        BrokerInfo {
-            version: Mutex::new(self.version()),
-        }
-    }
-}
-
-impl BrokerInfo {
-    /// The broker's version (e.g. `"4.0.5"`), if it was read on the current connection.
-    pub fn version(&self) -> Option<String> {
-        self.version
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// The broker's major version (3, 4...), if known.
-    pub fn major(&self) -> Option<u32> {
-        self.version()?.split('.').next()?.trim().parse().ok()
-    }
-
-    pub(crate) fn set_version(&self, version: Option<String>) {
-        *self.version.lock().unwrap_or_else(|p| p.into_inner()) = version;
-    }
-}
-
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
@@ -136,10 +104,9 @@ impl Default for ClientConfig {
             renew_interval: Duration::from_secs(300),
             nudge_interval: Duration::from_secs(10),
             try_window: Duration::from_secs(1),
-            quorum_delivery_limit: None,
+            quorum_delivery_limit: Some(DEFAULT_QUORUM_DELIVERY_LIMIT),
             connection_name: None,
             tls: TlsConfig::default(),
-            broker: BrokerInfo::default(),
         }
     }
 }
@@ -179,21 +146,6 @@ impl ClientConfig {
             ));
         }
         Ok(())
-    }
-
-    /// The `x-delivery-limit` to declare quorum lock queues with, if any (see
-    /// [`ClientConfig::quorum_delivery_limit`]).
-    pub(crate) fn effective_delivery_limit(&self) -> Option<i64> {
-        match self.quorum_delivery_limit {
-            Some(n) => Some(n),
-            None if self.broker.major().is_some_and(|m| m >= 4) => Some(-1),
-            None => None,
-        }
-    }
-
-    /// Whether connecting must read the broker's version.
-    pub(crate) fn needs_broker_version(&self) -> bool {
-        self.queue_type == QueueType::Quorum && self.quorum_delivery_limit.is_none()
     }
 
     /// The heartbeat in whole seconds, as AMQP negotiates it.

@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::BasicQosOptions;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::types::AMQPValue;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, Event};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::config::ClientConfig;
 use crate::error::Error;
@@ -132,18 +131,9 @@ impl Conn {
             addr: addr.into(),
             detail: format!("no async runtime: {e}"),
         })?;
-        let connect = Connection::connect_uri_with_config(uri.clone(), props, tls.clone(), runtime);
+        let connect = Connection::connect_uri_with_config(uri.clone(), props, tls, runtime);
         // The URL's connection_timeout bounds the TCP connect; this bounds the AMQP handshake too.
-        let connect = tokio::time::timeout(Duration::from_secs(15), connect);
-        // The broker's version decides queue arguments (config.rs); lapin does not expose the
-        // server properties, so they are read on a short-lived socket of our own, in parallel.
-        let (connected, version) = if config.needs_broker_version() {
-            let (c, v) = futures_util::future::join(connect, read_broker_version(uri, &tls)).await;
-            (c, Some(v))
-        } else {
-            (connect.await, None)
-        };
-        let connection = match connected {
+        let connection = match tokio::time::timeout(Duration::from_secs(15), connect).await {
             Err(_) => {
                 return Err(Error::Unreachable {
                     addr: addr.into(),
@@ -153,17 +143,6 @@ impl Conn {
             Ok(Err(e)) => return Err(connect_error(&e, uri, addr)),
             Ok(Ok(c)) => c,
         };
-        match version {
-            Some(Ok(v)) => {
-                info!(%addr, version = %v, "broker version");
-                config.broker.set_version(Some(v));
-            }
-            Some(Err(e)) => {
-                warn!(%addr, error = %e, "could not read the broker's version; quorum lock queues get no x-delivery-limit");
-                config.broker.set_version(None);
-            }
-            None => config.broker.set_version(None),
-        }
         let probe = connection
             .create_channel()
             .await
@@ -354,67 +333,6 @@ fn system_ca_bundle() -> Option<std::path::PathBuf> {
     .iter()
     .map(std::path::PathBuf::from)
     .find(|p| p.is_file())
-}
-
-/// Reads the broker's `version` server property (`"3.10.8"`, `"4.0.5"`...).
-///
-/// lapin 4 keeps the server properties of `connection.start` to itself, so this opens its own
-/// socket (TLS as configured), sends the AMQP 0-9-1 protocol header, reads the broker's
-/// `connection.start` and hangs up. Bounded by 5 s.
-async fn read_broker_version(uri: &AMQPUri, tls: &OwnedTLSConfig) -> Result<String, String> {
-    use futures_util::io::{AsyncReadExt, AsyncWriteExt};
-    use lapin::tcp::AMQPUriTcpExt;
-
-    let probe = async {
-        let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
-        let mut stream = uri
-            .connect_with_config_async(tls.as_ref(), &runtime)
-            .await
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(b"AMQP\x00\x00\x09\x01")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut header = [0u8; 7];
-        stream
-            .read_exact(&mut header)
-            .await
-            .map_err(|e| e.to_string())?;
-        // Frame type 1 (method) on channel 0; anything else (e.g. the broker's own protocol
-        // header, when it does not speak 0-9-1) is not a connection.start.
-        if header[0] != 1 || header[1..3] != [0, 0] {
-            return Err("the broker did not answer with connection.start".to_string());
-        }
-        let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]) as usize;
-        if size > 1 << 20 {
-            return Err(format!("connection.start frame of {size} bytes"));
-        }
-        let mut payload = vec![0u8; size + 1];
-        stream
-            .read_exact(&mut payload)
-            .await
-            .map_err(|e| e.to_string())?;
-        let _ = stream.close().await;
-        parse_start_version(&payload[..size])
-    };
-    tokio::time::timeout(Duration::from_secs(5), probe)
-        .await
-        .unwrap_or_else(|_| Err("no connection.start within 5 s".into()))
-}
-
-/// The `version` server property of a `connection.start` method payload.
-pub(crate) fn parse_start_version(payload: &[u8]) -> Result<String, String> {
-    // class 10 (connection), method 10 (start), version-major, version-minor, server-properties.
-    if payload.len() < 6 || payload[..4] != [0, 10, 0, 10] {
-        return Err("not a connection.start method".into());
-    }
-    let (_, props) = lapin::types::parsing::parse_field_table(&payload[6..])
-        .map_err(|e| format!("unreadable server properties: {e}"))?;
-    match props.inner().get("version") {
-        Some(AMQPValue::LongString(v)) => Ok(v.to_string()),
-        Some(other) => Err(format!("unexpected version property {other:?}")),
-        None => Err("the broker sent no version property".into()),
-    }
 }
 
 fn connect_error(e: &lapin::Error, uri: &AMQPUri, addr: &str) -> Error {

@@ -40,7 +40,7 @@ pub mod name;
 mod protocol;
 
 pub use client::{LockClient, LockStatus};
-pub use config::{BrokerInfo, ClientConfig, QueueType, TlsConfig};
+pub use config::{ClientConfig, DEFAULT_QUORUM_DELIVERY_LIMIT, QueueType, TlsConfig};
 pub use error::{Error, Result};
 pub use guard::{BoxFuture, Lease, LockGuard, LossReason, LossSignal, Release};
 pub use locker::{Locker, MemoryLocker};

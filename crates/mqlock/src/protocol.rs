@@ -19,10 +19,9 @@ pub(crate) const PREFETCH: u16 = 2;
 pub(crate) fn lock_queue_args(config: &ClientConfig) -> FieldTable {
     let mut args = common_args(config);
     args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-    // RabbitMQ 4.x drops a quorum queue's message after 20 deliveries unless told otherwise,
-    // and every release requeues the token; 3.x has no such default (config.rs).
-    if let (QueueType::Quorum, Some(limit)) = (config.queue_type, config.effective_delivery_limit())
-    {
+    // Every release requeues the token; RabbitMQ 4.x drops a quorum queue's message after 20
+    // deliveries unless told otherwise (config.rs, docs/compat.md).
+    if let (QueueType::Quorum, Some(limit)) = (config.queue_type, config.quorum_delivery_limit) {
         args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
     }
     args
