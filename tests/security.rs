@@ -737,3 +737,74 @@ async fn a_dedicated_vhost_confines_the_default_exchange() {
     assert!(matches!(err, Error::AuthRefused { .. }), "{err:?}");
     assert_hides(&err, &user.password);
 }
+
+// ------------------------------------------------------------------ the command
+
+#[test]
+fn the_command_speaks_tls_and_keeps_passwords_out_of_its_messages() {
+    setup();
+    let bin = support::mqlock_bin();
+    let ca = support::tls_dir().join("ca.pem");
+    let name = support::unique("cli-tls");
+    // --ca-cert on the command line, MQLOCK_CA_CERT in the environment.
+    let ok = Command::new(&bin)
+        .args(["status", &name, "--url", &support::amqps_url(), "--ca-cert"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    let out =
+        String::from_utf8_lossy(&ok.stdout).into_owned() + &String::from_utf8_lossy(&ok.stderr);
+    assert_eq!(ok.status.code(), Some(0), "{out}");
+    assert!(out.contains("127.0.0.1:5671"), "{out}");
+    let ok = Command::new(&bin)
+        .args(["exec", &name, "--", "true"])
+        .env("MQLOCK_AMQP_URL", support::amqps_url())
+        .env("MQLOCK_CA_CERT", &ca)
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let (wrong_ca, _, _) = foreign_ca(dir.path());
+    for (url, ca) in [
+        (
+            "amqps://guest:s3cr3t-cli@127.0.0.1:5671/%2f",
+            wrong_ca.as_path(),
+        ),
+        ("amqp://guest:s3cr3t-cli@127.0.0.1:5672/%2f", ca.as_path()),
+        ("amqp://guest:s3cr3t-cli@127.0.0.1:1/%2f", ca.as_path()),
+    ] {
+        let out = Command::new(&bin)
+            .args(["exec", &name, "--", "true"])
+            .env("MQLOCK_AMQP_URL", url)
+            .env("MQLOCK_CA_CERT", ca)
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(122), "{url}: {text}");
+        assert!(text.contains("127.0.0.1:"), "{url}: {text}");
+        assert!(!text.contains("s3cr3t"), "{url}: password printed: {text}");
+    }
+    // --help shows where the URL comes from, not its value.
+    let help = Command::new(&bin)
+        .args(["status", "--help"])
+        .env(
+            "MQLOCK_AMQP_URL",
+            "amqp://guest:s3cr3t-cli@127.0.0.1:5672/%2f",
+        )
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--ca-cert") && help.contains("MQLOCK_CA_CERT"),
+        "{help}"
+    );
+    assert!(!help.contains("s3cr3t"), "{help}");
+}
