@@ -478,6 +478,7 @@ fn tricky_semantics(dir: &Path) -> Vec<String> {
             OpenOptions::new()
                 .write(true)
                 .create(true)
+                .truncate(false)
                 .open(p("dangling"))
         )
     ));
