@@ -246,6 +246,15 @@ async fn run_scenario(
     rep
 }
 
+fn workarounds(notes: &mut Vec<String>, script_out: String) {
+    notes.extend(
+        script_out
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| format!("cluster.sh applied a workaround: {l}")),
+    );
+}
+
 async fn inject(
     fault: Fault,
     cluster: &Cluster,
@@ -275,7 +284,7 @@ async fn inject(
             ));
             assert_ne!(new_leader, node, "no new leader elected");
             cluster_sh(&["start", &n]).await;
-            cluster.wait_healthy().await;
+            workarounds(notes, cluster.wait_healthy().await);
         }
         Fault::Partition => {
             let node = cluster.leader(&queue).await;
@@ -304,10 +313,10 @@ async fn inject(
                 "lock 0 was not granted while its old leader was cut off"
             );
             cluster_sh(&["heal", &n]).await;
-            cluster.wait_healthy().await;
+            workarounds(notes, cluster.wait_healthy().await);
         }
         Fault::RestartCluster => {
-            cluster_sh(&["restart-all"]).await;
+            workarounds(notes, cluster_sh(&["restart-all"]).await);
         }
         Fault::PauseClient => {
             return vec![pause_client(cluster, load, locks, server, bin, notes).await];

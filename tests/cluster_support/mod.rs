@@ -75,8 +75,10 @@ impl Cluster {
         }
     }
 
-    pub async fn wait_healthy(&self) {
-        cluster_sh(&["wait-healthy", "180"]).await;
+    /// Waits until all three nodes run, clustered, with no partition. Returns what the script
+    /// reports on stdout: the workarounds it had to apply (a node stuck in `global:sync()`).
+    pub async fn wait_healthy(&self) -> String {
+        cluster_sh(&["wait-healthy", "180"]).await
     }
 }
 
