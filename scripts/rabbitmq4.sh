@@ -130,7 +130,8 @@ CONF
   ulimit -n 65536 2>/dev/null || true
   say "starting rabbitmq $NODE on 127.0.0.1:$PORT"
   local start=$SECONDS
-  in_root rabbitmq-server -detached >"$LOG" 2>&1 || { cat "$LOG" >&2; fail "rabbitmq-server $NODE did not start"; }
+  # 9>&-: the node must not inherit (and so hold forever) the lock of `up`.
+  in_root rabbitmq-server -detached >"$LOG" 2>&1 9>&- || { cat "$LOG" >&2; fail "rabbitmq-server $NODE did not start"; }
   until ping_node; do
     if [ $((SECONDS - start)) -ge 180 ]; then
       tail -n 30 "$ROOT/var/log/rabbitmq/$NODE.log" >&2 2>/dev/null || true
