@@ -8,8 +8,11 @@
 #   scripts/rabbitmq4.sh ctl ARGS...         rabbitmqctl ARGS against the node
 #   scripts/rabbitmq4.sh diagnostics ARGS... rabbitmq-diagnostics ARGS against the node
 #
+#   scripts/rabbitmq4.sh clean   stop it and delete the cached chroot (the next `up` rebuilds it)
+#
 # Idempotent. The chroot is cached in $MQLOCK_RMQ4_ROOT (default /var/lib/mqlock-rmq4/chroot);
-# delete it to rebuild. Node rabbit4@localhost, AMQP port 5674, distribution port 25674; it
+# remove it with `clean`, never with a bare rm -rf: while the node runs, the host's /dev is
+# bind-mounted inside it. Node rabbit4@localhost, AMQP port 5674, distribution port 25674; it
 # shares the host's epmd (started by the host broker, or by this node if none runs).
 # URL: amqp://guest:guest@127.0.0.1:5674/%2f
 #
@@ -151,6 +154,15 @@ down() {
   say "rabbitmq $NODE stopped"
 }
 
+clean() {
+  down
+  if mountpoint -q "$ROOT/dev" || mountpoint -q "$ROOT/proc"; then
+    fail "$ROOT/dev or $ROOT/proc is still mounted; not deleting"
+  fi
+  rm -rf --one-file-system "$ROOT" "$ROOT.partial"
+  say "deleted $ROOT"
+}
+
 status() {
   if [ -d "$ROOT/proc" ] && mountpoint -q "$ROOT/proc" && ping_node; then
     say "rabbitmq $NODE: up on 127.0.0.1:$PORT"
@@ -162,8 +174,9 @@ status() {
 case ${1:-up} in
   up) need_root "$@"; up ;;
   down) need_root "$@"; down ;;
+  clean) need_root "$@"; clean ;;
   status) need_root "$@"; status ;;
   ctl) need_root "$@"; shift; in_root rabbitmqctl -q -n "$NODE" "$@" ;;
   diagnostics) need_root "$@"; shift; in_root rabbitmq-diagnostics -q -n "$NODE" "$@" ;;
-  *) echo "usage: $0 up|down|status|ctl ARGS|diagnostics ARGS" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|clean|ctl ARGS|diagnostics ARGS" >&2; exit 2 ;;
 esac
