@@ -390,3 +390,90 @@ fn is_channel_level(e: &lapin::Error) -> bool {
     use lapin::protocol::AMQPErrorKind;
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+
+    fn amqp(kind: AMQPErrorKind) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(kind, "text".into())).into()
+    }
+
+    #[test]
+    fn only_soft_errors_are_channel_level() {
+        assert!(is_channel_level(&amqp(AMQPErrorKind::Soft(
+            AMQPSoftError::ACCESSREFUSED
+        ))));
+        assert!(is_channel_level(&amqp(AMQPErrorKind::Soft(
+            AMQPSoftError::PRECONDITIONFAILED
+        ))));
+        assert!(!is_channel_level(&amqp(AMQPErrorKind::Hard(
+            AMQPHardError::CONNECTIONFORCED
+        ))));
+        assert!(!is_channel_level(
+            &lapin::ErrorKind::MissingHeartbeatError.into()
+        ));
+    }
+
+    #[test]
+    fn tls_failures_are_told_from_network_failures() {
+        use std::io::{Error as E, ErrorKind as K};
+        assert!(is_tls_failure(&E::new(
+            K::InvalidData,
+            "invalid peer certificate: UnknownIssuer"
+        )));
+        assert!(is_tls_failure(&E::other(
+            "received fatal alert: BadCertificate"
+        )));
+        assert!(!is_tls_failure(&E::new(K::ConnectionRefused, "refused")));
+        assert!(!is_tls_failure(&E::new(K::TimedOut, "handshake timed out")));
+        assert!(!is_tls_failure(&E::other("broken pipe")));
+    }
+
+    #[test]
+    fn addresses_never_carry_credentials() {
+        let config = ClientConfig::default();
+        let uris = parse_urls(
+            "amqp://u:pw-secret@h1:5672/%2f, amqp://u:pw-secret@h2:5671/prod",
+            &config,
+        )
+        .unwrap();
+        assert_eq!(display_addr(&uris[0]), "h1:5672");
+        assert_eq!(display_addr(&uris[1]), "h2:5671/prod");
+        let err = parse_urls("amqp://u:pw-secret@h1:x/%2f", &config).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("pw-secret"), "{err:?}");
+    }
+
+    #[test]
+    fn tls_settings_apply_to_amqps_only() {
+        let config = ClientConfig {
+            tls: crate::config::TlsConfig {
+                ca_cert: Some("/nonexistent/ca.pem".into()),
+                ..Default::default()
+            },
+            ..ClientConfig::default()
+        };
+        let plain = parse_urls("amqp://h:5672/%2f", &config).unwrap();
+        assert_eq!(
+            tls_config(&plain[0], &config).unwrap(),
+            OwnedTLSConfig::default()
+        );
+        let parsed = parse_urls("amqps://u:pw-secret@h:5671/%2f", &config);
+        if cfg!(feature = "rustls") {
+            let tls = parsed.unwrap();
+            let err = tls_config(&tls[0], &config).unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains("/nonexistent/ca.pem")),
+                "{err:?}"
+            );
+        } else {
+            // Without TLS support an amqps URL is refused up front, saying how to get it.
+            let err = parsed.unwrap_err();
+            assert!(
+                matches!(&err, Error::Config(m) if m.contains("rustls") && !m.contains("pw-secret")),
+                "{err:?}"
+            );
+        }
+    }
+}
