@@ -11,6 +11,7 @@
 #   scripts/cluster.sh start NODE      start a stopped or killed node again, keeping its data
 #   scripts/cluster.sh restart-all     stop all three (one after another), then start all three
 #   scripts/cluster.sh partition NODE  cut the node off from the other nodes AND from clients
+#   scripts/cluster.sh partition NODE --peers-only   cut it off from the other nodes only
 #   scripts/cluster.sh heal [NODE]     undo `partition` (every node when none is named)
 #   scripts/cluster.sh pause NODE      SIGSTOP the node's VM (a frozen broker); `resume NODE` undoes it
 #   scripts/cluster.sh leader QUEUE    print the node that leads a quorum queue
@@ -216,8 +217,11 @@ heal_node() {
   done
 }
 
-partition_node() {
-  local i=$1 pid root cg tag mark port ports
+partition_node() { # INDEX [peers]
+  local i=$1 mode=${2:-all} pid root cg tag mark port ports keep=()
+  # `peers`: only the node's links to the other nodes (and epmd) are cut; its clients still
+  # reach it (packets from and to its AMQP port pass).
+  [ "$mode" = peers ] && keep=(-p tcp ! --sport "${PORTS[$i]}")
   pid=$(node_pid "$i") || fail "${NAMES[$i]} is not running"
   ensure_chains
   root=$(cgroup2_root); cg=$(cgroup_name "$i")
@@ -231,7 +235,7 @@ partition_node() {
   iptables -A "$CHAIN_OUT" -m cgroup --path "$cg" -p tcp --syn -j REJECT --reject-with tcp-reset -m comment --comment "$tag" \
     || fail "iptables has no cgroup match here: cannot partition one node on loopback"
   # Everything else the node sends: mark its connection, then drop.
-  iptables -A "$CHAIN_OUT" -m cgroup --path "$cg" -j CONNMARK --set-mark "$mark" -m comment --comment "$tag" \
+  iptables -A "$CHAIN_OUT" -m cgroup --path "$cg" "${keep[@]}" -j CONNMARK --set-mark "$mark" -m comment --comment "$tag" \
     || fail "iptables has no cgroup/connmark match here: cannot partition one node on loopback"
   iptables -A "$CHAIN_OUT" -m connmark --mark "$mark" -j DROP -m comment --comment "$tag"
   iptables -A "$CHAIN_IN" -m connmark --mark "$mark" -j DROP -m comment --comment "$tag"
@@ -239,11 +243,12 @@ partition_node() {
   # connection on which the node has not sent since the cut is not marked yet).
   ports=$( { echo "${PORTS[$i]}"; echo $((PORTS[i] + 20000));
              ss -tanpH 2>/dev/null | awk -v p="pid=$pid," 'index($0, p) { n = split($4, a, ":"); print a[n] }'; } | sort -un)
+  [ "$mode" = peers ] && ports=$(echo "$ports" | grep -vx "${PORTS[$i]}")
   for port in $ports; do
     iptables -A "$CHAIN_IN" -p tcp --syn --dport "$port" -j REJECT --reject-with tcp-reset -m comment --comment "$tag"
     iptables -A "$CHAIN_IN" -p tcp --dport "$port" -j DROP -m comment --comment "$tag"
   done
-  say "${NAMES[$i]} partitioned (pid $pid; ports $(echo $ports | tr ' ' ,))"
+  say "${NAMES[$i]} partitioned from $([ "$mode" = peers ] && echo "its peers (clients still reach it)" || echo "peers and clients") (pid $pid; ports $(echo $ports | tr ' ' ,))"
 }
 
 # ---------------------------------------------------------------- cluster
@@ -388,7 +393,10 @@ case $cmd in
   stop) need_root "$@"; stop_node "$(node_index "${2:?node}")" ;;
   start) need_root "$@"; start_node "$(node_index "${2:?node}")" ;;
   restart-all) need_root "$@"; restart_all ;;
-  partition) need_root "$@"; partition_node "$(node_index "${2:?node}")" ;;
+  partition)
+    need_root "$@"
+    case ${3:-} in ""|--all) m=all ;; --peers-only) m=peers ;; *) fail "partition NODE [--peers-only]" ;; esac
+    partition_node "$(node_index "${2:?node}")" "$m" ;;
   heal)
     need_root "$@"
     if [ -n "${2:-}" ]; then heal_node "$(node_index "$2")"; else for i in 0 1 2; do heal_node "$i"; done; fi
@@ -397,5 +405,5 @@ case $cmd in
   resume) need_root "$@"; i=$(node_index "${2:?node}"); pid=$(node_pid "$i") || fail "${NAMES[$i]} is not running"; kill -CONT "$pid"; say "${NAMES[$i]} resumed" ;;
   leader) leader "${2:?queue name}" ;;
   wait-healthy) wait_healthy "${2:-120}" ;;
-  *) echo "usage: $0 up|down|status|urls|kill N|stop N|start N|restart-all|partition N|heal [N]|pause N|resume N|leader QUEUE|wait-healthy [SECS]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|status|urls|kill N|stop N|start N|restart-all|partition N [--peers-only]|heal [N]|pause N|resume N|leader QUEUE|wait-healthy [SECS]" >&2; exit 2 ;;
 esac
