@@ -387,7 +387,7 @@ cmd=${1:-up}
 case $cmd in
   up) need_root "$@"; cluster_up ;;
   down) need_root "$@"; cluster_down ;;
-  status) status_report ;;
+  status) need_root "$@"; status_report ;;
   urls) urls ;;
   kill) need_root "$@"; kill_node "$(node_index "${2:?node}")" ;;
   stop) need_root "$@"; stop_node "$(node_index "${2:?node}")" ;;
@@ -403,7 +403,7 @@ case $cmd in
     say "healed ${2:-all}" ;;
   pause) need_root "$@"; i=$(node_index "${2:?node}"); pid=$(node_pid "$i") || fail "${NAMES[$i]} is not running"; kill -STOP "$pid"; say "${NAMES[$i]} paused (SIGSTOP pid $pid)" ;;
   resume) need_root "$@"; i=$(node_index "${2:?node}"); pid=$(node_pid "$i") || fail "${NAMES[$i]} is not running"; kill -CONT "$pid"; say "${NAMES[$i]} resumed" ;;
-  leader) leader "${2:?queue name}" ;;
-  wait-healthy) wait_healthy "${2:-120}" ;;
+  leader) need_root "$@"; leader "${2:?queue name}" ;;
+  wait-healthy) need_root "$@"; wait_healthy "${2:-120}" ;;
   *) echo "usage: $0 up|down|status|urls|kill N|stop N|start N|restart-all|partition N [--peers-only]|heal [N]|pause N|resume N|leader QUEUE|wait-healthy [SECS]" >&2; exit 2 ;;
 esac
