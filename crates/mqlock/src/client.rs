@@ -513,6 +513,9 @@ impl LockClient {
             .await
             .map_err(|e| match e {
                 FenceError::Amqp(e) => fail(&e),
+                // The token was never used: closing this registration hands the lock on, and
+                // the retry registers again.
+                FenceError::Transient(d) => Retry::Again(d),
                 FenceError::Refused(d) => Retry::Fail(Error::Protocol {
                     name: name.into(),
                     addr: conn.addr.clone(),

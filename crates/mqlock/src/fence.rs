@@ -34,6 +34,9 @@ const CLOCK_EPOCH_BASE_SECS: u64 = 1_704_067_200;
 pub(crate) enum FenceError {
     /// The channel or connection failed.
     Amqp(lapin::Error),
+    /// The write was not stored this time (nacked, e.g. by a quorum queue changing leader, or
+    /// the queue vanished in between): the grant is given up and the acquisition retried.
+    Transient(String),
     /// The broker answered, but not in a way that lets us hand out a token.
     Refused(String),
 }
@@ -157,10 +160,10 @@ async fn write(
         .await?;
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(_)) => Err(FenceError::Refused(format!(
+        Confirmation::Ack(Some(_)) => Err(FenceError::Transient(format!(
             "{queue} vanished while the fencing token was written"
         ))),
-        Confirmation::Nack(_) => Err(FenceError::Refused(format!(
+        Confirmation::Nack(_) => Err(FenceError::Transient(format!(
             "the broker refused to store the fencing token in {queue}"
         ))),
         Confirmation::NotRequested => Err(FenceError::Refused(
