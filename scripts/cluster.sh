@@ -44,6 +44,9 @@
 set -euo pipefail
 
 RUN_DIR=${MQLOCK_RUN_DIR:-/var/tmp/mqlock-services}
+LOG_TAG=cluster
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 BASE=/var/lib/rabbitmq/mqlock-cluster
 PORTS=(5681 5682 5683)
 NAMES=(mqlock-c1@localhost mqlock-c2@localhost mqlock-c3@localhost)
@@ -51,29 +54,6 @@ NET_TICKTIME=${MQLOCK_CLUSTER_NET_TICKTIME:-10}
 CHAIN_IN=MQLOCK-CLUSTER-IN
 CHAIN_OUT=MQLOCK-CLUSTER-OUT
 mkdir -p "$RUN_DIR"
-
-say()  { printf '[cluster] %s\n' "$*" >&2; }
-fail() { printf '[cluster] FAILED: %s\n' "$*" >&2; exit 1; }
-
-need_root() {
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || fail "must run as root (or have sudo)"
-    exec sudo -E "$0" "$@"
-  fi
-}
-
-apt_install() {
-  local missing=()
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  say "installing ${missing[*]} with apt"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >"$RUN_DIR/apt.log" 2>&1 || { cat "$RUN_DIR/apt.log" >&2; fail "apt-get update"; }
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$RUN_DIR/apt.log" 2>&1 \
-    || { tail -n 40 "$RUN_DIR/apt.log" >&2; fail "apt-get install ${missing[*]}"; }
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # node_index NODE -> 0..2
 node_index() {

@@ -27,18 +27,10 @@ NODE=rabbit4@localhost
 PORT=${MQLOCK_RMQ4_PORT:-5674}
 DIST_PORT=$((PORT + 20000))
 LOG=$BASE/rabbitmq4.log
-
-say()  { printf '[rabbitmq4] %s\n' "$*" >&2; }
-fail() { printf '[rabbitmq4] FAILED: %s\n' "$*" >&2; exit 1; }
-
-need_root() {
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || fail "must run as root (or have sudo)"
-    exec sudo -E "$0" "$@"
-  fi
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+RUN_DIR=${MQLOCK_RUN_DIR:-/var/tmp/mqlock-services}
+LOG_TAG=rabbitmq4
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 # The first Debian archive URL in apt's sources (one-line .list or deb822 .sources format).
 debian_mirror() {
@@ -69,12 +61,7 @@ ping_node() { port_open "$PORT" && in_root rabbitmqctl -q -n "$NODE" await_start
 
 build() {
   if [ -x "$ROOT/usr/sbin/rabbitmq-server" ]; then return 0; fi
-  command -v debootstrap >/dev/null || {
-    say "installing debootstrap with apt"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null \
-      || fail "apt-get install debootstrap"
-  }
+  command -v debootstrap >/dev/null || apt_install debootstrap
   local mirror; mirror=$(debian_mirror) || true
   [ -n "$mirror" ] || fail "no Debian archive found in /etc/apt/sources.list*; set MQLOCK_DEBIAN_MIRROR"
   mkdir -p "$BASE"

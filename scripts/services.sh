@@ -16,29 +16,10 @@ set -euo pipefail
 
 SERVICES=${MQLOCK_SERVICES:-"rabbitmq rabbitmq-faults redis postgres fuse"}
 RUN_DIR=${MQLOCK_RUN_DIR:-/var/tmp/mqlock-services}
+LOG_TAG=services
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/lib.sh"
 mkdir -p "$RUN_DIR"
-
-say()  { printf '[services] %s\n' "$*" >&2; }
-fail() { printf '[services] FAILED: %s\n' "$*" >&2; exit 1; }
-
-need_root() {
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || fail "must run as root (or have sudo) to install and start services"
-    exec sudo -E "$0" "$@"
-  fi
-}
-
-apt_install() {
-  local missing=()
-  for p in "$@"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p"); done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  say "installing ${missing[*]} with apt"
-  export DEBIAN_FRONTEND=noninteractive
-  # A stale package index on a fresh machine makes apt fail to find packages.
-  apt-get update -qq >"$RUN_DIR/apt.log" 2>&1 || { cat "$RUN_DIR/apt.log" >&2; fail "apt-get update"; }
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$RUN_DIR/apt.log" 2>&1 \
-    || { tail -n 40 "$RUN_DIR/apt.log" >&2; fail "apt-get install ${missing[*]}"; }
-}
 
 # wait_for DESCRIPTION SECONDS COMMAND...: retry COMMAND until it succeeds or time runs out.
 wait_for() {
@@ -50,7 +31,6 @@ wait_for() {
   done
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # ---------------------------------------------------------------- RabbitMQ
 # Two nodes: the main broker (rabbit@localhost, 5672) for everyday use and most tests, and a

@@ -106,33 +106,26 @@ pub fn faults_amqp_url() -> String {
 
 /// Runs `rabbitmqctl` against the faults broker and panics if it fails.
 pub fn faults_rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
-        .args(["-q", "-n", "mqlock-faults@localhost"])
-        .args(args)
-        .env("HOME", "/var/lib/rabbitmq")
-        .output()
-        .expect("cannot run rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rabbitmqctl("mqlock-faults@localhost", args);
 }
 
 /// Runs `rabbitmqctl` against the main broker (rabbit@localhost) and returns its output;
 /// panics if it fails.
 pub fn main_rabbitmqctl(args: &[&str]) -> String {
     services_up();
+    rabbitmqctl("rabbit@localhost", args)
+}
+
+fn rabbitmqctl(node: &str, args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
-        .args(["-q", "-n", "rabbit@localhost"])
+        .args(["-q", "-n", node])
         .args(args)
         .env("HOME", "/var/lib/rabbitmq")
         .output()
         .expect("cannot run rabbitmqctl");
     assert!(
         out.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}",
+        "rabbitmqctl -n {node} {args:?} failed: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
