@@ -284,8 +284,9 @@ impl Shared {
             .map_err(|e| self.bus_err(e.to_string()))?;
         *self.publisher.lock().unwrap() = Some(publish);
         *self.queue.lock().unwrap() = Some(queue.clone());
-        self.set_subscribed(true);
+        // Count first: whoever wakes on `subscribed` must see this subscription counted.
         let n = self.subscriptions.fetch_add(1, Ordering::AcqRel) + 1;
+        self.set_subscribed(true);
         tracing::info!(addr = %self.addr, queue, subscription = n, "invalidation bus subscribed");
         Ok(Link { conn, consumer })
     }
