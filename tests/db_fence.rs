@@ -12,22 +12,6 @@ use mqlock::{ClientConfig, LockClient};
 use mqlock_db::{FencedDatabase, TxGuard};
 use sqlx::{PgPool, Pool, SqlitePool};
 
-/// A fresh PostgreSQL database for one test; returns its URL.
-async fn fresh_pg() -> String {
-    let admin_url = support::database_url();
-    let admin = PgPool::connect(&admin_url)
-        .await
-        .expect("PostgreSQL must be up");
-    let name = support::unique("mqlockdb").replace('-', "_");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let (base, _) = admin_url.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
-}
-
 async fn client() -> LockClient {
     LockClient::connect(&support::amqp_url(), ClientConfig::default())
         .await
@@ -59,7 +43,7 @@ async fn increments<DB: FencedDatabase>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_clients_increment_exactly_postgres() {
-    let url = fresh_pg().await;
+    let url = support::fresh_pg_database("mqlockdb").await;
     let setup = PgPool::connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE counter (id INT PRIMARY KEY, n BIGINT NOT NULL)")
         .execute(&setup)
@@ -175,7 +159,7 @@ fn fence_holder_bin() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holder_frozen_past_its_lease_is_fenced_off() {
     let bin = fence_holder_bin();
-    let url = fresh_pg().await;
+    let url = support::fresh_pg_database("mqlockdb").await;
     let db = PgPool::connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE fenced_log (who TEXT NOT NULL, token BIGINT NOT NULL)")
         .execute(&db)

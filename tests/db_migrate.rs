@@ -10,21 +10,6 @@ use std::time::Duration;
 use mqlock::{ClientConfig, LockClient};
 use sqlx::{PgPool, SqlitePool};
 
-async fn fresh_pg() -> String {
-    let admin_url = support::database_url();
-    let admin = PgPool::connect(&admin_url)
-        .await
-        .expect("PostgreSQL must be up");
-    let name = support::unique("mqlockmig").replace('-', "_");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let (base, _) = admin_url.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
-}
-
 fn data(dir: &str) -> PathBuf {
     support::root().join("tests/data/db").join(dir)
 }
@@ -104,7 +89,7 @@ fn assert_all_ok_and_applied_once(outputs: &[Output]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_replicas_migrate_postgres() {
-    let url = fresh_pg().await;
+    let url = support::fresh_pg_database("mqlockmig").await;
     let outputs = run_many(8, &url, &data("ok"));
     assert_all_ok_and_applied_once(&outputs);
 
@@ -183,7 +168,7 @@ fn assert_all_report_failure(outputs: &[Output]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_migration_postgres_releases_lock_and_fixed_rerun_succeeds() {
-    let url = fresh_pg().await;
+    let url = support::fresh_pg_database("mqlockmig").await;
     // Every replica reports the failure; none hangs (a lock left behind would make the others
     // time out with exit 124 instead).
     let outputs = run_many(4, &url, &data("failing"));
@@ -297,7 +282,7 @@ async fn bad_input_gives_clear_errors_and_applies_nothing() {
     assert!(!sqlite_file.exists());
 
     // Broker down: exit 4, nothing applied (PostgreSQL: no migrations table).
-    let url = fresh_pg().await;
+    let url = support::fresh_pg_database("mqlockmig").await;
     let o = Command::new(support::mqlock_bin())
         .args([
             "migrate",

@@ -167,3 +167,20 @@ pub fn rabbitmq4_url() -> String {
     std::env::var("MQLOCK_RMQ4_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5674/%2f".into())
 }
+
+/// A fresh PostgreSQL database for one test, created on the server of [`database_url`];
+/// returns its URL. `prefix` must be a valid SQL identifier start (letters, digits).
+pub async fn fresh_pg_database(prefix: &str) -> String {
+    let admin_url = database_url();
+    let admin = sqlx::PgPool::connect(&admin_url)
+        .await
+        .expect("PostgreSQL must be up");
+    let name = unique(prefix).replace('-', "_");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
