@@ -688,3 +688,70 @@ fn another_users_permission_errors_match_the_backing_directory() {
     }
     assert_eq!(got.lines().count(), want.lines().count(), "{got}");
 }
+
+/// A shared writable memory map stores its bytes in place, also through an `O_APPEND` handle
+/// (pwrite on an `O_APPEND` fd would append them), and read-only maps and reads see them, in
+/// every I/O mode.
+#[test]
+fn memory_maps_write_in_place_in_every_mode() {
+    use std::os::fd::AsRawFd;
+    const LEN: usize = 8192;
+    for extra in [
+        &[][..],
+        &["--no-read-passthrough"][..],
+        &["--passthrough"][..],
+    ] {
+        let (backing, n) = node(extra);
+        std::fs::write(n.path("m"), vec![b'a'; LEN]).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(n.path("m"))
+            .unwrap();
+        // SAFETY: a fresh shared map of LEN bytes of an open file, unmapped below; the writes
+        // stay inside it.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(
+                p,
+                libc::MAP_FAILED,
+                "{extra:?}: {}",
+                std::io::Error::last_os_error()
+            );
+            std::ptr::copy_nonoverlapping(b"MAPPED".as_ptr(), (p as *mut u8).add(4096), 6);
+            assert_eq!(libc::msync(p, LEN, libc::MS_SYNC), 0, "{extra:?}");
+            assert_eq!(libc::munmap(p, LEN), 0);
+        }
+        drop(f);
+        let mut want = vec![b'a'; LEN];
+        want[4096..4102].copy_from_slice(b"MAPPED");
+        assert!(
+            std::fs::read(backing.path().join("m")).unwrap() == want,
+            "{extra:?}: the backing file does not hold the mapped store in place"
+        );
+        assert!(std::fs::read(n.path("m")).unwrap() == want, "{extra:?}");
+        let r = File::open(n.path("m")).unwrap();
+        // SAFETY: a read-only map of LEN bytes, read inside its bounds, then unmapped.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                r.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "{extra:?}");
+            let seen = std::slice::from_raw_parts(p as *const u8, LEN).to_vec();
+            assert_eq!(libc::munmap(p, LEN), 0);
+            assert!(seen == want, "{extra:?}: a read-only map sees other bytes");
+        }
+    }
+}

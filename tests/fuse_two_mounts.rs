@@ -92,10 +92,25 @@ fn passthrough_mode_locks_the_same_way() {
 }
 
 #[test]
+fn page_cache_mode_locks_the_same_way() {
+    writer_blocks_the_other_node_until_close(&["--no-read-passthrough"]);
+}
+
+/// The two modes whose writes go through the daemon: read passthrough (the default) and the
+/// page cache.
+const CHECKED_MODES: [&[&str]; 2] = [&[], &["--no-read-passthrough"]];
+
+#[test]
 fn concurrent_appenders_through_both_mounts_lose_no_record() {
+    for mode in CHECKED_MODES {
+        appenders_lose_no_record(mode);
+    }
+}
+
+fn appenders_lose_no_record(mode: &[&str]) {
     const RECORD: usize = 64;
     const PER_WRITER: usize = 40;
-    let (backing, a, b) = two_nodes(&[]);
+    let (backing, a, b) = two_nodes(mode);
     let nodes = [a.mnt.clone(), b.mnt.clone()];
     let barrier = Arc::new(Barrier::new(4));
     let writers: Vec<_> = (0..4)
@@ -122,7 +137,11 @@ fn concurrent_appenders_through_both_mounts_lose_no_record() {
         w.join().unwrap();
     }
     let data = std::fs::read(backing.path().join("log")).unwrap();
-    assert_eq!(data.len(), 4 * PER_WRITER * RECORD, "lost or extra bytes");
+    assert_eq!(
+        data.len(),
+        4 * PER_WRITER * RECORD,
+        "lost or extra bytes in mode {mode:?}"
+    );
     // Each node's view (its page cache may be kept across opens) is the backing file's.
     for n in &nodes {
         assert!(
@@ -144,12 +163,19 @@ fn concurrent_appenders_through_both_mounts_lose_no_record() {
     assert_eq!(seen.len(), 4 * PER_WRITER);
 }
 
-/// B keeps its page cache of a file across opens while nothing changes it; every change A
-/// makes (same size, right after B's read, with and without a handle of B open meanwhile) must
-/// be what B's next open reads, read-only or for writing.
+/// Whether B reads the backing file directly (read passthrough) or keeps its page cache across
+/// opens while nothing changes the file (page-cache mode), every change A makes (same size,
+/// right after B's read, with and without a handle of B open meanwhile) must be what B's next
+/// open reads, read-only or for writing.
 #[test]
 fn a_node_reads_the_other_nodes_rewrite_after_keeping_its_cache() {
-    let (_backing, a, b) = two_nodes(&[]);
+    for mode in CHECKED_MODES {
+        reads_every_rewrite(mode);
+    }
+}
+
+fn reads_every_rewrite(mode: &[&str]) {
+    let (_backing, a, b) = two_nodes(mode);
     let content = |i: usize| {
         let mut v = format!("version {i:04} ").into_bytes();
         v.resize(64 * 1024, b'a' + (i % 26) as u8);
@@ -160,11 +186,11 @@ fn a_node_reads_the_other_nodes_rewrite_after_keeping_its_cache() {
         // B reads twice (the second open may keep the cache the first filled).
         assert!(
             std::fs::read(b.path("f")).unwrap() == content(i - 1),
-            "round {i}"
+            "{mode:?}, round {i}"
         );
         assert!(
             std::fs::read(b.path("f")).unwrap() == content(i - 1),
-            "round {i}"
+            "{mode:?}, round {i}"
         );
         let held = (i % 2 == 0).then(|| File::open(b.path("f")).unwrap());
         // A rewrites in place: same size, so only the times tell.
@@ -181,12 +207,12 @@ fn a_node_reads_the_other_nodes_rewrite_after_keeping_its_cache() {
             f.read_to_end(&mut got).unwrap();
             assert!(
                 got == content(i),
-                "B's write-open read stale bytes in round {i}"
+                "B's write-open read stale bytes in round {i}, mode {mode:?}"
             );
         } else {
             assert!(
                 std::fs::read(b.path("f")).unwrap() == content(i),
-                "B's read-only open read stale bytes in round {i}"
+                "B's read-only open read stale bytes in round {i}, mode {mode:?}"
             );
         }
         drop(held);

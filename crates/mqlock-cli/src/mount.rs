@@ -47,6 +47,14 @@ pub struct MountArgs {
     #[arg(long)]
     pub passthrough: bool,
 
+    /// Serve read-only opens through the kernel's page cache and the daemon instead of kernel
+    /// passthrough. By default (when the kernel offers passthrough and mqlock runs as root)
+    /// read-only opens read the backing file directly, write handles use direct I/O through
+    /// the daemon, and memory maps map the backing file: stores through a writable mapping
+    /// are then not refused after a lost lock.
+    #[arg(long, conflicts_with = "passthrough")]
+    pub no_read_passthrough: bool,
+
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4)]
     pub threads: usize,
@@ -78,6 +86,7 @@ pub async fn run(args: MountArgs) -> ExitCode {
     opts.lock_prefix = args.lock_prefix;
     opts.allow_other = args.allow_other;
     opts.passthrough = args.passthrough;
+    opts.read_passthrough = !args.no_read_passthrough;
     opts.threads = args.threads;
     opts.attr_timeout = args.attr_timeout;
     let (mut sigint, mut sigterm) = match (

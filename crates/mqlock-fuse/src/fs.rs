@@ -51,6 +51,27 @@ struct OpenFile {
     file: File,
     ino: u64,
     lock: Option<Share>,
+    /// Opened with kernel passthrough: holds a use of the inode's [`Backing`].
+    passthrough: bool,
+}
+
+/// A handle registered by [`Inner::add_handle`], for the reply to an open or create.
+struct NewHandle {
+    fh: u64,
+    flags: FopenFlags,
+    /// The inode's kernel backing file, for a passthrough handle.
+    backing: Option<Arc<BackingId>>,
+}
+
+/// How the kernel serves the I/O of a new handle of a regular file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Through the inode's kernel backing file. `direct`: reads and writes still come to the
+    /// daemon (`FOPEN_DIRECT_IO` overrides passthrough for them; a memory map still maps the
+    /// backing file).
+    Passthrough { direct: bool },
+    /// Through the kernel's page cache and the daemon.
+    PageCache,
 }
 
 impl OpenFile {
@@ -93,6 +114,8 @@ pub(crate) struct Inner {
     cache: CacheBaselines,
     runtime: Runtime,
     as_root: bool,
+    /// Set at `init` when the kernel granted passthrough for `MountOptions::read_passthrough`.
+    read_passthrough: std::sync::atomic::AtomicBool,
 }
 
 /// The FUSE filesystem of one mount: a passthrough of the backing directory that locks files
@@ -163,6 +186,7 @@ impl LockedFs {
                 runtime,
                 // SAFETY: geteuid cannot fail.
                 as_root: unsafe { libc::geteuid() } == 0,
+                read_passthrough: Default::default(),
             }),
         })
     }
@@ -367,7 +391,8 @@ impl Inner {
     /// when the kernel's size was stale (another node appended while this open waited for the
     /// lock): the kernel then cached the bytes at the wrong offset.
     fn wrote(&self, f: &OpenFile, append_end: Option<u64>) {
-        if self.opts.passthrough {
+        if f.passthrough {
+            // Nothing of this inode is in the page cache: every handle bypasses it.
             return;
         }
         let Some(share) = &f.lock else {
@@ -379,6 +404,74 @@ impl Inner {
                     .wrote(f.ino, Version::of(&st), (&share.name, share.token))
             }
             _ => self.cache.forget(f.ino),
+        }
+    }
+
+    /// How a new handle of a regular file is served (`write`: a write handle).
+    ///
+    /// The kernel refuses to mix page-cache handles and passthrough handles on one inode, so a
+    /// mount uses one or the other for all of them; with read passthrough, a write handle is a
+    /// passthrough handle whose reads and writes still come to the daemon.
+    fn route(&self, write: bool) -> Route {
+        if self.opts.passthrough {
+            Route::Passthrough { direct: false }
+        } else if self.read_passthrough.load(Ordering::Relaxed) {
+            Route::Passthrough { direct: write }
+        } else {
+            Route::PageCache
+        }
+    }
+
+    /// Registers `file` as a new handle of `ino` routed by [`Inner::route`]; `register` hands
+    /// the kernel a backing file the first time an inode needs one. Returns the handle, the
+    /// open flags, and the backing id for a passthrough handle.
+    fn add_handle(
+        &self,
+        ino: u64,
+        file: File,
+        lock: Option<Share>,
+        write: bool,
+        register: impl FnOnce(&File) -> io::Result<BackingId>,
+    ) -> Result<NewHandle, (io::Error, Option<Share>)> {
+        match self.route(write) {
+            Route::Passthrough { direct } => match self.passthrough_id(ino, write, register) {
+                Ok(id) => {
+                    let fh = self.add_file(OpenFile {
+                        file,
+                        ino,
+                        lock,
+                        passthrough: true,
+                    });
+                    let flags = if direct {
+                        FopenFlags::FOPEN_DIRECT_IO
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    Ok(NewHandle {
+                        fh,
+                        flags,
+                        backing: Some(id),
+                    })
+                }
+                Err(e) => Err((e, lock)),
+            },
+            Route::PageCache => {
+                // The kernel keeps its page cache of the file only if nothing else changed the
+                // file since it was filled, so a node that just got the lock reads what the
+                // previous holder wrote.
+                let flags = self.cache_flags(ino, &file, lock.as_ref());
+                let fh = self.add_file(OpenFile {
+                    file,
+                    ino,
+                    lock,
+                    passthrough: false,
+                });
+                Ok(NewHandle {
+                    fh,
+                    flags,
+                    backing: None,
+                })
+            }
         }
     }
 
@@ -609,25 +702,17 @@ fn finish_open(
     write: bool,
     reply: ReplyOpen,
 ) {
-    if inner.opts.passthrough {
-        match inner.passthrough_id(ino, write, |f| reply.open_backing(f.as_fd())) {
-            Ok(id) => {
-                let fh = inner.add_file(OpenFile { file, ino, lock });
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-            }
-            Err(e) => {
-                drop(file);
-                release_in_background(inner, lock);
-                reply.error(errno(&e));
-            }
+    match inner.add_handle(ino, file, lock, write, |f| reply.open_backing(f.as_fd())) {
+        Ok(NewHandle {
+            fh,
+            flags,
+            backing: Some(id),
+        }) => reply.opened_passthrough(FileHandle(fh), flags, &id),
+        Ok(NewHandle { fh, flags, .. }) => reply.opened(FileHandle(fh), flags),
+        Err((e, lock)) => {
+            release_in_background(inner, lock);
+            reply.error(errno(&e));
         }
-    } else {
-        // The kernel keeps its page cache of the file only if nothing else changed the file
-        // since it was filled, so a node that just got the lock reads what the previous holder
-        // wrote.
-        let flags = inner.cache_flags(ino, &file, lock.as_ref());
-        let fh = inner.add_file(OpenFile { file, ino, lock });
-        reply.opened(FileHandle(fh), flags);
     }
 }
 
@@ -649,6 +734,24 @@ impl Filesystem for LockedFs {
             config.set_max_stack_depth(1).map_err(|_| {
                 io::Error::other("the kernel refused a passthrough stacking depth of 1")
             })?;
+        } else if self.inner.opts.read_passthrough {
+            // Backing files are opened by the daemon, which needs CAP_SYS_ADMIN to hand them
+            // to the kernel: as another user every open would fail, so keep the page cache.
+            let granted = self.inner.as_root
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.inner
+                .read_passthrough
+                .store(granted, Ordering::Relaxed);
+            if granted {
+                tracing::info!(
+                    "read-only opens use kernel passthrough; writes go through the daemon"
+                );
+            } else {
+                tracing::info!(
+                    "kernel passthrough unavailable (needs Linux 6.9+ and root): every open goes through the page cache"
+                );
+            }
         }
         if !self.inner.ttl().is_zero() {
             // Attributes from readdirplus are only worth their lookups when they may be cached.
@@ -1019,7 +1122,7 @@ impl Filesystem for LockedFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -1032,10 +1135,19 @@ impl Filesystem for LockedFs {
             return reply.error(e);
         }
         // pwrite on an O_APPEND backing fd appends at the backing file's real end, whatever
-        // offset this node's possibly stale size suggested.
+        // offset this node's possibly stale size suggested. Pages written back from a memory
+        // map (which the kernel may send through an O_APPEND handle) belong where they are.
+        let in_place;
+        let target =
+            if write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) && sys::is_append(&f.file) {
+                in_place = tri!(reply, self.inner.open_backing(f.ino, libc::O_WRONLY));
+                &in_place
+            } else {
+                &f.file
+            };
         let mut done = 0;
         while done < data.len() {
-            match f.file.write_at(&data[done..], offset + done as u64) {
+            match target.write_at(&data[done..], offset + done as u64) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1047,7 +1159,7 @@ impl Filesystem for LockedFs {
             }
         }
         if done == data.len() {
-            let append = flags.0 & libc::O_APPEND != 0;
+            let append = flags.0 & libc::O_APPEND != 0 && std::ptr::eq(target, &f.file);
             self.inner.wrote(&f, append.then_some(offset + done as u64));
         } else {
             self.inner.cache.forget(f.ino);
@@ -1091,8 +1203,9 @@ impl Filesystem for LockedFs {
         let (ino, lock) = (f.ino, f.lock.clone());
         // Close the backing fd before the lock goes, so the next holder sees every byte
         // (on NFS, close is what pushes the data to the server).
+        let passthrough = f.passthrough;
         drop(f);
-        if self.inner.opts.passthrough {
+        if passthrough {
             self.inner.drop_passthrough(ino);
         }
         reply.ok();
@@ -1344,37 +1457,23 @@ impl Filesystem for LockedFs {
                 Ok((file, a)) => {
                     let ino = a.ino.0;
                     let ttl = inner.ttl();
-                    if inner.opts.passthrough {
-                        match inner.passthrough_id(ino, true, |f| reply.open_backing(f.as_fd())) {
-                            Ok(id) => {
-                                let fh = inner.add_file(OpenFile {
-                                    file,
-                                    ino,
-                                    lock: Some(share),
-                                });
-                                reply.created_passthrough(
-                                    &ttl,
-                                    &a,
-                                    GEN,
-                                    FileHandle(fh),
-                                    FopenFlags::empty(),
-                                    &id,
-                                );
-                            }
-                            Err(e) => {
-                                inner.forget(ino, 1);
-                                inner.locks.release(&share).await;
-                                reply.error(errno(&e));
-                            }
+                    let register = |f: &File| reply.open_backing(f.as_fd());
+                    match inner.add_handle(ino, file, Some(share), true, register) {
+                        Ok(NewHandle {
+                            fh,
+                            flags,
+                            backing: Some(id),
+                        }) => reply.created_passthrough(&ttl, &a, GEN, FileHandle(fh), flags, &id),
+                        Ok(NewHandle { fh, flags, .. }) => {
+                            reply.created(&ttl, &a, GEN, FileHandle(fh), flags)
                         }
-                    } else {
-                        let flags = inner.cache_flags(ino, &file, Some(&share));
-                        let fh = inner.add_file(OpenFile {
-                            file,
-                            ino,
-                            lock: Some(share),
-                        });
-                        reply.created(&ttl, &a, GEN, FileHandle(fh), flags);
+                        Err((e, share)) => {
+                            inner.forget(ino, 1);
+                            if let Some(share) = share {
+                                inner.locks.release(&share).await;
+                            }
+                            reply.error(errno(&e));
+                        }
                     }
                 }
                 Err(e) => {

@@ -66,6 +66,14 @@ pub struct MountOptions {
     /// the daemon. Locks are still taken at open and released at the last close, but writes
     /// after a lost lock cannot be refused.
     pub passthrough: bool,
+    /// Kernel passthrough for read-only opens (default on): their reads go straight to the
+    /// backing file, so they are as fast as the backing directory and always see its current
+    /// bytes. Write handles then bypass the page cache (direct I/O through the daemon, which
+    /// refuses writes once the lock is lost), and a memory map of any handle maps the backing
+    /// file, so stores through a writable mapping are not checked against the lock. Used when
+    /// the kernel offers passthrough and the daemon runs as root; otherwise, or when off, every
+    /// open goes through the kernel's page cache and the daemon.
+    pub read_passthrough: bool,
     /// FUSE worker threads (default 4).
     pub threads: usize,
     /// How long the kernel may cache attributes and names (default 0: other nodes change the
@@ -81,6 +89,7 @@ impl Default for MountOptions {
             lock_prefix: String::new(),
             allow_other: false,
             passthrough: false,
+            read_passthrough: true,
             threads: 4,
             attr_timeout: Duration::ZERO,
         }

@@ -99,3 +99,11 @@ pub(crate) fn dup_close(fd: RawFd) -> io::Result<()> {
     cvt(unsafe { libc::close(copy) })?;
     Ok(())
 }
+
+/// Whether `file` was opened with `O_APPEND`.
+pub(crate) fn is_append(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL on an open fd.
+    let fl = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_APPEND != 0
+}

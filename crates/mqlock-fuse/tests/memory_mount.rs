@@ -74,6 +74,16 @@ fn opts(timeout_ms: u64) -> MountOptions {
     o
 }
 
+/// The modes whose writes the daemon checks: kernel passthrough for reads (the default) and
+/// the page cache for everything.
+fn checked_modes(timeout_ms: u64) -> [MountOptions; 2] {
+    [true, false].map(|read_passthrough| {
+        let mut o = opts(timeout_ms);
+        o.read_passthrough = read_passthrough;
+        o
+    })
+}
+
 fn write_file(p: &Path, data: &[u8]) {
     let mut f = File::create(p).unwrap();
     f.write_all(data).unwrap();
@@ -170,23 +180,26 @@ fn a_waiting_open_does_not_stall_other_files() {
 
 #[test]
 fn lost_lock_makes_writes_and_close_fail_with_eio() {
-    let rt = rt();
-    let l = MemoryLocker::new();
-    let m = mount_with(&rt, &l, opts(2000));
-    let p = m.path.join("c");
-    let mut f = File::create(&p).unwrap();
-    f.write_all(b"before").unwrap();
-    assert!(l.revoke("fs:/c"));
-    let e = f.write_all(b"after").unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EIO));
-    let e = f.set_len(0).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EIO));
-    // A new open gets a new grant and works.
-    let mut g = OpenOptions::new().append(true).open(&p).unwrap();
-    g.write_all(b"!").unwrap();
-    drop(g);
-    drop(f);
-    assert_eq!(std::fs::read(&p).unwrap(), b"before!");
+    for o in checked_modes(2000) {
+        let mode = format!("read_passthrough {}", o.read_passthrough);
+        let rt = rt();
+        let l = MemoryLocker::new();
+        let m = mount_with(&rt, &l, o);
+        let p = m.path.join("c");
+        let mut f = File::create(&p).unwrap();
+        f.write_all(b"before").unwrap();
+        assert!(l.revoke("fs:/c"));
+        let e = f.write_all(b"after").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{mode}");
+        let e = f.set_len(0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{mode}");
+        // A new open gets a new grant and works.
+        let mut g = OpenOptions::new().append(true).open(&p).unwrap();
+        g.write_all(b"!").unwrap();
+        drop(g);
+        drop(f);
+        assert_eq!(std::fs::read(&p).unwrap(), b"before!", "{mode}");
+    }
 }
 
 #[test]
@@ -234,60 +247,65 @@ fn truncate_unlink_and_rename_take_the_locks() {
 
 #[test]
 fn a_handle_sees_data_written_on_the_backing_side_after_reopen() {
-    let rt = rt();
-    let l = MemoryLocker::new();
-    let m = mount_with(&rt, &l, opts(2000));
-    let p = m.path.join("d");
-    write_file(&p, b"short");
-    let mut s = String::new();
-    File::open(&p).unwrap().read_to_string(&mut s).unwrap();
-    assert_eq!(s, "short");
-    // Another node writes through the shared directory.
-    std::fs::write(m.backing.join("d"), b"a much longer content").unwrap();
-    s.clear();
-    File::open(&p).unwrap().read_to_string(&mut s).unwrap();
-    assert_eq!(s, "a much longer content");
+    for o in checked_modes(2000) {
+        let rt = rt();
+        let l = MemoryLocker::new();
+        let m = mount_with(&rt, &l, o);
+        let p = m.path.join("d");
+        write_file(&p, b"short");
+        let mut s = String::new();
+        File::open(&p).unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "short");
+        // Another node writes through the shared directory.
+        std::fs::write(m.backing.join("d"), b"a much longer content").unwrap();
+        s.clear();
+        File::open(&p).unwrap().read_to_string(&mut s).unwrap();
+        assert_eq!(s, "a much longer content");
+    }
 }
 
 #[test]
 fn an_unchanged_file_keeps_its_cache_and_a_same_size_rewrite_is_seen() {
-    let rt = rt();
-    let l = MemoryLocker::new();
-    let m = mount_with(&rt, &l, opts(2000));
-    let p = m.path.join("e");
-    write_file(&p, b"first content");
-    for round in 0..5 {
-        let want: &[u8] = if round % 2 == 0 {
-            b"first content"
-        } else {
-            b"other content"
-        };
-        assert_eq!(std::fs::read(&p).unwrap(), want, "round {round}");
-        assert_eq!(std::fs::read(&p).unwrap(), want, "round {round}");
-        // Another node rewrites the file in place with as many bytes.
-        let next: &[u8] = if round % 2 == 0 {
-            b"other content"
-        } else {
-            b"first content"
-        };
-        std::fs::write(m.backing.join("e"), next).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), next, "round {round}");
-        let mut f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-        let mut got = Vec::new();
-        f.read_to_end(&mut got).unwrap();
-        assert_eq!(got, next, "write-open, round {round}");
+    for o in checked_modes(2000) {
+        let mode = format!("read_passthrough {}", o.read_passthrough);
+        let rt = rt();
+        let l = MemoryLocker::new();
+        let m = mount_with(&rt, &l, o);
+        let p = m.path.join("e");
+        write_file(&p, b"first content");
+        for round in 0..5 {
+            let want: &[u8] = if round % 2 == 0 {
+                b"first content"
+            } else {
+                b"other content"
+            };
+            assert_eq!(std::fs::read(&p).unwrap(), want, "{mode}, round {round}");
+            assert_eq!(std::fs::read(&p).unwrap(), want, "{mode}, round {round}");
+            // Another node rewrites the file in place with as many bytes.
+            let next: &[u8] = if round % 2 == 0 {
+                b"other content"
+            } else {
+                b"first content"
+            };
+            std::fs::write(m.backing.join("e"), next).unwrap();
+            assert_eq!(std::fs::read(&p).unwrap(), next, "{mode}, round {round}");
+            let mut f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let mut got = Vec::new();
+            f.read_to_end(&mut got).unwrap();
+            assert_eq!(got, next, "{mode}, write-open, round {round}");
+            drop(f);
+            std::fs::write(m.backing.join("e"), want).unwrap();
+            std::fs::write(m.backing.join("e"), next).unwrap();
+        }
+        // Writes through the mount are read back through it.
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b" + appended").unwrap();
         drop(f);
-        std::fs::write(m.backing.join("e"), want).unwrap();
-        std::fs::write(m.backing.join("e"), next).unwrap();
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            std::fs::read(m.backing.join("e")).unwrap()
+        );
     }
-    // Writes through the mount are read back through it.
-    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
-    f.write_all(b" + appended").unwrap();
-    drop(f);
-    assert_eq!(
-        std::fs::read(&p).unwrap(),
-        std::fs::read(m.backing.join("e")).unwrap()
-    );
 }
 
 fn fallocate(f: &File, mode: i32, offset: i64, len: i64) -> Result<(), i32> {
@@ -300,15 +318,17 @@ fn fallocate(f: &File, mode: i32, offset: i64, len: i64) -> Result<(), i32> {
 }
 
 /// fallocate is a write: it works through a write handle while its lock is held, fails with
-/// EIO once the lock is lost (also with kernel passthrough, where reads and writes bypass the
-/// daemon but fallocate does not), and a read-only handle gets the backing directory's EBADF.
+/// EIO once the lock is lost (in every mode, also with full kernel passthrough, where reads and
+/// writes bypass the daemon but fallocate does not), and a read-only handle gets the backing
+/// directory's EBADF.
 #[test]
-fn fallocate_is_covered_by_the_handles_lock_in_both_modes() {
-    for passthrough in [false, true] {
+fn fallocate_is_covered_by_the_handles_lock_in_every_mode() {
+    for (passthrough, read_passthrough) in [(false, true), (false, false), (true, false)] {
         let rt = rt();
         let l = MemoryLocker::new();
         let mut o = opts(2000);
         o.passthrough = passthrough;
+        o.read_passthrough = read_passthrough;
         let m = mount_with(&rt, &l, o);
         let p = m.path.join("g");
         let backing = m.backing.join("g");
@@ -316,13 +336,13 @@ fn fallocate_is_covered_by_the_handles_lock_in_both_modes() {
         assert_eq!(
             fallocate(&f, 0, 0, 8192),
             Ok(()),
-            "passthrough {passthrough}"
+            "passthrough {passthrough}, read passthrough {read_passthrough}"
         );
         assert_eq!(std::fs::metadata(&backing).unwrap().len(), 8192);
         assert_eq!(
             fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, 0, 65536),
             Ok(()),
-            "passthrough {passthrough}"
+            "passthrough {passthrough}, read passthrough {read_passthrough}"
         );
         assert_eq!(std::fs::metadata(&backing).unwrap().len(), 8192);
         // Read-only handles: the same errno as on the backing directory.
@@ -336,7 +356,7 @@ fn fallocate_is_covered_by_the_handles_lock_in_both_modes() {
         assert_eq!(
             fallocate(&f, 0, 0, 16384),
             Err(libc::EIO),
-            "passthrough {passthrough}"
+            "passthrough {passthrough}, read passthrough {read_passthrough}"
         );
         assert_eq!(
             fallocate(
