@@ -373,19 +373,14 @@ impl LockClient {
     /// A fresh channel for one acquisition, set up as a lock channel needs.
     ///
     /// Release closes a lock's channel, so every acquisition needs a new one; opening it and
-    /// setting it up costs two round trips. The client keeps the next one opening in the
-    /// background, so an acquisition usually finds it ready. Cancel safe: a channel whose
-    /// taker was dropped is closed when the background task's result is dropped.
+    /// setting it up costs two round trips. The client opens the next one in the background
+    /// after each grant (see `prepare_spare`), so an acquisition usually finds it ready.
+    /// Cancel safe: a channel whose taker was dropped is closed when the background task's
+    /// result is dropped.
     async fn lock_channel(&self, conn: &Arc<Conn>) -> lapin::Result<Channel> {
         let taken = {
             let mut slot = self.inner.spare.lock().unwrap_or_else(|p| p.into_inner());
-            let taken = slot.take().filter(|s| Arc::ptr_eq(&s.conn, conn));
-            let next = conn.clone();
-            *slot = Some(Spare {
-                conn: conn.clone(),
-                channel: tokio::spawn(async move { open_lock_channel(&next).await }),
-            });
-            taken
+            slot.take().filter(|s| Arc::ptr_eq(&s.conn, conn))
         };
         if let Some(spare) = taken
             && let Ok(Ok(channel)) = spare.channel.await
@@ -394,6 +389,23 @@ impl LockClient {
             return Ok(channel);
         }
         open_lock_channel(conn).await
+    }
+
+    /// Starts opening the next acquisition's channel on `conn`, unless one is on its way.
+    ///
+    /// Called after a grant rather than when a spare is taken: opened during an acquisition,
+    /// the spare's round trips queue on the same connection and broker ahead of that
+    /// acquisition's own (measured: about 1.3 ms instead of 0.9 ms per uncontended grant).
+    fn prepare_spare(&self, conn: &Arc<Conn>) {
+        let mut slot = self.inner.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(&s.conn, conn)) {
+            return;
+        }
+        let next = conn.clone();
+        *slot = Some(Spare {
+            conn: conn.clone(),
+            channel: tokio::spawn(async move { open_lock_channel(&next).await }),
+        });
     }
 
     /// One registration on the lock queue, from declaring it to the grant.
@@ -523,6 +535,7 @@ impl LockClient {
                 }),
             })?;
         debug!(lock = name, fence, waited = ?started.elapsed(), "granted");
+        self.prepare_spare(conn);
 
         let signal = LossSignal::new(Some(conn.lease.clone()));
         let name: Arc<str> = Arc::from(name);
