@@ -159,3 +159,43 @@ async fn bad_input_gives_typed_errors() {
     let e = d.lock(&name).await.unwrap_err();
     assert!(matches!(e, Error::IncompatibleQueue { .. }), "{e}");
 }
+
+/// A waiter declares the fence register when it registers, and the grant only reads it. If the
+/// register is deleted in between (by hand: it cannot expire that fast), the read fails, the
+/// acquisition is retried, declares the register again, and the token still exceeds the last.
+#[tokio::test]
+async fn a_register_deleted_while_waiting_is_recreated_and_tokens_still_grow() {
+    let a = client().await;
+    let b = client().await;
+    let name = support::unique("register");
+    let held = a.lock(&name).await.unwrap();
+    let first = held.fencing_token();
+    let b2 = b.clone();
+    let n2 = name.clone();
+    let waiter = tokio::spawn(async move { b2.lock(&n2).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished());
+    let queues = mqlock::name::queue_names(&ClientConfig::default().prefix, &name).unwrap();
+    let conn = lapin::Connection::connect(&support::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let deleted = ch
+        .queue_delete(queues.fence.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the register held the holder's token");
+    held.release().await.unwrap();
+    let g = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter is granted")
+        .unwrap()
+        .unwrap();
+    assert!(g.is_held());
+    assert!(
+        g.fencing_token() > first,
+        "{} <= {first}",
+        g.fencing_token()
+    );
+    g.release().await.unwrap();
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use futures_util::future::join;
+use futures_util::future::{join, join3};
 use lapin::Channel;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -455,6 +455,16 @@ impl LockClient {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         );
+        // Declaring the fence register now, while waiting, takes its declaration off the path
+        // after the grant (`fence::record`); declaring changes no value in it.
+        let declare_register = channel.queue_declare(
+            names.fence.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            fence::register_args(common_args(config)),
+        );
         // The declare is answered before our consumer exists, so its counts are about others.
         let queue = if let Wait::Try = wait {
             let queue = declare.await.map_err(|e| fail(&e))?;
@@ -462,14 +472,18 @@ impl LockClient {
                 // Someone registered before us holds the lock or will get it first.
                 return Ok(None);
             }
-            reg.consumer = Some(consume.await.map_err(|e| fail(&e))?);
+            let (consumed, register) = join(consume, declare_register).await;
+            reg.consumer = Some(consumed.map_err(|e| fail(&e))?);
+            register.map_err(|e| fail(&e))?;
             queue
         } else {
-            let (declared, consumed) = join(declare, consume).await;
+            let (declared, consumed, register) = join3(declare, consume, declare_register).await;
             let queue = declared.map_err(|e| fail(&e))?;
             reg.consumer = Some(consumed.map_err(|e| fail(&e))?);
+            register.map_err(|e| fail(&e))?;
             queue
         };
+        let register_declared = Instant::now();
         // No consumer and no ready message: the lock has no token yet (new queue) or lost it,
         // so mint one. Two clients may both mint; the holder acks extras away.
         let publish_wake = || {
@@ -521,7 +535,10 @@ impl LockClient {
         };
         // First delivery: the broker made us the active consumer. Record the fence before
         // anyone can use it.
-        let fence = fence::record(&channel, names, config)
+        // An idle register expires `idle_expiry` after its last use; ours was a moment ago unless
+        // the wait was long.
+        let register_fresh = register_declared.elapsed() < config.idle_expiry / 2;
+        let fence = fence::record(&channel, names, config, register_fresh)
             .await
             .map_err(|e| match e {
                 FenceError::Amqp(e) => fail(&e),

@@ -63,14 +63,23 @@ pub(crate) fn register_args(common: FieldTable) -> FieldTable {
 /// Records and returns the fencing token of the grant the caller was just given.
 ///
 /// The caller must be the lock queue's active consumer (it has received a delivery).
+/// `register_declared`: the caller declared the register recently enough that it cannot have
+/// expired since, so it need not be declared again.
 pub(crate) async fn record(
     channel: &Channel,
     names: &QueueNames,
     config: &ClientConfig,
+    register_declared: bool,
 ) -> Result<u64, FenceError> {
     let args = register_args(crate::protocol::common_args(config));
-    // Declaring first recreates a register that expired, and resets its idle timer.
-    let (last, old) = read(channel, &names.fence, &args).await?;
+    // Declaring first recreates a register that expired, and resets its idle timer. (If it
+    // vanished anyway, the get fails with 404, which closes this channel: the acquisition is
+    // retried, and declares again.)
+    let (last, old) = if register_declared {
+        take(channel, &names.fence).await?
+    } else {
+        read(channel, &names.fence, &args).await?
+    };
     let token = match last.and_then(next_in_epoch) {
         Some(token) => token,
         None => start_epoch(channel, names, &args, last).await? << COUNTER_BITS,
@@ -113,13 +122,12 @@ async fn start_epoch(
     Ok(epoch)
 }
 
+/// A one-value queue's value, and the message holding it (to ack once it is replaced).
+type OneValue = (Option<u64>, Option<lapin::message::BasicGetMessage>);
+
 /// Declares a one-value queue and takes its value (unacknowledged: acked once the new value
 /// is confirmed, so a failure in between leaves the old value in place).
-async fn read(
-    channel: &Channel,
-    queue: &str,
-    args: &FieldTable,
-) -> Result<(Option<u64>, Option<lapin::message::BasicGetMessage>), FenceError> {
+async fn read(channel: &Channel, queue: &str, args: &FieldTable) -> Result<OneValue, FenceError> {
     let (declared, got) = join(
         channel.queue_declare(
             queue.into(),
@@ -134,6 +142,14 @@ async fn read(
     .await;
     declared?;
     let got = got?;
+    Ok((got.as_ref().and_then(|m| parse(&m.delivery.data)), got))
+}
+
+/// Takes the value of a one-value queue known to exist, like [`read`].
+async fn take(channel: &Channel, queue: &str) -> Result<OneValue, FenceError> {
+    let got = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await?;
     Ok((got.as_ref().and_then(|m| parse(&m.delivery.data)), got))
 }
 
