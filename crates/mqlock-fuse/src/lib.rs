@@ -366,7 +366,13 @@ pub fn mount(
         config.acl = SessionACL::All;
     }
     config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
+    // The worker threads share one /dev/fuse fd. With one fd each (`clone_fd`), the kernel
+    // looks up a reply in the list of the fd it arrives on; fuser answers FUSE_INTERRUPT with
+    // ENOSYS from whichever thread read it, so that answer missed the interrupted request
+    // whenever another thread had read it, failed with ENOENT (logged as an error), and the
+    // kernel kept sending interrupts for every signal a blocked opener got (a shell's SIGCHLD).
+    // Through one fd the first ENOSYS reaches the kernel, which then stops sending them.
+    config.clone_fd = false;
     let fs = LockedFs::new(backing, locker, opts, runtime)?;
     let mut session =
         fuser::Session::new(fs, &canonical, &config).map_err(|source| Error::Mount {
