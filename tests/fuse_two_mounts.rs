@@ -406,3 +406,47 @@ fn bad_paths_are_refused_with_a_clear_error() {
         "{out:?}"
     );
 }
+
+/// A process blocked in a write-open gets signals (a shell's SIGCHLD, a user's SIGUSR1): the
+/// kernel asks the daemon to interrupt the open, which it does not support, so the open keeps
+/// waiting for the lock and then succeeds, and the daemon logs no error about it.
+#[test]
+fn signals_to_a_blocked_opener_are_no_error() {
+    let backing = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let prefix = support::unique("fuse");
+    let a = Node::start(backing.path(), &prefix, &[]);
+    let log = logs.path().join("b.log");
+    let mut b = Node::start_logging(backing.path(), &prefix, &[], &log);
+    let mut held = File::create(a.path("f")).unwrap();
+    held.write_all(b"from a\n").unwrap();
+    let mut opener = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "trap 'echo signalled' USR1; echo 'from b' >> '{}'",
+            b.path("f").display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(opener.id() as i32, libc::SIGUSR1) };
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        opener.try_wait().unwrap().is_none(),
+        "the open must still wait for A's lock"
+    );
+    drop(held);
+    let out = opener.wait_with_output().unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    assert_eq!(std::fs::read(b.path("f")).unwrap(), b"from a\nfrom b\n");
+    assert!(b.stop(libc::SIGTERM).success());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("ERROR"),
+        "the daemon logged an error:\n{logged}"
+    );
+}

@@ -27,6 +27,16 @@ pub fn is_mounted(path: &Path) -> bool {
 impl Node {
     /// Starts a daemon and waits until its mount is up. `extra` goes to `mqlock mount`.
     pub fn start(backing: &Path, lock_prefix: &str, extra: &[&str]) -> Node {
+        Self::start_with(backing, lock_prefix, extra, Stdio::inherit())
+    }
+
+    /// Like [`Node::start`], with the daemon's log (stderr) written to `log`.
+    pub fn start_logging(backing: &Path, lock_prefix: &str, extra: &[&str], log: &Path) -> Node {
+        let file = std::fs::File::create(log).unwrap();
+        Self::start_with(backing, lock_prefix, extra, Stdio::from(file))
+    }
+
+    fn start_with(backing: &Path, lock_prefix: &str, extra: &[&str], stderr: Stdio) -> Node {
         support::services_up();
         let mnt_dir = tempfile::tempdir().unwrap();
         let mnt = mnt_dir.path().to_owned();
@@ -46,7 +56,7 @@ impl Node {
             .env("MQLOCK_LOG", "warn,fuser=error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("cannot start mqlock mount");
         let mut node = Node {
