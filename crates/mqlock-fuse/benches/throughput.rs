@@ -8,8 +8,9 @@
 //! node's write would, so the mount must drop its cache and read through the daemon.
 //!
 //! A last table splits the write-open latency: the same open on a mount whose locks come from
-//! the in-process `MemoryLocker` (the FUSE path and lock table without the broker), and a
-//! read-only open (the FUSE path without any lock).
+//! the in-process `MemoryLocker` (the FUSE path and lock table without the broker), a
+//! read-only open (the FUSE path without any lock), and the core's uncontended `lock()` with
+//! no mount at all (the broker's share).
 //!
 //! `cargo bench -p mqlock-fuse --bench throughput` (as root, broker on MQLOCK_AMQP_URL).
 //! MQLOCK_BENCH_MB sets the sequential size (default 1024), MQLOCK_BENCH_DIR where the
@@ -139,6 +140,26 @@ fn measure(dir: &Path, backing: &Path, mb: usize) -> Results {
     }
 }
 
+/// Latency of `OPENS` uncontended acquisitions of one lock through the core alone, each
+/// released (and given the same pause) before the next: the share of a write-open that is the
+/// broker's, measured in the same run.
+fn core_lock_latency(rt: &tokio::runtime::Runtime, client: &LockClient) -> Latency {
+    let name = format!("bench-core-{}", std::process::id());
+    let mut waits = Vec::with_capacity(OPENS);
+    for _ in 0..OPENS {
+        let t = Instant::now();
+        let g = rt.block_on(client.lock(&name)).unwrap();
+        waits.push(t.elapsed());
+        rt.block_on(g.release()).unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    waits.sort();
+    Latency {
+        p50: waits[OPENS / 2],
+        p90: waits[OPENS * 9 / 10],
+    }
+}
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -221,6 +242,7 @@ fn main() {
         drop(m);
         split.push(("mount, MemoryLocker".into(), write_open, read_open));
     }
+    let core = core_lock_latency(&rt, &client);
     println!();
     println!("write-open latency split ({OPENS} opens of an existing file, p50 / p90)");
     println!("| mount | write-open | read-only open (no lock) |");
@@ -241,4 +263,9 @@ fn main() {
             us(r.p90)
         );
     }
+    println!(
+        "| core `lock()` alone, no mount | {:.1} / {:.1} µs | |",
+        us(core.p50),
+        us(core.p90)
+    );
 }
