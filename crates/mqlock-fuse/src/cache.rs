@@ -1,4 +1,6 @@
-//! When the kernel may keep its page cache of a file across opens.
+//! When the kernel may keep its page cache of a file across opens, in the page-cache mode
+//! (`MountOptions::read_passthrough` off or unavailable; with read passthrough no handle of a
+//! regular file uses the FUSE page cache, so there is nothing to keep).
 //!
 //! Without `FOPEN_KEEP_CACHE` the kernel drops a file's page cache at every open, so every
 //! read goes through the daemon: close-to-open consistency at a tenth of the backing
