@@ -144,6 +144,33 @@ fn wait_for_file(p: &Path, within: Duration) -> String {
     }
 }
 
+/// Starts `mqlock exec [extra] NAME -- sh -c SCRIPT` with `$D` set to `dir`; SCRIPT writes
+/// `$MQLOCK_FENCING_TOKEN` to `$D/token`. Returns the process and its fencing token.
+fn exec_holder(
+    url: &str,
+    name: &str,
+    dir: &Path,
+    extra: &[&str],
+    script: &str,
+    stderr: Stdio,
+) -> (std::process::Child, u64) {
+    let holder = Command::new(support::mqlock_bin())
+        .arg("exec")
+        .args(extra)
+        .args([name, "--", "sh", "-c", script])
+        .env("D", dir)
+        .env("MQLOCK_AMQP_URL", url)
+        .stdin(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let token = wait_for_file(&dir.join("token"), Duration::from_secs(20))
+        .trim()
+        .parse()
+        .unwrap();
+    (holder, token)
+}
+
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
@@ -154,24 +181,14 @@ async fn killed_holder_process_hands_on_promptly_and_its_command_dies() {
     let url = support::amqp_url();
     let name = support::unique("crash");
     let dir = tempfile::tempdir().unwrap();
-    let mut holder = Command::new(support::mqlock_bin())
-        .args([
-            "exec",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; echo $$ > \"$D/pid\"; exec sleep 600",
-        ])
-        .env("D", dir.path())
-        .env("MQLOCK_AMQP_URL", &url)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let token: u64 = wait_for_file(&dir.path().join("token"), Duration::from_secs(20))
-        .trim()
-        .parse()
-        .unwrap();
+    let (mut holder, token) = exec_holder(
+        &url,
+        &name,
+        dir.path(),
+        &[],
+        "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; echo $$ > \"$D/pid\"; exec sleep 600",
+        Stdio::inherit(),
+    );
     let child: i32 = wait_for_file(&dir.path().join("pid"), Duration::from_secs(5))
         .trim()
         .parse()
@@ -210,28 +227,14 @@ async fn paused_holder_is_replaced_and_learns_of_the_loss_when_resumed() {
     let url = support::amqp_url();
     let name = support::unique("pause");
     let dir = tempfile::tempdir().unwrap();
-    let mut holder = Command::new(support::mqlock_bin())
-        .args([
-            "exec",
-            "--heartbeat",
-            "2s",
-            "--grace",
-            "1s",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; exec sleep 600",
-        ])
-        .env("D", dir.path())
-        .env("MQLOCK_AMQP_URL", &url)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let token: u64 = wait_for_file(&dir.path().join("token"), Duration::from_secs(20))
-        .trim()
-        .parse()
-        .unwrap();
+    let (mut holder, token) = exec_holder(
+        &url,
+        &name,
+        dir.path(),
+        &["--heartbeat", "2s", "--grace", "1s"],
+        "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; exec sleep 600",
+        Stdio::piped(),
+    );
     let pid = holder.id() as i32;
     // SAFETY: plain signal to our own child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };

@@ -324,6 +324,23 @@ impl Inner {
         names::lock_name(&self.opts.lock_prefix, rel)
     }
 
+    /// Creates the entry `name` in `parent` with `make(dir fd, name)`, gives it to the caller
+    /// (with `mode`'s file type and permissions), and looks it up.
+    fn make_entry(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        make: impl FnOnce(RawFd, &std::ffi::CStr) -> libc::c_int,
+    ) -> io::Result<FileAttr> {
+        let dir = self.inode(parent)?;
+        let c = cstr(name)?;
+        cvt(make(dir.fd.as_raw_fd(), &c))?;
+        self.give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), mode)?;
+        self.lookup(parent, name)
+    }
+
     /// Gives a created entry to the caller: the daemon (root) created it, the caller owns it.
     /// The group is left as created when the directory is set-group-ID, as the kernel would.
     fn give_to_caller(
@@ -872,21 +889,14 @@ impl Filesystem for LockedFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let dir = tri!(reply, self.inner.inode(parent.0));
-        let c = tri!(reply, cstr(name));
         // SAFETY: fd-relative syscall with a valid C string.
-        tri!(
+        let make = |dir, c: &std::ffi::CStr| unsafe {
+            libc::mknodat(dir, c.as_ptr(), mode, rdev as libc::dev_t)
+        };
+        let a = tri!(
             reply,
-            cvt(unsafe {
-                libc::mknodat(dir.fd.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t)
-            })
+            self.inner.make_entry(req, parent.0, name, mode, make)
         );
-        tri!(
-            reply,
-            self.inner
-                .give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), mode)
-        );
-        let a = tri!(reply, self.inner.lookup(parent.0, name));
         reply.entry(&self.inner.ttl(), &a, GEN);
     }
 
@@ -899,24 +909,13 @@ impl Filesystem for LockedFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let dir = tri!(reply, self.inner.inode(parent.0));
-        let c = tri!(reply, cstr(name));
         // SAFETY: fd-relative syscall with a valid C string.
-        tri!(
+        let make = |dir, c: &std::ffi::CStr| unsafe { libc::mkdirat(dir, c.as_ptr(), mode) };
+        let a = tri!(
             reply,
-            cvt(unsafe { libc::mkdirat(dir.fd.as_raw_fd(), c.as_ptr(), mode) })
+            self.inner
+                .make_entry(req, parent.0, name, mode | libc::S_IFDIR, make)
         );
-        tri!(
-            reply,
-            self.inner.give_to_caller(
-                dir.fd.as_raw_fd(),
-                &c,
-                req.uid(),
-                req.gid(),
-                mode | libc::S_IFDIR
-            )
-        );
-        let a = tri!(reply, self.inner.lookup(parent.0, name));
         reply.entry(&self.inner.ttl(), &a, GEN);
     }
 
@@ -960,20 +959,15 @@ impl Filesystem for LockedFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let dir = tri!(reply, self.inner.inode(parent.0));
-        let c = tri!(reply, cstr(link_name));
         let t = tri!(reply, cstr(target.as_os_str()));
         // SAFETY: fd-relative syscall with valid C strings.
-        tri!(
-            reply,
-            cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.fd.as_raw_fd(), c.as_ptr()) })
-        );
-        tri!(
+        let make =
+            |dir, c: &std::ffi::CStr| unsafe { libc::symlinkat(t.as_ptr(), dir, c.as_ptr()) };
+        let a = tri!(
             reply,
             self.inner
-                .give_to_caller(dir.fd.as_raw_fd(), &c, req.uid(), req.gid(), libc::S_IFLNK)
+                .make_entry(req, parent.0, link_name, libc::S_IFLNK, make)
         );
-        let a = tri!(reply, self.inner.lookup(parent.0, link_name));
         reply.entry(&self.inner.ttl(), &a, GEN);
     }
 

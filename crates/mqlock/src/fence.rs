@@ -137,12 +137,11 @@ async fn read(channel: &Channel, queue: &str, args: &FieldTable) -> Result<OneVa
             },
             args.clone(),
         ),
-        channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }),
+        take(channel, queue),
     )
     .await;
     declared?;
-    let got = got?;
-    Ok((got.as_ref().and_then(|m| parse(&m.delivery.data)), got))
+    got
 }
 
 /// Takes the value of a one-value queue known to exist, like [`read`].
