@@ -63,6 +63,13 @@ pub struct ClientConfig {
     /// applies). A dropped token delays the next grant until a waiter's nudge; it never
     /// breaks mutual exclusion. All clients of one lock must use the same value.
     pub quorum_delivery_limit: Option<i64>,
+    /// The brokers' `net_ticktime` (Erlang's inter-node failure detector; 60 s by default, and
+    /// RabbitMQ's). A cluster node may declare a silent peer down, and hand that peer's locks
+    /// on, `0.75 × net_ticktime` after it last heard from it; a holder's lease is therefore
+    /// never longer than half of it (docs/protocol.md, L2). Set it to the cluster's value when
+    /// the brokers run with a shorter one; a longer value here than on the brokers breaks L2.
+    /// A single broker has no peers, but the bound applies anyway (it costs nothing at 60 s).
+    pub net_ticktime: Duration,
     /// Name shown for this client's connection in the broker's management tools.
     pub connection_name: Option<String>,
     /// Certificates for `amqps://` URLs (used only with the `rustls` feature).
@@ -105,6 +112,7 @@ impl Default for ClientConfig {
             nudge_interval: Duration::from_secs(10),
             try_window: Duration::from_secs(1),
             quorum_delivery_limit: Some(DEFAULT_QUORUM_DELIVERY_LIMIT),
+            net_ticktime: Duration::from_secs(60),
             connection_name: None,
             tls: TlsConfig::default(),
         }
