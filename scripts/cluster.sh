@@ -16,6 +16,9 @@
 #   scripts/cluster.sh pause NODE      SIGSTOP the node's VM (a frozen broker); `resume NODE` undoes it
 #   scripts/cluster.sh leader QUEUE    print the node that leads a quorum queue
 #   scripts/cluster.sh wait-healthy [SECONDS]  wait until all three run, clustered, no partition
+#   scripts/cluster.sh partition-handling [MODE]  set cluster_partition_handling (ignore, autoheal,
+#                                      pause_minority) on every node at run time, or print it;
+#                                      a node restarted later reads pause_minority from its config
 #
 # NODE is 1, 2, 3 (or c1, mqlock-c1, mqlock-c1@localhost). Nodes:
 #   mqlock-c1@localhost  amqp://guest:guest@127.0.0.1:5681/%2f  (Erlang distribution on 25681)
@@ -347,6 +350,25 @@ leader() { # QUEUE: the leader as seen by the first node that answers
   fail "no running node knows the leader of queue '$q'"
 }
 
+# cluster_partition_handling is read by rabbit_node_monitor when a node goes down or comes
+# back, so changing it at run time changes how the next partition is handled. Every node is
+# tried; the command fails if one of them could not be reached.
+partition_handling() { # [MODE]
+  local mode=${1:-} i out rc=0
+  case $mode in ""|ignore|autoheal|pause_minority) ;; *) fail "partition-handling [ignore|autoheal|pause_minority]" ;; esac
+  for i in 0 1 2; do
+    if [ -n "$mode" ]; then
+      out=$(ctl "$i" eval "ok = application:set_env(rabbit, cluster_partition_handling, $mode), {ok, M} = application:get_env(rabbit, cluster_partition_handling), io:format(\"~s~n\", [M])." 2>&1) \
+        || { say "${NAMES[$i]}: cannot set cluster_partition_handling: $out"; rc=1; continue; }
+    else
+      out=$(ctl "$i" eval '{ok, M} = application:get_env(rabbit, cluster_partition_handling), io:format("~s~n", [M]).' 2>&1) \
+        || { say "${NAMES[$i]}: cannot read cluster_partition_handling: $out"; rc=1; continue; }
+    fi
+    echo "${NAMES[$i]} $(echo "$out" | head -n 1)"
+  done
+  return $rc
+}
+
 status_report() {
   local i pid state rc=0 n
   for i in 0 1 2; do
@@ -385,5 +407,6 @@ case $cmd in
   resume) need_root "$@"; i=$(node_index "${2:?node}"); pid=$(node_pid "$i") || fail "${NAMES[$i]} is not running"; kill -CONT "$pid"; say "${NAMES[$i]} resumed" ;;
   leader) need_root "$@"; leader "${2:?queue name}" ;;
   wait-healthy) need_root "$@"; wait_healthy "${2:-120}" ;;
-  *) echo "usage: $0 up|down|status|urls|kill N|stop N|start N|restart-all|partition N [--peers-only]|heal [N]|pause N|resume N|leader QUEUE|wait-healthy [SECS]" >&2; exit 2 ;;
+  partition-handling) need_root "$@"; partition_handling "${2:-}" ;;
+  *) echo "usage: $0 up|down|status|urls|kill N|stop N|start N|restart-all|partition N [--peers-only]|heal [N]|pause N|resume N|leader QUEUE|wait-healthy [SECS]|partition-handling [MODE]" >&2; exit 2 ;;
 esac

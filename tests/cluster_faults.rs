@@ -34,10 +34,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cluster_support::{
-    Cluster, Grant, Load, Op, Report, Store, StoreServer, analyse, client_config, cluster_sh,
-    lock_queue,
+    Cluster, Grant, Load, Op, PartitionHandling, Report, Store, StoreServer, analyse,
+    client_config, cluster_sh, lock_queue,
 };
-use mqlock::LockClient;
+use mqlock::{LockClient, LossReason};
 
 const CLIENTS: usize = 8;
 const LOCKS: usize = 3;
@@ -64,16 +64,22 @@ enum Fault {
     PartitionPeers,
     PauseClient,
     RestartCluster,
+    LongHold,
+    LongHoldIgnore,
+    LongHoldAutoheal,
 }
 
 impl Fault {
-    const ALL: [Fault; 6] = [
+    const ALL: [Fault; 9] = [
         Fault::KillLeader,
         Fault::StopStart,
         Fault::Partition,
         Fault::PartitionPeers,
         Fault::PauseClient,
         Fault::RestartCluster,
+        Fault::LongHold,
+        Fault::LongHoldIgnore,
+        Fault::LongHoldAutoheal,
     ];
     fn slug(self) -> &'static str {
         match self {
@@ -83,6 +89,19 @@ impl Fault {
             Fault::PartitionPeers => "partition-peers",
             Fault::PauseClient => "pause-client",
             Fault::RestartCluster => "restart-cluster",
+            Fault::LongHold => "long-hold",
+            Fault::LongHoldIgnore => "long-hold-ignore",
+            Fault::LongHoldAutoheal => "long-hold-autoheal",
+        }
+    }
+    /// The long-hold scenarios (no load; see [`long_hold`]): the `cluster_partition_handling`
+    /// they run with.
+    fn long_hold(self) -> Option<&'static str> {
+        match self {
+            Fault::LongHold => Some("pause_minority"),
+            Fault::LongHoldIgnore => Some("ignore"),
+            Fault::LongHoldAutoheal => Some("autoheal"),
+            _ => None,
         }
     }
 }
@@ -118,11 +137,20 @@ async fn cluster_fault_scenarios() {
     let cluster = Cluster::up().await;
     let target = target_grants();
     let mut reports = Vec::new();
+    let mut holds = Vec::new();
     for fault in faults {
+        if let Some(handling) = fault.long_hold() {
+            let rep = long_hold(&cluster, fault, handling).await;
+            eprintln!("{rep}");
+            holds.push(rep);
+            rep_file(&reports, &holds, target, suite_start.elapsed());
+            holds.last().unwrap().assert_safe();
+            continue;
+        }
         let rep = run_scenario(&cluster, fault, target, &bin).await;
         eprintln!("{rep}");
         reports.push(rep);
-        rep_file(&reports, target, suite_start.elapsed());
+        rep_file(&reports, &holds, target, suite_start.elapsed());
     }
     eprintln!(
         "\n{} grants per scenario, suite {:.0} s\n{}\n{}",
@@ -135,10 +163,21 @@ async fn cluster_fault_scenarios() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    if !holds.is_empty() {
+        eprintln!(
+            "\n{}\n{}",
+            LongHold::TABLE_HEADER,
+            holds
+                .iter()
+                .flat_map(LongHold::table_rows)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     drop(cluster);
 }
 
-fn rep_file(reports: &[Report], target: u64, elapsed: Duration) {
+fn rep_file(reports: &[Report], holds: &[LongHold], target: u64, elapsed: Duration) {
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| support::root().join("target"));
@@ -154,6 +193,19 @@ fn rep_file(reports: &[Report], target: u64, elapsed: Duration) {
     text.push('\n');
     for r in reports {
         text.push_str(&format!("{r}\n"));
+    }
+    if !holds.is_empty() {
+        text.push_str(&format!("\n{}\n", LongHold::TABLE_HEADER));
+        for h in holds {
+            for row in h.table_rows() {
+                text.push_str(&row);
+                text.push('\n');
+            }
+        }
+        text.push('\n');
+        for h in holds {
+            text.push_str(&format!("{h}\n"));
+        }
     }
     let _ = std::fs::create_dir_all(&target_dir);
     let _ = std::fs::write(target_dir.join("cluster-faults-report.md"), text);
@@ -331,6 +383,9 @@ async fn inject(
         Fault::PauseClient => {
             return vec![pause_client(cluster, load, locks, server, bin, notes).await];
         }
+        Fault::LongHold | Fault::LongHoldIgnore | Fault::LongHoldAutoheal => {
+            unreachable!("the long-hold scenarios run without load (long_hold)")
+        }
     }
     Vec::new()
 }
@@ -451,4 +506,490 @@ async fn pause_client(
         write: w.map_or(Op::NotDone, |w| w.op),
         held_at_end: false,
     }
+}
+
+// ------------------------------------------------------------------------ long holds
+
+/// How long the holder holds before its node is cut off (it holds on through the cut until
+/// it learns of its loss).
+const HOLD_BEFORE_CUT: Duration = Duration::from_secs(5);
+/// How long the waiter holds once granted.
+const WAITER_HOLD: Duration = Duration::from_secs(2);
+/// How long the waiter may wait after the cut (the majority hands the lock on after
+/// `net_ticktime`, 10–12.5 s).
+const WAITER_LIMIT: Duration = Duration::from_secs(90);
+/// How long after the waiter's grant the test waits for the holder's loss before calling the
+/// holder a zombie.
+const LOSS_WAIT: Duration = Duration::from_secs(20);
+/// How soon after the heal a new client must get the lock.
+const NEWCOMER_BOUND: Duration = Duration::from_secs(30);
+
+/// Rounds of `long-hold`: `MQLOCK_LONG_HOLD_ROUNDS`, default 3 (`long-hold-ignore` and
+/// `long-hold-autoheal` run one round each).
+fn long_hold_rounds(fault: Fault) -> usize {
+    if fault != Fault::LongHold {
+        return 1;
+    }
+    std::env::var("MQLOCK_LONG_HOLD_ROUNDS")
+        .ok()
+        .map(|v| v.parse().expect("MQLOCK_LONG_HOLD_ROUNDS must be a number"))
+        .unwrap_or(3)
+}
+
+/// One round of a long-hold scenario. Times are seconds after the cut (the moment
+/// `scripts/cluster.sh partition` returned), all on the test process's `Instant`.
+#[derive(Debug, Clone, Default)]
+struct HoldRound {
+    round: usize,
+    /// Nodes 1..=3: the holder A's, the lock queue's leader, the waiter B's.
+    holder_node: usize,
+    leader: usize,
+    waiter_node: usize,
+    holder_token: u64,
+    /// When A's loss took effect (from then on `is_held()` is false: for an expired lease,
+    /// its deadline), when the watcher task saw it, and why.
+    loss: Option<(f64, f64, String)>,
+    /// `is_held()` of A right after B's `lock()` returned.
+    held_at_grant: bool,
+    /// When B's `lock()` returned, and B's token.
+    granted: Option<(f64, u64)>,
+    heal_at: f64,
+    /// A newcomer after the heal: seconds from the heal to its grant, its token.
+    newcomer: Option<(f64, u64)>,
+    /// `is_held()` of A when the newcomer was granted.
+    held_after_heal: bool,
+    problems: Vec<String>,
+    notes: Vec<String>,
+}
+
+impl HoldRound {
+    /// How long before B's grant A's loss took effect (negative: after it).
+    fn margin(&self) -> Option<f64> {
+        match (&self.loss, self.granted) {
+            (Some((lost, _, _)), Some((granted, _))) => Some(granted - lost),
+            _ => None,
+        }
+    }
+}
+
+/// A long-hold scenario: its rounds.
+#[derive(Debug, Clone)]
+struct LongHold {
+    scenario: &'static str,
+    handling: &'static str,
+    rounds: Vec<HoldRound>,
+    duration: Duration,
+}
+
+impl LongHold {
+    const TABLE_HEADER: &'static str = "| scenario | round | A / leader / B on node | A's loss (s after cut) | B granted (s after cut) | loss before grant by | tokens A < B | newcomer after heal | A held after heal | problems |\n|---|---:|---|---|---:|---:|---|---:|---|---|";
+
+    fn table_rows(&self) -> Vec<String> {
+        self.rounds
+            .iter()
+            .map(|r| {
+                format!(
+                    "| {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} |",
+                    self.scenario,
+                    r.round,
+                    r.holder_node,
+                    r.leader,
+                    r.waiter_node,
+                    r.loss
+                        .as_ref()
+                        .map_or("none".into(), |(at, _, why)| format!(
+                            "{at:.2} ({})",
+                            short_reason(why)
+                        )),
+                    r.granted
+                        .map_or("not granted".into(), |(at, _)| format!("{at:.2}")),
+                    r.margin().map_or("-".into(), |m| format!("{m:.2} s")),
+                    r.granted
+                        .map_or("-", |(_, t)| if t > r.holder_token { "yes" } else { "NO" }),
+                    r.newcomer
+                        .map_or("not granted".into(), |(after, _)| format!("{after:.1} s")),
+                    if r.held_after_heal { "YES" } else { "no" },
+                    if r.problems.is_empty() {
+                        "none".into()
+                    } else {
+                        r.problems.join("; ")
+                    }
+                )
+            })
+            .collect()
+    }
+
+    fn assert_safe(&self) {
+        let problems: Vec<String> = self
+            .rounds
+            .iter()
+            .flat_map(|r| {
+                r.problems
+                    .iter()
+                    .map(move |p| format!("round {}: {p}", r.round))
+            })
+            .collect();
+        assert!(
+            problems.is_empty(),
+            "{} ({}):\n{}",
+            self.scenario,
+            self.handling,
+            problems.join("\n")
+        );
+    }
+}
+
+fn short_reason(why: &str) -> String {
+    why.split(" (").next().unwrap_or(why).to_owned()
+}
+
+impl std::fmt::Display for LongHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "## {} (cluster_partition_handling = {}), {} round(s), {:.0} s",
+            self.scenario,
+            self.handling,
+            self.rounds.len(),
+            self.duration.as_secs_f64()
+        )?;
+        for r in &self.rounds {
+            writeln!(
+                f,
+                "round {}: A on node {} (token {}), lock queue led by node {}, B on node {}; node {} cut off from its peers",
+                r.round, r.holder_node, r.holder_token, r.leader, r.waiter_node, r.holder_node
+            )?;
+            match &r.loss {
+                Some((at, seen, why)) => writeln!(
+                    f,
+                    "  A's loss took effect at +{at:.3} s (watcher woke at +{seen:.3} s): {why}"
+                )?,
+                None => writeln!(f, "  A's loss never fired")?,
+            }
+            match r.granted {
+                Some((at, token)) => writeln!(
+                    f,
+                    "  B granted at +{at:.3} s with token {token}; A's is_held() then: {}",
+                    r.held_at_grant
+                )?,
+                None => writeln!(f, "  B was not granted")?,
+            }
+            if let Some(m) = r.margin() {
+                writeln!(
+                    f,
+                    "  A's loss {} B's grant by {:.3} s",
+                    if m > 0.0 { "came before" } else { "came AFTER" },
+                    m.abs()
+                )?;
+            }
+            writeln!(f, "  healed at +{:.3} s", r.heal_at)?;
+            match r.newcomer {
+                Some((after, token)) => writeln!(
+                    f,
+                    "  a newcomer was granted {after:.2} s after the heal with token {token}; A's is_held() then: {}",
+                    r.held_after_heal
+                )?,
+                None => writeln!(f, "  no newcomer was granted")?,
+            }
+            for n in &r.notes {
+                writeln!(f, "  note: {n}")?;
+            }
+            for p in &r.problems {
+                writeln!(f, "  PROBLEM: {p}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A holder A connected to node X holds a lock whose quorum queue is led by another node Y,
+/// for many seconds; a waiter B connected to Y waits. Node X is cut off from its peers only
+/// (its clients still reach it), with the given partition handling. Checked in every round:
+/// A's loss took effect before B's grant (one clock: this process's `Instant`), B's token is
+/// larger than A's, and after the heal A does not believe it holds, and a new client is
+/// granted the lock within [`NEWCOMER_BOUND`] with a larger token.
+async fn long_hold(cluster: &Cluster, fault: Fault, handling: &'static str) -> LongHold {
+    let started = Instant::now();
+    let mut rounds = Vec::new();
+    for round in 0..long_hold_rounds(fault) {
+        let r = long_hold_round(cluster, fault, handling, round).await;
+        eprintln!(
+            "{} round {}: loss {:?}, grant {:?}, newcomer {:?}, problems {:?}",
+            fault.slug(),
+            r.round,
+            r.loss,
+            r.granted,
+            r.newcomer,
+            r.problems
+        );
+        rounds.push(r);
+    }
+    LongHold {
+        scenario: fault.slug(),
+        handling,
+        rounds,
+        duration: started.elapsed(),
+    }
+}
+
+async fn connect_to(cluster: &Cluster, node: usize, who: &str) -> mqlock::Result<LockClient> {
+    LockClient::connect(&cluster.urls_from(node), client_config(who.into())).await
+}
+
+async fn long_hold_round(
+    cluster: &Cluster,
+    fault: Fault,
+    handling: &'static str,
+    round: usize,
+) -> HoldRound {
+    let mut r = HoldRound {
+        round: round + 1,
+        ..HoldRound::default()
+    };
+    workarounds(&mut r.notes, cluster.wait_healthy().await);
+    // Set before any client connects: a channel caches the mode it first sees
+    // (rabbit_node_monitor:pause_partition_guard). The guard restores pause_minority, also
+    // on a panic.
+    let handling_guard = match handling {
+        "pause_minority" => None,
+        mode => Some(PartitionHandling::set(mode).await),
+    };
+    let name = support::unique(&format!("{}-{}", fault.slug(), round + 1));
+    let queue = lock_queue(&name);
+    // Round 1: A on node 1, B on node 2 (the review's set-up); then the next pair.
+    let y = (round + 1) % 3;
+    let waiter = connect_to(cluster, y, "long-hold-waiter")
+        .await
+        .expect("the waiter connects");
+    // B declares the lock's queues, so they are led by B's node (client-local placement).
+    let first = waiter
+        .lock_timeout(&name, Duration::from_secs(60))
+        .await
+        .expect("the waiter's first grant");
+    let first_token = first.fencing_token();
+    first.release().await.expect("the waiter's first release");
+    r.leader = cluster.leader(&queue).await;
+    let x = [round % 3, (round + 2) % 3]
+        .into_iter()
+        .find(|&i| i + 1 != r.leader)
+        .unwrap();
+    if r.leader != y + 1 {
+        r.notes.push(format!(
+            "the lock queue is led by node {}, not by the waiter's node {}",
+            r.leader,
+            y + 1
+        ));
+    }
+    r.holder_node = x + 1;
+    r.waiter_node = y + 1;
+    let holder = connect_to(cluster, x, "long-hold-holder")
+        .await
+        .expect("the holder connects");
+    let guard = holder
+        .lock_timeout(&name, Duration::from_secs(60))
+        .await
+        .expect("the holder's grant");
+    r.holder_token = guard.fencing_token();
+    if r.holder_token <= first_token {
+        r.problems.push(format!(
+            "A's token {} is not above the first grant's {first_token}",
+            r.holder_token
+        ));
+    }
+    let signal = guard.loss_signal();
+    let mut watcher = tokio::spawn(async move {
+        let reason = signal.lost().await;
+        (reason, Instant::now())
+    });
+    let (client, lock) = (waiter.clone(), name.clone());
+    let mut waiting = tokio::spawn(async move {
+        let g = client.lock_timeout(&lock, WAITER_LIMIT).await;
+        (g, Instant::now())
+    });
+    tokio::time::sleep(HOLD_BEFORE_CUT).await;
+    if waiting.is_finished() {
+        r.problems
+            .push("B's lock() returned before the cut, while A held the lock".into());
+    }
+    if let Some(why) = guard.loss_reason() {
+        r.problems
+            .push(format!("A lost the lock before the cut: {why}"));
+    }
+
+    let n = r.holder_node.to_string();
+    let cutting = Instant::now();
+    cluster_sh(&["partition", &n, "--peers-only"]).await;
+    let cut = Instant::now();
+    let rel = |t: Instant| {
+        if t >= cut {
+            (t - cut).as_secs_f64()
+        } else {
+            -(cut - t).as_secs_f64()
+        }
+    };
+    r.notes.push(format!(
+        "`partition {n} --peers-only` took {:.2} s",
+        (cut - cutting).as_secs_f64()
+    ));
+
+    // B's grant.
+    let granted =
+        match tokio::time::timeout(WAITER_LIMIT + Duration::from_secs(10), &mut waiting).await {
+            Ok(Ok((Ok(g), at))) => Some((g, at)),
+            Ok(Ok((Err(e), at))) => {
+                r.problems
+                    .push(format!("B's lock() failed at +{:.1} s: {e}", rel(at)));
+                None
+            }
+            Ok(Err(e)) => panic!("the waiter's task: {e}"),
+            Err(_) => {
+                waiting.abort();
+                r.problems
+                    .push(format!("B's lock() did not return within {WAITER_LIMIT:?}"));
+                None
+            }
+        };
+    r.held_at_grant = guard.is_held();
+    let loss_of = |reason: LossReason, seen: Instant| {
+        let at = match &reason {
+            LossReason::LeaseExpired { silent_for } => {
+                seen.checked_sub(*silent_for).unwrap_or(seen)
+            }
+            _ => seen,
+        };
+        (rel(at), rel(seen), reason.to_string())
+    };
+    let mut b_token = None;
+    if let Some((g, at)) = granted {
+        r.granted = Some((rel(at), g.fencing_token()));
+        b_token = Some(g.fencing_token());
+        tokio::time::sleep(WAITER_HOLD).await;
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(30), g.release())
+            .await
+            .unwrap_or(Ok(()))
+        {
+            r.notes.push(format!("B's release: {e}"));
+        }
+    }
+    // A's loss: it must have taken effect before B's grant; wait a while to see if it comes at all.
+    let wait = if r.granted.is_some() {
+        LOSS_WAIT
+    } else {
+        Duration::from_secs(1)
+    };
+    if let Ok(res) = tokio::time::timeout(wait, &mut watcher).await {
+        let (reason, seen) = res.expect("the watcher task");
+        r.loss = Some(loss_of(reason, seen));
+    }
+    match (&r.loss, r.granted) {
+        (_, None) => {}
+        (None, Some((at, tb))) => r.problems.push(format!(
+            "A (token {}) never learnt of its loss: is_held() still true {:.1} s after B's grant at +{at:.2} s (token {tb})",
+            r.holder_token,
+            rel(Instant::now()) - at
+        )),
+        (Some((lost, _, why)), Some((at, _))) if *lost >= at => r.problems.push(format!(
+            "A's loss took effect {:.3} s AFTER B's grant (loss at +{lost:.3} s: {why}; grant at +{at:.3} s)",
+            lost - at
+        )),
+        _ => {}
+    }
+    if let Some(tb) = b_token
+        && tb <= r.holder_token
+    {
+        r.problems.push(format!(
+            "B's token {tb} is not above A's {}",
+            r.holder_token
+        ));
+    }
+
+    cluster_sh(&["heal", &n]).await;
+    let healed = Instant::now();
+    r.heal_at = rel(healed);
+    // The lock is not stuck: a new client (on the majority side) gets it, with a larger token.
+    let newcomer = tokio::time::timeout(NEWCOMER_BOUND + Duration::from_secs(30), async {
+        let c = connect_to(cluster, y, "long-hold-newcomer").await?;
+        let g = c
+            .lock_timeout(&name, NEWCOMER_BOUND + Duration::from_secs(20))
+            .await;
+        Ok::<_, mqlock::Error>((c, g?))
+    })
+    .await;
+    let newcomer_client = match newcomer {
+        Ok(Ok((c, g))) => {
+            let after = healed.elapsed().as_secs_f64();
+            r.held_after_heal = guard.is_held();
+            let token = g.fencing_token();
+            r.newcomer = Some((after, token));
+            if after > NEWCOMER_BOUND.as_secs_f64() {
+                r.problems.push(format!(
+                    "the newcomer was granted only {after:.1} s after the heal (bound {NEWCOMER_BOUND:?})"
+                ));
+            }
+            let above = b_token.unwrap_or(r.holder_token).max(r.holder_token);
+            if token <= above {
+                r.problems
+                    .push(format!("the newcomer's token {token} is not above {above}"));
+            }
+            if r.held_after_heal {
+                r.problems.push(format!(
+                    "after the heal A still believes it holds (token {} < the newcomer's {token})",
+                    r.holder_token
+                ));
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(30), g.release()).await;
+            Some(c)
+        }
+        Ok(Err(e)) => {
+            r.held_after_heal = guard.is_held();
+            r.problems.push(format!(
+                "the lock is stuck: a newcomer failed {:.1} s after the heal: {e}",
+                healed.elapsed().as_secs_f64()
+            ));
+            None
+        }
+        Err(_) => {
+            r.held_after_heal = guard.is_held();
+            r.problems.push(format!(
+                "the lock is stuck: no grant to a newcomer {:.0} s after the heal",
+                healed.elapsed().as_secs_f64()
+            ));
+            None
+        }
+    };
+    if r.loss.is_none() && watcher.is_finished() {
+        let (reason, seen) = watcher.await.expect("the watcher task");
+        r.loss = Some(loss_of(reason, seen));
+        r.notes
+            .push("A learnt of its loss only after the heal".into());
+    } else {
+        watcher.abort();
+    }
+    if r.held_after_heal && r.loss.is_some() {
+        r.notes
+            .push("A's loss fired but is_held() was true afterwards".into());
+    }
+
+    let _ = tokio::time::timeout(Duration::from_secs(10), guard.release()).await;
+    for c in [Some(holder), Some(waiter), newcomer_client]
+        .into_iter()
+        .flatten()
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.close()).await;
+    }
+    // pause_minority again on every node.
+    drop(handling_guard);
+    // With `ignore` the nodes keep the partition on record until the cut-off node restarts.
+    let secs = if handling == "ignore" { 20 } else { 180 };
+    let (healthy, out) = cluster.healthy_within(secs).await;
+    workarounds(&mut r.notes, out);
+    if !healthy {
+        r.notes.push(format!(
+            "the cluster was not healthy {secs} s after the round: node {n} restarted"
+        ));
+        cluster_sh(&["stop", &n]).await;
+        cluster_sh(&["start", &n]).await;
+        workarounds(&mut r.notes, cluster.wait_healthy().await);
+    }
+    r
 }

@@ -80,6 +80,60 @@ impl Cluster {
     pub async fn wait_healthy(&self) -> String {
         cluster_sh(&["wait-healthy", "180"]).await
     }
+
+    /// Whether the cluster becomes healthy within `secs` (as [`Cluster::wait_healthy`], but
+    /// `false` instead of a failed test), with the script's stdout (its workarounds).
+    pub async fn healthy_within(&self, secs: u64) -> (bool, String) {
+        let out = tokio::process::Command::new(script())
+            .args(["wait-healthy", &secs.to_string()])
+            .output()
+            .await
+            .expect("cannot run scripts/cluster.sh");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    }
+}
+
+/// `cluster_partition_handling` set on every node at run time (`scripts/cluster.sh
+/// partition-handling MODE`) for as long as the guard lives. Dropping it, also when the test
+/// panics, heals every node and sets `pause_minority` (the cluster's configured mode) again.
+pub struct PartitionHandling {
+    mode: String,
+}
+
+impl PartitionHandling {
+    pub async fn set(mode: &str) -> PartitionHandling {
+        // Armed first: a failure half-way (one node set, another not) is restored too.
+        let guard = PartitionHandling { mode: mode.into() };
+        let out = cluster_sh(&["partition-handling", mode]).await;
+        assert!(
+            out.lines().count() == 3 && out.lines().all(|l| l.ends_with(&format!(" {mode}"))),
+            "cluster_partition_handling not set to {mode} on every node: {out}"
+        );
+        guard
+    }
+
+    pub fn mode(&self) -> &str {
+        &self.mode
+    }
+}
+
+impl Drop for PartitionHandling {
+    fn drop(&mut self) {
+        // Healed first: a node cut off from the others cannot be reached by rabbitmqctl.
+        let _ = std::process::Command::new(script()).arg("heal").status();
+        let ok = std::process::Command::new(script())
+            .args(["partition-handling", "pause_minority"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "WARNING: cluster_partition_handling could not be set back to pause_minority on every node (scripts/cluster.sh partition-handling pause_minority)"
+            );
+        }
+    }
 }
 
 impl Drop for Cluster {
@@ -99,14 +153,29 @@ pub fn lock_queue(name: &str) -> String {
 }
 
 /// The configuration of every client of the suite: quorum queues, a 2 s heartbeat (a holder
-/// cut off from its node learns of the loss within 3 s).
+/// cut off from its node learns of the loss within 3 s), and the cluster's `net_ticktime`
+/// (10 s, or `MQLOCK_CLUSTER_NET_TICKTIME` as in scripts/cluster.sh), which bounds the lease
+/// on a cluster.
 pub fn client_config(name: String) -> ClientConfig {
     ClientConfig {
         queue_type: QueueType::Quorum,
         heartbeat: Duration::from_secs(2),
+        net_ticktime: Duration::from_secs(net_ticktime_secs()),
         connection_name: Some(name),
         ..ClientConfig::default()
     }
+}
+
+/// The cluster's `net_ticktime` in seconds: scripts/cluster.sh configures the nodes with
+/// `MQLOCK_CLUSTER_NET_TICKTIME`, 10 by default.
+pub fn net_ticktime_secs() -> u64 {
+    std::env::var("MQLOCK_CLUSTER_NET_TICKTIME")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .expect("MQLOCK_CLUSTER_NET_TICKTIME must be a number of seconds")
+        })
+        .unwrap_or(10)
 }
 
 // ------------------------------------------------------------------------ the fenced store
