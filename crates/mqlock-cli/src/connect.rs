@@ -30,9 +30,17 @@ pub struct ConnectArgs {
     #[arg(long, env = "MQLOCK_QUEUE_TYPE", default_value = "classic", value_parser = parse_queue_type)]
     pub queue_type: QueueType,
 
-    /// AMQP heartbeat; a holder cut off from the broker learns of its loss within 1.5 times this.
+    /// AMQP heartbeat. A holder's lease lasts 1.5 times this (or half of --net-ticktime, if
+    /// shorter): a holder cut off from the broker learns of its loss within that, before the
+    /// broker can hand the lock on.
     #[arg(long, env = "MQLOCK_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
+
+    /// The brokers' Erlang net_ticktime (RabbitMQ's default: 60s). On a cluster, a node cut off
+    /// from its peers has its locks handed on after 0.75 times this; the lease stays below half
+    /// of it. Give the cluster's value if it runs with a shorter one (scripts/cluster.sh: 10s).
+    #[arg(long, env = "MQLOCK_NET_TICKTIME", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub net_ticktime: Duration,
 
     /// PEM file of the CA that signed the broker's certificate, for amqps:// URLs; only this CA
     /// is trusted then (default: the system's CA bundle). Example: --ca-cert /etc/mqlock/ca.pem
@@ -71,6 +79,7 @@ impl ConnectArgs {
     pub fn config(&self) -> ClientConfig {
         ClientConfig {
             heartbeat: self.heartbeat,
+            net_ticktime: self.net_ticktime,
             queue_type: self.queue_type,
             prefix: self.prefix.clone(),
             tls: TlsConfig {

@@ -21,11 +21,14 @@ use crate::connection::{Conn, display_addr, parse_urls};
 use crate::error::{Error, Result};
 use crate::fence::{self, FenceError};
 use crate::guard::{BoxFuture, LockGuard, LossReason, LossSignal};
-use crate::holder::Holder;
+use crate::hold::{Holder, renew, renewal_id};
+use crate::lease::Lease;
 use crate::locker::Locker;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::name::{QueueNames, queue_names};
-use crate::protocol::{Fault, PREFETCH, classify, common_args, lock_queue_args, wake_properties};
+use crate::protocol::{
+    Fault, PREFETCH, classify, common_args, lock_queue_args, stamp, wake_properties,
+};
 
 /// A lock client: one broker connection shared by every lock taken through it.
 ///
@@ -123,7 +126,13 @@ impl LockClient {
         let uris = parse_urls(url, &config)?;
         let addr = uris.iter().map(display_addr).collect::<Vec<_>>().join(", ");
         let conn = Conn::open(&uris, &config).await?;
-        info!(broker = %conn.addr, "connected");
+        info!(
+            broker = %conn.addr,
+            lease = ?conn.lease_margin,
+            renewal = ?conn.renewal_period,
+            net_ticktime = ?config.net_ticktime,
+            "connected; a holder's lease assumes every broker node runs with a net_ticktime of at least this"
+        );
         let now = crate::protocol::now_micros();
         Ok(LockClient {
             inner: Arc::new(Inner {
@@ -492,7 +501,7 @@ impl LockClient {
                 names.lock.as_str().into(),
                 BasicPublishOptions::default(),
                 b"",
-                wake_properties(None),
+                wake_properties(),
             )
         };
         if queue.consumer_count() == 0 && queue.message_count() == 0 {
@@ -533,28 +542,61 @@ impl LockClient {
                 }
             }
         };
-        // First delivery: the broker made us the active consumer. Record the fence before
-        // anyone can use it.
+        // First delivery: the broker made us the active consumer (`v2::Grant` in docs/model.md).
+        // Choose the token (one round trip), then store it and renew the lock's lease in one
+        // more: the guard is returned only once the register and the lock queue confirmed both,
+        // and while the lease that the lock queue's confirm started is still valid.
         // An idle register expires `idle_expiry` after its last use; ours was a moment ago unless
         // the wait was long.
         let register_fresh = register_declared.elapsed() < config.idle_expiry / 2;
-        let fence = fence::record(&channel, names, config, register_fresh)
-            .await
-            .map_err(|e| match e {
-                FenceError::Amqp(e) => fail(&e),
-                // The token was never used: closing this registration hands the lock on, and
-                // the retry registers again.
-                FenceError::Transient(d) => Retry::Again(d),
-                FenceError::Refused(d) => Retry::Fail(Error::Protocol {
-                    name: name.into(),
-                    addr: conn.addr.clone(),
-                    detail: d,
-                }),
-            })?;
+        let fence_fail = |e: FenceError| match e {
+            FenceError::Amqp(e) => fail(&e),
+            // The token was never used: closing this registration hands the lock on, and
+            // the retry registers again.
+            FenceError::Transient(d) => Retry::Again(d),
+            FenceError::Refused(d) => Retry::Fail(Error::Protocol {
+                name: name.into(),
+                addr: conn.addr.clone(),
+                detail: d,
+            }),
+        };
+        let draft = fence::draft(
+            &channel,
+            names,
+            config,
+            register_fresh,
+            stamp(&token.properties),
+        )
+        .await
+        .map_err(fence_fail)?;
+        let fence = draft.token;
+        let lease = Arc::new(Lease::with_clock(config.clock.clone(), conn.lease_margin));
+        let (committed, renewed) = join(
+            draft.commit(&channel, names),
+            renew(&channel, &names.lock, &lease, renewal_id(&tag, 0), fence),
+        )
+        .await;
+        committed.map_err(fence_fail)?;
+        match renewed {
+            Ok(Some(sent)) => lease.extend_to(sent + conn.lease_margin),
+            Ok(None) => {
+                return Err(Retry::Again(
+                    "the lock queue did not confirm the grant's lease".into(),
+                ));
+            }
+            Err(e) => return Err(fail(&e)),
+        }
+        if !lease.is_valid() {
+            // Slower than the lease: the lock may already have been handed on (L2).
+            return Err(Retry::Again(format!(
+                "the grant took longer than the lease of {:?}",
+                conn.lease_margin
+            )));
+        }
         debug!(lock = name, fence, waited = ?started.elapsed(), "granted");
         self.prepare_spare(conn);
 
-        let signal = LossSignal::new(Some(conn.lease.clone()));
+        let signal = LossSignal::new(Some(lease.clone()));
         let name: Arc<str> = Arc::from(name);
         let (channel, consumer) = reg.disarm();
         let handle = Holder {
@@ -566,6 +608,9 @@ impl LockClient {
             channel,
             consumer,
             token,
+            fencing_token: fence,
+            renewals: 0,
+            lease,
             signal: signal.clone(),
             conn: conn.clone(),
             renew_interval: config.renew_interval,

@@ -1,9 +1,11 @@
 //! Client configuration.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::lease::{BootClock, Clock};
 
 /// The RabbitMQ queue type of lock queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,7 +42,8 @@ pub struct ClientConfig {
     /// Prefix of every queue name (default `"mqlock."`).
     pub prefix: String,
     /// An unused lock's queues are deleted by the broker after this long (`x-expires`,
-    /// default 1 h). Fencing survives it as long as clocks differ by less than half of it.
+    /// default 1 h). Fencing survives it as long as the clients' wall clocks differ by less than it
+    /// (docs/protocol.md, B7 and F3).
     pub idle_expiry: Duration,
     /// A holder refreshes its token this often, so a hold longer than the broker's
     /// `consumer_timeout` (30 min by default) is not cut (default 5 min; must be shorter
@@ -72,6 +75,9 @@ pub struct ClientConfig {
     pub net_ticktime: Duration,
     /// Name shown for this client's connection in the broker's management tools.
     pub connection_name: Option<String>,
+    /// The clock leases are measured on: [`BootClock`] (`CLOCK_BOOTTIME`, which counts time
+    /// the host spent suspended). Tests inject a [`crate::ManualClock`] to simulate a suspend.
+    pub clock: Arc<dyn Clock>,
     /// Certificates for `amqps://` URLs (used only with the `rustls` feature).
     pub tls: TlsConfig,
 }
@@ -114,6 +120,7 @@ impl Default for ClientConfig {
             quorum_delivery_limit: Some(DEFAULT_QUORUM_DELIVERY_LIMIT),
             net_ticktime: Duration::from_secs(60),
             connection_name: None,
+            clock: Arc::new(BootClock),
             tls: TlsConfig::default(),
         }
     }
@@ -148,12 +155,32 @@ impl ClientConfig {
                 "a TLS client certificate needs its key, and a key needs its certificate".into(),
             ));
         }
+        if self.net_ticktime < Duration::from_secs(2) {
+            return Err(Error::Config(format!(
+                "net_ticktime must be at least 2 s (Erlang's minimum is 1 s; the lease is half of it), got {:?}",
+                self.net_ticktime
+            )));
+        }
         if self.nudge_interval < Duration::from_millis(100) {
             return Err(Error::Config(
                 "nudge_interval must be at least 100 ms".into(),
             ));
         }
         Ok(())
+    }
+
+    /// A holder's lease margin for a connection whose negotiated heartbeat is `heartbeat`: below
+    /// the broker's own failure detection (`2 × heartbeat`) and below a cluster peer's
+    /// (`0.75 × net_ticktime`), with a quarter of the shorter one left for clock rates and
+    /// scheduling (docs/protocol.md, L2).
+    pub(crate) fn lease_margin(&self, heartbeat: Duration) -> Duration {
+        (heartbeat * 3 / 2).min(self.net_ticktime / 2)
+    }
+
+    /// How often a holder renews its lease: three renewals per margin, so that one lost or
+    /// slow renewal does not end it; never less often than `renew_interval`.
+    pub(crate) fn renewal_period(&self, heartbeat: Duration) -> Duration {
+        (self.lease_margin(heartbeat) / 3).min(self.renew_interval)
     }
 
     /// The heartbeat in whole seconds, as AMQP negotiates it.

@@ -8,7 +8,7 @@
 //! out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::BasicQosOptions;
@@ -21,7 +21,8 @@ use tracing::{debug, warn};
 
 use crate::config::ClientConfig;
 use crate::error::Error;
-use crate::guard::{Lease, LossReason};
+use crate::guard::LossReason;
+use crate::lease::Lease;
 use crate::protocol::{Fault, classify};
 
 /// A broker address as shown in messages: `host:port[/vhost]`, never the credentials.
@@ -74,7 +75,14 @@ pub(crate) fn parse_urls(urls: &str, config: &ClientConfig) -> Result<Vec<AMQPUr
 pub(crate) struct Conn {
     pub(crate) connection: Connection,
     pub(crate) addr: String,
+    /// The connection's own liveness (the prober's): decides whether new acquisitions may
+    /// use it. Held locks have leases of their own, renewed through their lock queues.
     pub(crate) lease: Arc<Lease>,
+    /// A holder's lease margin on this connection (`ClientConfig::lease_margin` of the
+    /// negotiated heartbeat).
+    pub(crate) lease_margin: Duration,
+    /// How often a holder renews its lease on this connection.
+    pub(crate) renewal_period: Duration,
     dead: watch::Sender<Option<LossReason>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -157,13 +165,15 @@ impl Conn {
             Duration::from_secs(negotiated.into())
         };
         let margin = heartbeat * 3 / 2;
-        let lease = Arc::new(Lease::new(margin));
+        let lease = Arc::new(Lease::with_clock(config.clock.clone(), margin));
         let (dead, _) = watch::channel(None);
 
         let mut conn = Conn {
             connection,
             addr: addr.into(),
             lease: lease.clone(),
+            lease_margin: config.lease_margin(heartbeat),
+            renewal_period: config.renewal_period(heartbeat),
             dead,
             tasks: Vec::new(),
         };
@@ -193,10 +203,10 @@ impl Conn {
             let every = heartbeat / 4;
             loop {
                 tokio::time::sleep(every).await;
-                let sent = Instant::now();
+                let sent = lease.now();
                 let answered = tokio::select! {
                     r = probe.basic_qos(0, BasicQosOptions::default()) => Some(r),
-                    _ = sleep_past(&lease) => None,
+                    _ = lease.expired() => None,
                 };
                 match answered {
                     Some(Ok(())) => lease.extend_to(sent + margin),
@@ -209,7 +219,7 @@ impl Conn {
                         return;
                     }
                     None => {
-                        let silent_for = margin + Instant::now().saturating_duration_since(lease.deadline());
+                        let silent_for = margin + lease.overdue();
                         warn!(addr = %addr_owned, ?silent_for, "broker silent past the safety margin; locks on this connection are lost");
                         mark_dead(&dead_tx, LossReason::LeaseExpired { silent_for });
                         return;
@@ -240,9 +250,24 @@ impl Conn {
         }
     }
 
-    /// Declares the connection dead (e.g. after an I/O error seen on a channel) and closes it.
-    pub(crate) fn kill(&self, reason: LossReason) {
-        mark_dead(&self.dead, reason);
+    /// Declares the connection dead (e.g. after an I/O error seen on a channel) and closes it
+    /// in the background, so that the broker drops every consumer on it even where a channel's
+    /// own close did not get through.
+    pub(crate) fn kill(self: &Arc<Self>, reason: LossReason) {
+        if !mark_dead(&self.dead, reason) {
+            return;
+        }
+        let conn = self.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    conn.connection
+                        .close(320, "mqlock: connection declared dead".into()),
+                )
+                .await;
+            });
+        }
     }
 
     /// Closes the connection politely (used when the client is closed).
@@ -259,7 +284,8 @@ impl Conn {
     }
 }
 
-fn mark_dead(tx: &watch::Sender<Option<LossReason>>, reason: LossReason) {
+/// Records why the connection died; `false` if it was already dead.
+fn mark_dead(tx: &watch::Sender<Option<LossReason>>, reason: LossReason) -> bool {
     tx.send_if_modified(|cur| {
         if cur.is_none() {
             *cur = Some(reason);
@@ -267,16 +293,7 @@ fn mark_dead(tx: &watch::Sender<Option<LossReason>>, reason: LossReason) {
         } else {
             false
         }
-    });
-}
-
-async fn sleep_past(lease: &Lease) {
-    loop {
-        tokio::time::sleep_until(lease.deadline().into()).await;
-        if !lease.is_valid() {
-            return;
-        }
-    }
+    })
 }
 
 /// The TLS settings of one connection: the CA and client certificate files of the

@@ -1,23 +1,30 @@
 //! Fencing tokens: how every grant gets a number larger than every earlier grant's.
 //!
-//! A token is `epoch << 32 | counter` (docs/protocol.md, "Fencing"). Two queues per lock hold
-//! the state:
+//! A token is `epoch << 32 | counter` (docs/protocol.md, "Fencing tokens"). Two queues per lock
+//! hold the state:
 //!
 //! - the **register** (`fence:`) keeps the last token granted, as a *transient* message: writing
-//!   it costs one confirmed round trip and no disk sync, which is what every grant pays;
+//!   it costs one confirmed round trip and no disk sync on a classic queue;
 //! - the **epoch** queue (`epoch:`) keeps the current epoch as a *persistent* message, written
-//!   (and synced by the broker before it confirms) only when the register is found empty: on a
-//!   lock's first use, after the register expired with an idle lock, and after a broker restart
-//!   dropped the transient register.
+//!   (and synced by the broker before it confirms) only when the register is found empty.
 //!
-//! Only the active consumer of the lock queue runs [`record`], and it hands out the token only
-//! after the broker confirmed every write; so writes are ordered like grants (invariant F1).
+//! Both are **max-registers** built from plain queues (invariant F4): a reader takes *every*
+//! value (unacknowledged) and uses the largest; a writer publishes a larger value, waits for the
+//! confirm, and only then acks what it took. No value leaves a queue before a larger one is
+//! stored, whatever happens in between: a crash requeues what was taken, and a late write from a
+//! holder that was deposed while it recorded adds a value that the next reader compares with
+//! the others instead of replacing them (a length limit with `drop-head` kept the *last* value
+//! written, which a late write could lower: H4 of the cluster-safety review).
+//!
+//! Only the lock queue's active consumer runs [`draft`] and [`Draft::commit`]; it hands the
+//! token out only after the broker confirmed every write and its lease is valid.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join;
+use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::ClientConfig;
@@ -47,48 +54,63 @@ impl From<lapin::Error> for FenceError {
     }
 }
 
-/// Arguments of the register and the epoch queue: each keeps only its newest value
-/// (`drop-head`), so a value requeued after a crash is dropped in favour of the one published
-/// after it.
+/// Arguments of the register and the epoch queue: no length limit, so that a value leaves only
+/// when its reader acks it after storing a larger one. (Registers declared by mqlock 0.1 carry
+/// `x-max-length = 1` and `drop-head`; the broker refuses to redeclare them with these
+/// arguments, and the client reports it as [`crate::Error::IncompatibleQueue`].)
 pub(crate) fn register_args(common: FieldTable) -> FieldTable {
-    let mut args = common;
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("drop-head".into()),
-    );
-    args
+    common
 }
 
-/// Records and returns the fencing token of the grant the caller was just given.
+/// A token chosen for a grant, and the register values it will replace.
+pub(crate) struct Draft {
+    /// The token: above every value found in the register and above `floor`.
+    pub(crate) token: u64,
+    taken: Vec<BasicGetMessage>,
+}
+
+/// Chooses the token of the grant the caller was just given: one round trip (a `basic.get` of
+/// the register), three more when the lock starts a new epoch.
 ///
 /// The caller must be the lock queue's active consumer (it has received a delivery).
 /// `register_declared`: the caller declared the register recently enough that it cannot have
-/// expired since, so it need not be declared again.
-pub(crate) async fn record(
+/// expired since. `floor`: a token known to have been granted (the stamp of the delivery that
+/// made the caller the holder), which the new token must exceed too.
+pub(crate) async fn draft(
     channel: &Channel,
     names: &QueueNames,
     config: &ClientConfig,
     register_declared: bool,
-) -> Result<u64, FenceError> {
+    floor: Option<u64>,
+) -> Result<Draft, FenceError> {
     let args = register_args(crate::protocol::common_args(config));
     // Declaring first recreates a register that expired, and resets its idle timer. (If it
     // vanished anyway, the get fails with 404, which closes this channel: the acquisition is
     // retried, and declares again.)
-    let (last, old) = if register_declared {
-        take(channel, &names.fence).await?
+    let (values, taken) = if register_declared {
+        take_all(channel, &names.fence).await?
     } else {
-        read(channel, &names.fence, &args).await?
+        read_all(channel, &names.fence, &args).await?
     };
+    let last = values.into_iter().chain(floor).max();
     let token = match last.and_then(next_in_epoch) {
         Some(token) => token,
         None => start_epoch(channel, names, &args, last).await? << COUNTER_BITS,
     };
-    write(channel, &names.fence, token, false).await?;
-    if let Some(old) = old {
-        old.delivery.acker.ack(BasicAckOptions::default()).await?;
+    Ok(Draft { token, taken })
+}
+
+impl Draft {
+    /// Stores the token in the register (confirmed), then acks the values it replaces.
+    pub(crate) async fn commit(
+        self,
+        channel: &Channel,
+        names: &QueueNames,
+    ) -> Result<u64, FenceError> {
+        write(channel, &names.fence, self.token, false).await?;
+        ack_all(self.taken).await?;
+        Ok(self.token)
     }
-    Ok(token)
 }
 
 /// The next token of the current epoch, unless its counter is exhausted.
@@ -112,22 +134,24 @@ async fn start_epoch(
     args: &FieldTable,
     last: Option<u64>,
 ) -> Result<u64, FenceError> {
-    let (stored, old) = read(channel, &names.epoch, args).await?;
+    let (stored, taken) = read_all(channel, &names.epoch, args).await?;
+    let stored = stored.into_iter().max();
     let epoch = following_epoch(stored, last, clock_epoch())
         .ok_or_else(|| FenceError::Refused("fencing token overflow".into()))?;
     write(channel, &names.epoch, epoch, true).await?;
-    if let Some(old) = old {
-        old.delivery.acker.ack(BasicAckOptions::default()).await?;
-    }
+    ack_all(taken).await?;
     Ok(epoch)
 }
 
-/// A one-value queue's value, and the message holding it (to ack once it is replaced).
-type OneValue = (Option<u64>, Option<lapin::message::BasicGetMessage>);
+/// Every value of a max-register, and the messages holding them (to ack once a larger value
+/// is confirmed).
+type Values = (Vec<u64>, Vec<BasicGetMessage>);
 
-/// Declares a one-value queue and takes its value (unacknowledged: acked once the new value
-/// is confirmed, so a failure in between leaves the old value in place).
-async fn read(channel: &Channel, queue: &str, args: &FieldTable) -> Result<OneValue, FenceError> {
+/// More values than this in one register means something other than mqlock writes to it.
+const MAX_VALUES: usize = 64;
+
+/// Declares a max-register and takes all its values (unacknowledged), like [`take_all`].
+async fn read_all(channel: &Channel, queue: &str, args: &FieldTable) -> Result<Values, FenceError> {
     let (declared, got) = join(
         channel.queue_declare(
             queue.into(),
@@ -137,22 +161,60 @@ async fn read(channel: &Channel, queue: &str, args: &FieldTable) -> Result<OneVa
             },
             args.clone(),
         ),
-        take(channel, queue),
+        take_all(channel, queue),
     )
     .await;
     declared?;
     got
 }
 
-/// Takes the value of a one-value queue known to exist, like [`read`].
-async fn take(channel: &Channel, queue: &str) -> Result<OneValue, FenceError> {
-    let got = channel
+/// Takes every ready value of a max-register known to exist: one `basic.get`, and one more per
+/// value the broker says is left (normally none: only a crash between a write and its ack, or
+/// a late write, leaves two).
+async fn take_all(channel: &Channel, queue: &str) -> Result<Values, FenceError> {
+    let mut values = Vec::new();
+    let mut taken = Vec::new();
+    while let Some(message) = channel
         .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-        .await?;
-    Ok((got.as_ref().and_then(|m| parse(&m.delivery.data)), got))
+        .await?
+    {
+        let left = message.message_count;
+        match parse(&message.delivery.data) {
+            Some(v) => values.push(v),
+            None => {
+                return Err(FenceError::Refused(format!(
+                    "{queue} holds a message that is not a token: {:?}",
+                    String::from_utf8_lossy(&message.delivery.data)
+                )));
+            }
+        }
+        taken.push(message);
+        if left == 0 {
+            break;
+        }
+        if taken.len() >= MAX_VALUES {
+            return Err(FenceError::Refused(format!(
+                "{queue} holds more than {MAX_VALUES} values; something other than mqlock publishes to it"
+            )));
+        }
+    }
+    Ok((values, taken))
 }
 
-/// Publishes `value` to a one-value queue and waits for the broker's confirm. A persistent
+/// Acks the values a larger, confirmed value replaced. Each is acked on its own: a `multiple`
+/// ack would also ack the lock's token, delivered on the same channel.
+async fn ack_all(taken: Vec<BasicGetMessage>) -> Result<(), FenceError> {
+    for message in taken {
+        message
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// Publishes `value` to a max-register and waits for the broker's confirm. A persistent
 /// message on a durable queue is confirmed only once the broker wrote it to disk.
 async fn write(
     channel: &Channel,

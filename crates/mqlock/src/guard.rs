@@ -4,12 +4,12 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use crate::error::Result;
+use crate::lease::Lease;
 
 /// Why a held lock was lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,11 +21,22 @@ pub enum LossReason {
     ChannelClosed(String),
     /// The broker cancelled the holder's consumer (e.g. the lock queue was deleted).
     ConsumerCancelled,
-    /// Nothing was heard from the broker for longer than the safety margin, which is shorter
-    /// than the time after which the broker would hand the lock to another client.
+    /// The lease ran out: no renewal of this lock was confirmed by its lock queue (the queue's
+    /// Raft quorum, on a cluster) within the lease margin, which is shorter than the time after
+    /// which the broker may hand the lock to another client (docs/protocol.md, L2).
     LeaseExpired {
-        /// How long the broker had been silent when the loss was declared.
+        /// How long past the lease's deadline the loss was noticed.
         silent_for: Duration,
+    },
+    /// The broker took the lock back and handed it on: a message this holder had already
+    /// been given came back to it redelivered (a quorum queue returns a consumer's messages
+    /// when its node is cut off, and re-activates the consumer after the partition heals).
+    TakenBack,
+    /// A message stamped by a later holder reached this one: the lock was granted to the
+    /// fencing token `token`, above this holder's.
+    GrantedElsewhere {
+        /// The later holder's fencing token.
+        token: u64,
     },
     /// The lock was taken away by its owner in process (the in-memory locker's `revoke`).
     Revoked,
@@ -41,50 +52,17 @@ impl fmt::Display for LossReason {
             }
             LossReason::LeaseExpired { silent_for } => write!(
                 f,
-                "no word from the broker for {silent_for:?}, past the safety margin"
+                "no renewal confirmed by the lock queue within the lease ({silent_for:?} past it)"
             ),
+            LossReason::TakenBack => write!(
+                f,
+                "the broker took the lock back (its token was redelivered to this holder)"
+            ),
+            LossReason::GrantedElsewhere { token } => {
+                write!(f, "the lock was granted to a later holder (token {token})")
+            }
             LossReason::Revoked => write!(f, "revoked"),
         }
-    }
-}
-
-/// A lease deadline shared by every guard on one broker connection.
-///
-/// The deadline moves forward each time the broker answers; a guard is held only while the
-/// deadline is in the future. It is read directly by [`LockGuard::is_held`], so a process that
-/// was frozen (SIGSTOP, VM pause) sees the loss on its first check after it resumes, before any
-/// background task has had a chance to run.
-#[derive(Debug)]
-pub struct Lease {
-    base: Instant,
-    deadline_nanos: AtomicU64,
-}
-
-impl Lease {
-    /// A lease that expires `valid_for` from now.
-    pub fn new(valid_for: Duration) -> Self {
-        let lease = Lease {
-            base: Instant::now(),
-            deadline_nanos: AtomicU64::new(0),
-        };
-        lease.extend_to(Instant::now() + valid_for);
-        lease
-    }
-
-    /// Moves the deadline to `deadline` if that is later than the current one.
-    pub fn extend_to(&self, deadline: Instant) {
-        let nanos = deadline.saturating_duration_since(self.base).as_nanos() as u64;
-        self.deadline_nanos.fetch_max(nanos, Ordering::AcqRel);
-    }
-
-    /// The current deadline.
-    pub fn deadline(&self) -> Instant {
-        self.base + Duration::from_nanos(self.deadline_nanos.load(Ordering::Acquire))
-    }
-
-    /// Whether the deadline is still in the future.
-    pub fn is_valid(&self) -> bool {
-        Instant::now() < self.deadline()
     }
 }
 
@@ -123,7 +101,7 @@ impl LossSignal {
         }
         match &self.lease {
             Some(lease) if !lease.is_valid() => Some(LossReason::LeaseExpired {
-                silent_for: Instant::now().saturating_duration_since(lease.deadline()),
+                silent_for: lease.overdue(),
             }),
             _ => None,
         }
@@ -138,13 +116,7 @@ impl LossSignal {
             }
             let lease_sleep = async {
                 match &self.lease {
-                    Some(lease) => loop {
-                        let deadline = lease.deadline();
-                        tokio::time::sleep_until(deadline.into()).await;
-                        if !lease.is_valid() {
-                            return;
-                        }
-                    },
+                    Some(lease) => lease.expired().await,
                     None => std::future::pending::<()>().await,
                 }
             };
@@ -296,8 +268,8 @@ mod tests {
             signal.reason(),
             Some(LossReason::LeaseExpired { .. })
         ));
-        // Extending never revives a deadline into the past, and the first fired reason wins.
-        lease.extend_to(Instant::now() - Duration::from_secs(1));
+        // Extending never revives an expired lease, and the first fired reason wins.
+        lease.extend_to(lease.now() + Duration::from_secs(10));
         assert!(signal.reason().is_some());
         assert!(signal.fire(LossReason::Revoked));
         assert_eq!(signal.reason(), Some(LossReason::Revoked));

@@ -41,13 +41,41 @@ pub(crate) fn common_args(config: &ClientConfig) -> FieldTable {
     args
 }
 
-/// Properties of a wake-up (the token is just a wake-up the holder keeps). Persistent, so a
-/// token survives a broker restart on a durable queue.
-pub(crate) fn wake_properties(message_id: Option<String>) -> BasicProperties {
-    let props = BasicProperties::default().with_delivery_mode(2);
-    match message_id {
-        Some(id) => props.with_message_id(ShortString::from(id)),
-        None => props,
+/// Properties of a wake-up published by a waiter (a message the next holder may keep as its
+/// token). Persistent, so a token survives a broker restart on a durable classic queue.
+pub(crate) fn wake_properties() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+/// The header in which a holder's lease renewal carries the holder's fencing token.
+pub(crate) const STAMP_HEADER: &str = "x-mqlock-fence";
+
+/// Properties of a lease renewal: published by the holder to its own lock queue, it comes back
+/// to the holder (the active consumer) and becomes its token. `id` names it among the holder's
+/// own messages; the stamp tells any later reader which grant published it (docs/protocol.md,
+/// "Hold"). Transient: a renewal is confirmed without a disk write on a classic queue, and after
+/// a broker restart the first waiter mints a new token anyway.
+pub(crate) fn renewal_properties(id: String, token: u64) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        STAMP_HEADER.into(),
+        AMQPValue::LongLongInt(token.min(i64::MAX as u64) as i64),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(1)
+        .with_message_id(ShortString::from(id))
+        .with_headers(headers)
+}
+
+/// The fencing token a lock-queue message was stamped with, if a holder published it.
+pub(crate) fn stamp(properties: &BasicProperties) -> Option<u64> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(STAMP_HEADER)? {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::Timestamp(v) => Some(*v),
+        _ => None,
     }
 }
 
@@ -102,5 +130,21 @@ pub(crate) fn loss_reason(e: &lapin::Error) -> LossReason {
         Fault::NotFound(d) | Fault::Precondition(d) | Fault::AccessRefused(d) | Fault::Other(d) => {
             LossReason::ChannelClosed(d)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renewal_carries_its_token_and_a_wake_up_none() {
+        let props = renewal_properties("tag.r.1".into(), (7 << 32) + 3);
+        assert_eq!(stamp(&props), Some((7 << 32) + 3));
+        assert_eq!(
+            props.message_id().as_ref().map(|s| s.as_str()),
+            Some("tag.r.1")
+        );
+        assert_eq!(stamp(&wake_properties()), None);
     }
 }

@@ -1,0 +1,371 @@
+//! The task that keeps a granted lock (docs/protocol.md, "Hold" and "Release"): it renews the
+//! lock's lease through the lock queue, keeps the newest renewal as its token, tells extra
+//! wake-ups from signs that the broker took the lock away, and performs the release.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Confirmation, Consumer};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::connection::Conn;
+use crate::error::{Error, Result};
+use crate::guard::{BoxFuture, LossReason, LossSignal, Release};
+use crate::lease::{BootInstant, Lease};
+use crate::metrics::Metrics;
+use crate::protocol::{loss_reason, renewal_properties, stamp};
+
+/// Publishes a lease renewal (`v2::Renew` in docs/model.md) and resolves, once the lock queue
+/// confirmed it, with the moment it was sent: the lease may then be extended to that moment
+/// plus the margin. `Ok(None)`: not confirmed (nacked, or returned because the queue is gone).
+///
+/// A confirm proves that the lock queue (its Raft leader and a majority, on a quorum queue)
+/// handled the publish after `sent`, so neither the broker's heartbeat check nor a cluster
+/// peer's failure detector can have written this client off before `sent` plus their timeouts.
+pub(crate) async fn renew(
+    channel: &Channel,
+    lock_queue: &str,
+    lease: &Lease,
+    id: String,
+    token: u64,
+) -> lapin::Result<Option<BootInstant>> {
+    let sent = lease.now();
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            lock_queue.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            b"",
+            renewal_properties(id, token),
+        )
+        .await?;
+    Ok(match confirm.await? {
+        Confirmation::Ack(None) => Some(sent),
+        _ => None,
+    })
+}
+
+/// The id of a holder's `n`th renewal: the consumer tag (unique per acquisition) and `n`.
+pub(crate) fn renewal_id(tag: &str, n: u64) -> String {
+    format!("{tag}.r.{n}")
+}
+
+pub(crate) struct Holder {
+    pub(crate) name: Arc<str>,
+    pub(crate) lock_queue: String,
+    /// The fence register and its arguments: declared again every `renew_interval` so that
+    /// its idle expiry never runs out under a long hold.
+    pub(crate) fence_queue: String,
+    pub(crate) fence_args: FieldTable,
+    pub(crate) tag: String,
+    pub(crate) channel: Channel,
+    pub(crate) consumer: Consumer,
+    /// The delivery that made us the holder; replaced by each renewal as it arrives.
+    pub(crate) token: Delivery,
+    pub(crate) fencing_token: u64,
+    /// Renewals published so far (the grant published number 0).
+    pub(crate) renewals: u64,
+    pub(crate) lease: Arc<Lease>,
+    pub(crate) signal: LossSignal,
+    pub(crate) conn: Arc<Conn>,
+    pub(crate) renew_interval: Duration,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+enum Command {
+    Release(Option<oneshot::Sender<Result<()>>>),
+}
+
+/// The guard's handle on the holder task.
+pub(crate) struct HolderHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    name: Arc<str>,
+    signal: LossSignal,
+}
+
+impl Release for HolderHandle {
+    fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move {
+            let (reply, done) = oneshot::channel();
+            let lost = |signal: &LossSignal, name: &Arc<str>| Error::Lost {
+                name: name.to_string(),
+                reason: signal
+                    .reason()
+                    .unwrap_or_else(|| LossReason::ConnectionLost("holder stopped".into())),
+            };
+            if self.tx.send(Command::Release(Some(reply))).is_err() {
+                // The holder task ended: the lock was lost and the broker took it back.
+                return Err(lost(&self.signal, &self.name));
+            }
+            done.await
+                .unwrap_or_else(|_| Err(lost(&self.signal, &self.name)))
+        })
+    }
+
+    fn release_in_background(self: Box<Self>) {
+        let _ = self.tx.send(Command::Release(None));
+    }
+}
+
+/// What a delivery to the holder means (docs/protocol.md, "Hold").
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// One of our renewals, delivered for the first time: it becomes the token.
+    OwnRenewal,
+    /// A wake-up, or a renewal of an earlier holder: ack it.
+    Extra,
+    /// The broker took the lock from us at some point.
+    Lost(LossReason),
+}
+
+fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen {
+    let own = d
+        .properties
+        .message_id()
+        .as_ref()
+        .is_some_and(|id| id.as_str().starts_with(own_prefix));
+    if own {
+        // Our renewal can come back redelivered only if the broker returned our messages
+        // (a quorum queue does when our node was cut off) and then made us active again.
+        return if d.redelivered {
+            Seen::Lost(LossReason::TakenBack)
+        } else {
+            Seen::OwnRenewal
+        };
+    }
+    match stamp(&d.properties) {
+        Some(token) if token > fencing_token => Seen::Lost(LossReason::GrantedElsewhere { token }),
+        _ => Seen::Extra,
+    }
+}
+
+impl Holder {
+    /// Starts the holder task and returns the guard's handle on it.
+    pub(crate) fn spawn(self) -> HolderHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = HolderHandle {
+            tx,
+            name: self.name.clone(),
+            signal: self.signal.clone(),
+        };
+        tokio::spawn(self.run(rx));
+        handle
+    }
+
+    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let Holder {
+            name,
+            lock_queue,
+            fence_queue,
+            fence_args,
+            tag,
+            channel,
+            mut consumer,
+            mut token,
+            fencing_token,
+            mut renewals,
+            lease,
+            signal,
+            conn,
+            renew_interval,
+            metrics,
+        } = self;
+        let margin = conn.lease_margin;
+        let own_prefix = format!("{tag}.r.");
+        let now = tokio::time::Instant::now();
+        let mut renewal_timer =
+            tokio::time::interval_at(now + conn.renewal_period, conn.renewal_period);
+        renewal_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut touch = tokio::time::interval_at(now + renew_interval, renew_interval);
+        let mut confirms = FuturesUnordered::new();
+        let lost = loop {
+            tokio::select! {
+                biased;
+                command = commands.recv() => {
+                    // `None`: the guard was forgotten without a release; treat as a release.
+                    let reply = match command { Some(Command::Release(r)) => r, None => None };
+                    let result = release(&name, &conn, &channel, &signal, margin).await;
+                    if result.is_ok() {
+                        metrics.released();
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result);
+                    }
+                    return;
+                }
+                reason = conn.dead() => break reason,
+                // Covers the lease running out (the signal watches it).
+                reason = signal.lost() => break reason,
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(d)) => match classify_delivery(&own_prefix, fencing_token, &d) {
+                        Seen::OwnRenewal => {
+                            // The fresh delivery restarts the broker's consumer timeout (L3).
+                            let old = std::mem::replace(&mut token, d);
+                            let _ = old.acker.ack(BasicAckOptions::default()).await;
+                        }
+                        Seen::Extra => {
+                            let _ = d.acker.ack(BasicAckOptions::default()).await;
+                        }
+                        // Never ack it: it may be the lock's only token, and the broker must get
+                        // it back when we close the channel.
+                        Seen::Lost(reason) => break reason,
+                    },
+                    Some(Err(e)) => break loss_reason(&e),
+                    None => break if channel.status().connected() {
+                        LossReason::ConsumerCancelled
+                    } else {
+                        LossReason::ChannelClosed("channel closed".into())
+                    },
+                },
+                _ = renewal_timer.tick() => {
+                    renewals += 1;
+                    let (channel, lock_queue, lease) = (channel.clone(), lock_queue.clone(), lease.clone());
+                    let id = renewal_id(&tag, renewals);
+                    confirms.push(async move { renew(&channel, &lock_queue, &lease, id, fencing_token).await });
+                }
+                Some(confirmed) = confirms.next(), if !confirms.is_empty() => match confirmed {
+                    Ok(Some(sent)) => lease.extend_to(sent + margin),
+                    Ok(None) => debug!(lock = %name, "a lease renewal was not confirmed"),
+                    Err(e) => break loss_reason(&e),
+                },
+                _ = touch.tick() => {
+                    let touched = channel.queue_declare(
+                        fence_queue.as_str().into(),
+                        QueueDeclareOptions { durable: true, nowait: true, ..Default::default() },
+                        fence_args.clone(),
+                    ).await;
+                    if let Err(e) = touched {
+                        break loss_reason(&e);
+                    }
+                }
+            }
+        };
+        lease.expire();
+        if signal.fire(lost.clone()) {
+            metrics.lost();
+            warn!(lock = %name, broker = %conn.addr, reason = %lost, "lock lost");
+        }
+        if matches!(lost, LossReason::ConnectionLost(_)) {
+            // Other locks on this connection are in the same state; new acquisitions reconnect.
+            conn.kill(lost);
+        }
+        // Closing the channel makes the broker drop our consumer and take back what we hold.
+        // The close frame is sent at once; its answer may not come (a resource alarm, a node
+        // cut off from its peers), and is not waited for long.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            channel.close(200, "lock lost".into()),
+        )
+        .await;
+        // Wait for the guard to be released or dropped so that `release()` reports the loss.
+        let _ = commands.recv().await;
+    }
+}
+
+/// Releases by closing the channel, waiting at most `wait` for the broker's answer.
+///
+/// The broker handles a channel close in one step: it removes our consumer, requeues the token
+/// and runs the queue, which activates the next consumer and delivers the token to it. That is
+/// the cheapest hand-off (one frame, no wake-up publish), it is the same path as a crash, and it
+/// avoids the separate `basic.cancel` that RabbitMQ 3.10.8 mishandles on classic
+/// single-active-consumer queues (the next consumer is activated but not fed, and the next
+/// publish crashes the queue: rabbitmq-server #5460, reproduced by our stress tests).
+///
+/// A broker under a resource alarm stops reading from publishing connections, so the answer may
+/// not come until the alarm clears; the frame is sent, and the broker releases when it reads it.
+async fn release(
+    name: &str,
+    conn: &Conn,
+    channel: &Channel,
+    signal: &LossSignal,
+    wait: Duration,
+) -> Result<()> {
+    let lost = |signal: &LossSignal| {
+        signal.reason().map(|reason| Error::Lost {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    match tokio::time::timeout(wait, channel.close(200, "lock released".into())).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            // Whatever failed, the channel is gone and the broker requeued the token.
+            debug!(lock = %name, error = %e, "release hit an error; the broker releases on channel close");
+            lost(signal).map_or(Ok(()), Err)
+        }
+        Err(_) => Err(lost(signal).unwrap_or_else(|| Error::Unreachable {
+            addr: conn.addr.clone(),
+            detail: format!(
+                "the broker did not answer the release of lock {name:?} within {wait:?} \
+                 (is a resource alarm blocking this connection?); it releases the lock when it reads the close"
+            ),
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{renewal_properties, wake_properties};
+    use lapin::BasicProperties;
+
+    fn delivery(properties: BasicProperties, redelivered: bool) -> Delivery {
+        let mut d = Delivery::mock(1, "".into(), "q".into(), redelivered, Vec::new());
+        d.properties = properties;
+        d
+    }
+
+    #[test]
+    fn deliveries_to_a_holder_are_told_apart() {
+        let ours = "mqlock.1.a.7.r.";
+        let token = (5 << 32) + 10;
+        let own = |n, redelivered| {
+            delivery(
+                renewal_properties(renewal_id("mqlock.1.a.7", n), token),
+                redelivered,
+            )
+        };
+        assert_eq!(
+            classify_delivery(ours, token, &own(3, false)),
+            Seen::OwnRenewal
+        );
+        // Our own renewal redelivered: the broker returned our messages once (H1).
+        assert_eq!(
+            classify_delivery(ours, token, &own(3, true)),
+            Seen::Lost(LossReason::TakenBack)
+        );
+        // Another acquisition of the same process is not us (its tag differs).
+        let sibling = delivery(
+            renewal_properties("mqlock.1.a.70.r.1".into(), token - 1),
+            true,
+        );
+        assert_eq!(classify_delivery(ours, token, &sibling), Seen::Extra);
+        // An earlier holder's renewal, requeued when it released: an extra.
+        let earlier = delivery(renewal_properties("x.r.9".into(), token - 1), true);
+        assert_eq!(classify_delivery(ours, token, &earlier), Seen::Extra);
+        // A later holder's renewal: the lock was granted after ours.
+        let later = delivery(renewal_properties("y.r.1".into(), token + 1), true);
+        assert_eq!(
+            classify_delivery(ours, token, &later),
+            Seen::Lost(LossReason::GrantedElsewhere { token: token + 1 })
+        );
+        // Waiters' wake-ups, fresh or requeued, are extras.
+        assert_eq!(
+            classify_delivery(ours, token, &delivery(wake_properties(), false)),
+            Seen::Extra
+        );
+        assert_eq!(
+            classify_delivery(ours, token, &delivery(wake_properties(), true)),
+            Seen::Extra
+        );
+    }
+}
