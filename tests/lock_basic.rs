@@ -199,3 +199,44 @@ async fn a_register_deleted_while_waiting_is_recreated_and_tokens_still_grow() {
     );
     g.release().await.unwrap();
 }
+
+/// H5: a host suspended past its lease (the boot clock jumps, the monotonic clock does not)
+/// must see the loss on its first look after the resume, and hand the lock on.
+#[tokio::test]
+async fn a_holder_resumed_after_a_suspend_knows_its_lease_ended() {
+    use std::sync::Arc;
+    let clock = Arc::new(mqlock::ManualClock::new(Duration::from_secs(1_000)));
+    let suspended = LockClient::connect(
+        &support::amqp_url(),
+        ClientConfig {
+            clock: clock.clone(),
+            ..ClientConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let other = client().await;
+    let name = support::unique("suspend");
+    let g = suspended.lock(&name).await.unwrap();
+    assert!(g.is_held());
+    // An hour of suspend: nothing ran, no timer fired.
+    clock.advance(Duration::from_secs(3600));
+    assert!(
+        !g.is_held(),
+        "the lease must have run out on the boot clock"
+    );
+    let reason = tokio::time::timeout(Duration::from_secs(2), g.lost())
+        .await
+        .expect("lost() resolves soon after the resume, not a lease later");
+    assert!(
+        matches!(reason, mqlock::LossReason::LeaseExpired { silent_for } if silent_for >= Duration::from_secs(3000)),
+        "{reason:?}"
+    );
+    // The holder gave the lock back when it noticed; the other client gets it.
+    let next = tokio::time::timeout(Duration::from_secs(10), other.lock(&name))
+        .await
+        .expect("the lock was handed on")
+        .unwrap();
+    assert!(next.fencing_token() > g.fencing_token());
+    next.release().await.unwrap();
+}

@@ -438,6 +438,20 @@ impl LockClient {
             Fault::NotFound(d) => Retry::Again(d),
             fault => Retry::Fail(to_error(name, &conn.addr, &names.lock, fault)),
         };
+        // A register declared by mqlock 0.1 had a length limit; the broker refuses the new
+        // arguments on it (406), never silently: name the queue and the way out.
+        let fail_register = |e: &lapin::Error| match classify(e) {
+            Fault::Precondition(detail) => Retry::Fail(Error::IncompatibleQueue {
+                name: name.into(),
+                queue: names.fence.clone(),
+                addr: conn.addr.clone(),
+                detail: format!(
+                    "{detail}; if mqlock 0.1 declared it (x-max-length = 1), stop the old clients of this lock and delete the queue (rabbitmqctl delete_queue {}), or let it expire after idle_expiry",
+                    names.fence
+                ),
+            }),
+            _ => fail(e),
+        };
         let channel = self.lock_channel(conn).await.map_err(|e| fail(&e))?;
         // From here on, dropping this future closes the channel (see `Registration`).
         let mut reg = Registration {
@@ -482,14 +496,12 @@ impl LockClient {
                 return Ok(None);
             }
             let (consumed, register) = join(consume, declare_register).await;
-            reg.consumer = Some(consumed.map_err(|e| fail(&e))?);
-            register.map_err(|e| fail(&e))?;
+            reg.consumer = Some(registered(consumed, register, &fail, &fail_register)?);
             queue
         } else {
             let (declared, consumed, register) = join3(declare, consume, declare_register).await;
             let queue = declared.map_err(|e| fail(&e))?;
-            reg.consumer = Some(consumed.map_err(|e| fail(&e))?);
-            register.map_err(|e| fail(&e))?;
+            reg.consumer = Some(registered(consumed, register, &fail, &fail_register)?);
             queue
         };
         let register_declared = Instant::now();
@@ -669,6 +681,26 @@ impl Drop for Registration {
             Err(_) => drop((consumer, channel)),
         }
     }
+}
+
+/// The consumer of a registration whose register declaration was pipelined with it.
+///
+/// A register the broker refuses (406) closes the channel, which fails the consume too: the
+/// refusal is the cause to report. (A consumer on a channel the broker closed sends no cancel.)
+fn registered<T>(
+    consumed: lapin::Result<lapin::Consumer>,
+    register: lapin::Result<T>,
+    fail: &impl Fn(&lapin::Error) -> Retry,
+    fail_register: &impl Fn(&lapin::Error) -> Retry,
+) -> std::result::Result<lapin::Consumer, Retry> {
+    if let Err(e) = &register
+        && matches!(classify(e), Fault::Precondition(_))
+    {
+        return Err(fail_register(e));
+    }
+    let consumer = consumed.map_err(|e| fail(&e))?;
+    register.map_err(|e| fail_register(&e))?;
+    Ok(consumer)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

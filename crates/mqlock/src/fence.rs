@@ -23,7 +23,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join;
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
 
@@ -199,6 +201,26 @@ async fn take_all(channel: &Channel, queue: &str) -> Result<Values, FenceError> 
         }
     }
     Ok((values, taken))
+}
+
+/// The largest value in the register, leaving every value in place (taken, then requeued).
+///
+/// Used by a holder that saw a renewal stamped above its own token: a value above its token in
+/// the register means a later active consumer recorded one, so the broker took the lock away at
+/// some point; none means the stamp came from a grant that gave up before its write was stored.
+pub(crate) async fn peek_max(channel: &Channel, queue: &str) -> Result<Option<u64>, FenceError> {
+    let (values, taken) = take_all(channel, queue).await?;
+    for message in taken {
+        message
+            .delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await?;
+    }
+    Ok(values.into_iter().max())
 }
 
 /// Acks the values a larger, confirmed value replaced. Each is acked on its own: a `multiple`

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 
 use crate::connection::Conn;
 use crate::error::{Error, Result};
+use crate::fence;
 use crate::guard::{BoxFuture, LossReason, LossSignal, Release};
 use crate::lease::{BootInstant, Lease};
 use crate::metrics::Metrics;
@@ -123,6 +124,9 @@ enum Seen {
     OwnRenewal,
     /// A wake-up, or a renewal of an earlier holder: ack it.
     Extra,
+    /// A renewal stamped above our token: either a later grant (we lost the lock) or a grant
+    /// that gave up before its register write was stored. The register tells which.
+    Later(u64),
     /// The broker took the lock from us at some point.
     Lost(LossReason),
 }
@@ -143,7 +147,7 @@ fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen
         };
     }
     match stamp(&d.properties) {
-        Some(token) if token > fencing_token => Seen::Lost(LossReason::GrantedElsewhere { token }),
+        Some(token) if token > fencing_token => Seen::Later(token),
         _ => Seen::Extra,
     }
 }
@@ -215,6 +219,17 @@ impl Holder {
                         Seen::Extra => {
                             let _ = d.acker.ack(BasicAckOptions::default()).await;
                         }
+                        Seen::Later(stamped) => match fence::peek_max(&channel, &fence_queue).await {
+                            Ok(Some(recorded)) if recorded > fencing_token => {
+                                break LossReason::GrantedElsewhere { token: recorded.max(stamped) };
+                            }
+                            Ok(_) => {
+                                debug!(lock = %name, stamped, "a renewal of a grant that gave up; acked");
+                                let _ = d.acker.ack(BasicAckOptions::default()).await;
+                            }
+                            Err(fence::FenceError::Amqp(e)) => break loss_reason(&e),
+                            Err(_) => break LossReason::GrantedElsewhere { token: stamped },
+                        },
                         // Never ack it: it may be the lock's only token, and the broker must get
                         // it back when we close the channel.
                         Seen::Lost(reason) => break reason,
@@ -352,11 +367,12 @@ mod tests {
         // An earlier holder's renewal, requeued when it released: an extra.
         let earlier = delivery(renewal_properties("x.r.9".into(), token - 1), true);
         assert_eq!(classify_delivery(ours, token, &earlier), Seen::Extra);
-        // A later holder's renewal: the lock was granted after ours.
+        // A renewal stamped above our token: a later grant, or one that gave up (the holder
+        // asks the register).
         let later = delivery(renewal_properties("y.r.1".into(), token + 1), true);
         assert_eq!(
             classify_delivery(ours, token, &later),
-            Seen::Lost(LossReason::GrantedElsewhere { token: token + 1 })
+            Seen::Later(token + 1)
         );
         // Waiters' wake-ups, fresh or requeued, are extras.
         assert_eq!(
