@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use cluster_support::{
     Cluster, Grant, Load, Op, PartitionHandling, Report, Store, StoreServer, analyse,
-    client_config, cluster_sh, lock_queue,
+    client_config, cluster_sh, lock_queue, net_ticktime_secs,
 };
 use mqlock::{LockClient, LossReason};
 
@@ -524,6 +524,17 @@ const LOSS_WAIT: Duration = Duration::from_secs(20);
 /// How soon after the heal a new client must get the lock.
 const NEWCOMER_BOUND: Duration = Duration::from_secs(30);
 
+/// The least time by which the holder's loss must precede the waiter's grant, in seconds:
+/// a node declares a silent peer down no earlier than 0.75 × `net_ticktime` after it last
+/// heard from it, and the lease is at most 0.5 × `net_ticktime` from a renewal sent before
+/// that (docs/protocol.md, L2), so 0.25 × `net_ticktime` (2.5 s) is left even in the worst
+/// case. A loss that merely wins a race with the hand-over (the old holder told by
+/// `pause_minority` closing its connection, at about the moment the majority hands on)
+/// does not pass.
+fn min_margin() -> f64 {
+    net_ticktime_secs() as f64 / 4.0
+}
+
 /// Rounds of `long-hold`: `MQLOCK_LONG_HOLD_ROUNDS`, default 3 (`long-hold-ignore` and
 /// `long-hold-autoheal` run one round each).
 fn long_hold_rounds(fault: Fault) -> usize {
@@ -689,7 +700,11 @@ impl std::fmt::Display for LongHold {
                     "  a newcomer was granted {after:.2} s after the heal with token {token}; A's is_held() then: {}",
                     r.held_after_heal
                 )?,
-                None => writeln!(f, "  no newcomer was granted")?,
+                None => writeln!(
+                    f,
+                    "  no newcomer was granted; A's is_held() then: {}",
+                    r.held_after_heal
+                )?,
             }
             for n in &r.notes {
                 writeln!(f, "  note: {n}")?;
@@ -884,7 +899,7 @@ async fn long_hold_round(
     match (&r.loss, r.granted) {
         (_, None) => {}
         (None, Some((at, tb))) => r.problems.push(format!(
-            "A (token {}) never learnt of its loss: is_held() still true {:.1} s after B's grant at +{at:.2} s (token {tb})",
+            "A (token {}) had not learnt of its loss {:.1} s after B's grant at +{at:.2} s (token {tb}): is_held() still true",
             r.holder_token,
             rel(Instant::now()) - at
         )),
@@ -892,6 +907,13 @@ async fn long_hold_round(
             "A's loss took effect {:.3} s AFTER B's grant (loss at +{lost:.3} s: {why}; grant at +{at:.3} s)",
             lost - at
         )),
+        (Some((lost, _, why)), Some((at, _))) if at - lost < min_margin() => {
+            r.problems.push(format!(
+                "A's loss took effect only {:.3} s before B's grant, less than the {:.1} s the lease bound leaves (loss at +{lost:.3} s: {why}; grant at +{at:.3} s)",
+                at - lost,
+                min_margin()
+            ))
+        }
         _ => {}
     }
     if let Some(tb) = b_token
