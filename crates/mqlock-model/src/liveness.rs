@@ -1,0 +1,226 @@
+//! "No stuck lock", checked by our own reachability analysis over the whole state graph
+//! (stateright's `eventually` ignores paths that end in a cycle).
+//!
+//! The property (LV): from every reachable state in which some client is waiting (consumer
+//! registered, not granted), a `Grant` step is reachable. It is `AG (waiting -> EF grant)`:
+//! under strong fairness over the model's (finitely many) transitions — any step that is
+//! enabled infinitely often is eventually taken — every wait then ends in a grant or in the
+//! waiter leaving. It does not say how long the wait is, and the paths it finds may use any
+//! step, including holders releasing.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use stateright::Model;
+
+use crate::model::{Action, LockModel, State};
+
+/// The outcome of the analysis.
+#[derive(Debug)]
+pub struct Liveness {
+    /// States explored.
+    pub states: usize,
+    /// Transitions explored.
+    pub edges: usize,
+    /// Reachable states with a waiter from which no grant is reachable.
+    pub stuck: usize,
+    /// A shortest path (action names) from the initial state to a stuck state, if any.
+    pub stuck_path: Option<Vec<String>>,
+    /// The stuck state at the end of that path.
+    pub stuck_state: Option<State>,
+}
+
+fn fp(s: &State) -> u64 {
+    let mut h = DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
+}
+
+/// Explores every state of `m` (breadth first) and checks LV.
+pub fn check(m: &LockModel) -> Liveness {
+    let init = m.init_states().remove(0);
+    let mut index: HashMap<u64, u32> = HashMap::new();
+    let mut parent: Vec<(u32, Option<Action>)> = Vec::new();
+    let mut waiting: Vec<bool> = Vec::new();
+    let mut good: Vec<bool> = Vec::new();
+    let mut rev: Vec<(u32, u32)> = Vec::new();
+    let mut queue = VecDeque::new();
+    index.insert(fp(&init), 0);
+    parent.push((0, None));
+    waiting.push(false);
+    good.push(false);
+    queue.push_back((0u32, init));
+    let mut actions = Vec::new();
+    while let Some((i, s)) = queue.pop_front() {
+        waiting[i as usize] = s.clients.iter().any(|c| c.waiting());
+        actions.clear();
+        m.actions(&s, &mut actions);
+        for a in actions.drain(..) {
+            let Some(t) = m.next_state(&s, a) else {
+                continue;
+            };
+            if matches!(a, Action::Grant(c) if t.clients[usize::from(c)].token().is_some()) {
+                good[i as usize] = true;
+            }
+            let f = fp(&t);
+            let j = match index.get(&f) {
+                Some(j) => *j,
+                None => {
+                    let j = parent.len() as u32;
+                    index.insert(f, j);
+                    parent.push((i, Some(a)));
+                    waiting.push(false);
+                    good.push(false);
+                    queue.push_back((j, t));
+                    j
+                }
+            };
+            rev.push((j, i));
+        }
+    }
+    let n = parent.len();
+    // Backward reachability from the states that take a Grant step.
+    rev.sort_unstable();
+    let mut start = vec![0usize; n + 1];
+    for (j, _) in &rev {
+        start[*j as usize + 1] += 1;
+    }
+    for k in 0..n {
+        start[k + 1] += start[k];
+    }
+    let mut work: Vec<u32> = (0..n as u32).filter(|k| good[*k as usize]).collect();
+    while let Some(j) = work.pop() {
+        for (_, i) in &rev[start[j as usize]..start[j as usize + 1]] {
+            if !good[*i as usize] {
+                good[*i as usize] = true;
+                work.push(*i);
+            }
+        }
+    }
+    let stuck: Vec<usize> = (0..n).filter(|k| waiting[*k] && !good[*k]).collect();
+    let (stuck_path, stuck_state) = match stuck.first() {
+        None => (None, None),
+        Some(k) => {
+            let mut acts = Vec::new();
+            let mut at = *k;
+            while let (p, Some(a)) = parent[at] {
+                acts.push(a);
+                at = p as usize;
+            }
+            acts.reverse();
+            let mut s = m.init_states().remove(0);
+            for a in &acts {
+                s = m.next_state(&s, *a).expect("replay");
+            }
+            (
+                Some(acts.iter().map(|a| m.action_name(a)).collect()),
+                Some(s),
+            )
+        }
+    };
+    Liveness {
+        states: n,
+        edges: rev.len(),
+        stuck: stuck.len(),
+        stuck_path,
+        stuck_state,
+    }
+}
+
+/// A shortest path (actions, with the state after each) from the initial state to a state
+/// where the property `name` is false, found by our own breadth-first search (stateright's
+/// multi-block search does not promise shortest paths). `None` if there is none.
+pub fn shortest_counterexample(m: &LockModel, name: &'static str) -> Option<Vec<(Action, State)>> {
+    let cond = m.property(name).condition;
+    let init = m.init_states().remove(0);
+    let mut index: HashMap<u64, u32> = HashMap::new();
+    let mut parent: Vec<(u32, Option<Action>)> = vec![(0, None)];
+    let mut queue = VecDeque::new();
+    index.insert(fp(&init), 0);
+    queue.push_back((0u32, init));
+    let mut actions = Vec::new();
+    while let Some((i, s)) = queue.pop_front() {
+        if !cond(m, &s) {
+            let mut acts = Vec::new();
+            let mut at = i as usize;
+            while let (p, Some(a)) = parent[at] {
+                acts.push(a);
+                at = p as usize;
+            }
+            acts.reverse();
+            return Some(replay(m, &acts));
+        }
+        actions.clear();
+        m.actions(&s, &mut actions);
+        for a in actions.drain(..) {
+            let Some(t) = m.next_state(&s, a) else {
+                continue;
+            };
+            if let std::collections::hash_map::Entry::Vacant(e) = index.entry(fp(&t)) {
+                let j = parent.len() as u32;
+                e.insert(j);
+                parent.push((i, Some(a)));
+                queue.push_back((j, t));
+            }
+        }
+    }
+    None
+}
+
+/// Replays `actions` from the initial state; each must be enabled. Returns each action with
+/// the state after it.
+pub fn replay(m: &LockModel, actions: &[Action]) -> Vec<(Action, State)> {
+    let mut s = m.init_states().remove(0);
+    let mut out = Vec::new();
+    for a in actions {
+        let mut enabled = Vec::new();
+        m.actions(&s, &mut enabled);
+        assert!(
+            enabled.contains(a),
+            "{} is not enabled after {:?}",
+            m.action_name(a),
+            out.iter()
+                .map(|(a, _)| m.action_name(a))
+                .collect::<Vec<_>>()
+        );
+        s = m.next_state(&s, *a).expect("a step");
+        out.push((*a, s.clone()));
+    }
+    out
+}
+
+/// A path in words: one line per step with the action's name and what it changed in a few
+/// words (clock, the clients' phases, the registers, the lock queue).
+pub fn describe(m: &LockModel, path: &[(Action, State)]) -> String {
+    let mut out = String::new();
+    for (k, (a, s)) in path.iter().enumerate() {
+        let clients: Vec<String> = s
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let belief = if c.believes(s.clock) { " BELIEVES" } else { "" };
+                format!("c{i}:{:?}{belief}", c.phase)
+            })
+            .collect();
+        let fence: Vec<String> = s
+            .broker
+            .fence
+            .ready
+            .iter()
+            .map(|v| format!("{:?}", crate::types::Token(*v)))
+            .collect();
+        out.push_str(&format!(
+            "{:>3}. t={} {:<32} {} | fence={:?} epoch={:?} queue={:?} active={:?}\n",
+            k + 1,
+            s.clock,
+            m.action_name(a),
+            clients.join(" "),
+            fence,
+            s.broker.epoch.ready,
+            s.broker.ready,
+            s.broker.consumers.first().map(|c| c.chan),
+        ));
+    }
+    out
+}

@@ -1,0 +1,346 @@
+//! The stateright [`Model`]: global state, the actions, and the steps shared by both
+//! protocols (time, partitions, the broker's own steps, acquiring, nudging, closing).
+
+use stateright::{Model, Property};
+
+use crate::broker::{Broker, Op};
+use crate::client::{Client, Phase};
+use crate::types::{ChanId, MsgKind, Token};
+use crate::{properties, v1, v2};
+
+/// Which protocol the clients run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// Today's protocol (docs/protocol.md).
+    V1,
+    /// The new protocol: stamped renewals, unbounded registers, lease from confirmed publishes.
+    V2,
+}
+
+/// The bounds and timing constants of one model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Number of clients.
+    pub clients: u8,
+    /// The clock starts at 1 and stops at `horizon`.
+    pub horizon: u8,
+    /// The leader declares a node down only `d` ticks after it last heard from it.
+    pub d: u8,
+    /// The lease margin `M` (`M < D`).
+    pub m: u8,
+    /// Acquisitions per client (each one opens a fresh channel).
+    pub acquisitions: u8,
+    /// Nudges (extra wake-ups) per client over the whole run.
+    pub nudges: u8,
+    /// v2: renewals per client over the whole run.
+    pub renewals: u8,
+    /// Partitions over the whole run.
+    pub partitions: u8,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            clients: 2,
+            horizon: 6,
+            d: 3,
+            m: 2,
+            acquisitions: 2,
+            nudges: 0,
+            renewals: 1,
+            partitions: 1,
+        }
+    }
+}
+
+/// The model of one protocol under one configuration.
+#[derive(Clone, Debug)]
+pub struct LockModel {
+    /// The protocol.
+    pub version: Version,
+    /// The bounds.
+    pub cfg: Config,
+}
+
+/// The global state: the clock, the broker, the clients, and the grant history the
+/// properties need.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct State {
+    /// The global discrete clock.
+    pub clock: u8,
+    /// Partitions still allowed.
+    pub partitions_left: u8,
+    /// The broker.
+    pub broker: Broker,
+    /// The clients.
+    pub clients: Vec<Client>,
+    /// The largest token granted so far.
+    pub max_grant: Option<Token>,
+    /// A grant got a token not above an earlier grant's (F1 broken).
+    pub f1_broken: bool,
+    /// A grant happened while another client believed it held (L2 broken).
+    pub l2_broken: bool,
+}
+
+/// One step of the model. Client actions carry the client's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `env::Tick`: the clock advances by one.
+    Tick,
+    /// `broker::Partition`: the client's node is cut off from the leader.
+    Partition(u8),
+    /// `broker::Heal`: the client's node reaches the leader again.
+    Heal(u8),
+    /// `broker::ReturnConsumers`: the leader declares the client's node down.
+    ReturnConsumers(u8),
+    /// `broker::Land`: the oldest buffered operation of the client lands.
+    Land(u8),
+    /// `broker::Deliver`: the active consumer gets the head of the lock queue.
+    Deliver,
+    /// `vN::Acquire`: open a channel, declare, register a consumer, wake an idle queue.
+    Acquire(u8),
+    /// `vN::Nudge`: a waiter publishes another wake-up.
+    Nudge(u8),
+    /// `vN::Receive`: the client handles the oldest delivery it received.
+    Receive(u8),
+    /// `vN::ReadFence`: read the fence register.
+    ReadFence(u8),
+    /// `vN::StartEpoch`: read the epoch register and publish a new epoch.
+    StartEpoch(u8),
+    /// `vN::EpochConfirmed`: the new epoch is confirmed: ack the old ones, publish the token.
+    EpochConfirmed(u8),
+    /// `vN::Grant`: the token write is confirmed: the client is granted (v2: or gives up).
+    Grant(u8),
+    /// `v2::Renew`: the holder publishes a renewal.
+    Renew(u8),
+    /// `v2::RenewConfirmed`: a renewal's confirm extends the lease.
+    RenewConfirmed(u8),
+    /// `v1::Probe`: the probe, answered by the client's own node, extends the lease.
+    Probe(u8),
+    /// `vN::Expire`: the lease deadline passed: loss, close the channel.
+    Expire(u8),
+    /// `client::Close`: release, crash or abandon: the client closes its channel.
+    Close(u8),
+}
+
+impl LockModel {
+    /// A model of `version` under `cfg`.
+    pub fn new(version: Version, cfg: Config) -> Self {
+        LockModel { version, cfg }
+    }
+
+    /// v1's registers have `x-max-length = 1` with drop-head; v2's have no limit.
+    pub fn drop_head(&self) -> bool {
+        self.version == Version::V1
+    }
+
+    /// The stable name of an action, e.g. `v2::Grant(c0)`.
+    pub fn action_name(&self, a: &Action) -> String {
+        let v = match self.version {
+            Version::V1 => "v1",
+            Version::V2 => "v2",
+        };
+        match a {
+            Action::Tick => "env::Tick".to_string(),
+            Action::Deliver => "broker::Deliver".to_string(),
+            Action::Partition(c) => format!("broker::Partition(c{c})"),
+            Action::Heal(c) => format!("broker::Heal(c{c})"),
+            Action::ReturnConsumers(c) => format!("broker::ReturnConsumers(c{c})"),
+            Action::Land(c) => format!("broker::Land(c{c})"),
+            Action::Close(c) => format!("client::Close(c{c})"),
+            Action::Acquire(c) => format!("{v}::Acquire(c{c})"),
+            Action::Nudge(c) => format!("{v}::Nudge(c{c})"),
+            Action::Receive(c) => format!("{v}::Receive(c{c})"),
+            Action::ReadFence(c) => format!("{v}::ReadFence(c{c})"),
+            Action::StartEpoch(c) => format!("{v}::StartEpoch(c{c})"),
+            Action::EpochConfirmed(c) => format!("{v}::EpochConfirmed(c{c})"),
+            Action::Grant(c) => format!("{v}::Grant(c{c})"),
+            Action::Renew(c) => format!("v2::Renew(c{c})"),
+            Action::RenewConfirmed(c) => format!("v2::RenewConfirmed(c{c})"),
+            Action::Probe(c) => format!("v1::Probe(c{c})"),
+            Action::Expire(c) => format!("{v}::Expire(c{c})"),
+        }
+    }
+
+    /// Client `c` sends `op`; a confirm that results at once is handed to its channel.
+    pub fn send(&self, s: &mut State, c: usize, op: Op) {
+        if let Some((chan, bit)) = s.broker.send(c, op, self.drop_head()) {
+            s.confirm(chan, bit);
+        }
+    }
+
+    /// Records a grant of `token` to client `c` (after its phase became `Holding`).
+    pub fn record_grant(&self, s: &mut State, c: usize, token: Token) {
+        if s.max_grant.is_some_and(|m| token <= m) {
+            s.f1_broken = true;
+        }
+        s.max_grant = Some(s.max_grant.map_or(token, |m| m.max(token)));
+        let clock = s.clock;
+        if s.clients
+            .iter()
+            .enumerate()
+            .any(|(i, o)| i != c && o.believes(clock))
+        {
+            s.l2_broken = true;
+        }
+    }
+
+    /// Client `c` closes its channel and forgets it (release, crash, loss, giving up).
+    pub fn close(&self, s: &mut State, c: usize) {
+        let chan = s.chan(c);
+        self.send(s, c, Op::Close { chan });
+        s.clients[c].reset();
+    }
+
+    /// Client `c` publishes `kind` to the lock queue with confirm bit `confirm` (0: none).
+    pub fn publish_lock(&self, s: &mut State, c: usize, kind: MsgKind, confirm: u8) {
+        let chan = s.chan(c);
+        self.send(
+            s,
+            c,
+            Op::PublishLock {
+                kind,
+                chan,
+                confirm,
+            },
+        );
+    }
+}
+
+impl State {
+    /// Client `c`'s current channel.
+    pub fn chan(&self, c: usize) -> ChanId {
+        ChanId {
+            client: c as u8,
+            acq: self.clients[c].acq,
+        }
+    }
+
+    /// A publisher confirm for `chan` arrives (ignored if that channel is gone).
+    pub fn confirm(&mut self, chan: ChanId, bit: u8) {
+        let cl = &mut self.clients[usize::from(chan.client)];
+        if cl.acq == chan.acq && cl.open() {
+            cl.confirms |= bit;
+        }
+    }
+}
+
+impl Model for LockModel {
+    type State = State;
+    type Action = Action;
+
+    fn init_states(&self) -> Vec<State> {
+        let n = usize::from(self.cfg.clients);
+        vec![State {
+            clock: 1,
+            partitions_left: self.cfg.partitions,
+            broker: Broker::new(n),
+            clients: vec![Client::new(self.cfg.nudges, self.cfg.renewals); n],
+            max_grant: None,
+            f1_broken: false,
+            l2_broken: false,
+        }]
+    }
+
+    fn actions(&self, s: &State, out: &mut Vec<Action>) {
+        if s.clock < self.cfg.horizon {
+            out.push(Action::Tick);
+        }
+        if s.broker.can_deliver() {
+            out.push(Action::Deliver);
+        }
+        for c in 0..usize::from(self.cfg.clients) {
+            let i = c as u8;
+            match s.broker.cut[c] {
+                None if s.partitions_left > 0 => out.push(Action::Partition(i)),
+                None => {}
+                Some(t) => {
+                    out.push(Action::Heal(i));
+                    if s.clock >= t + self.cfg.d && s.broker.has_anything_of(c) {
+                        out.push(Action::ReturnConsumers(i));
+                    }
+                }
+            }
+            if s.broker.cut[c].is_none() && !s.broker.buffer[c].is_empty() {
+                out.push(Action::Land(i));
+            }
+            let cl = &s.clients[c];
+            if cl.phase == Phase::Idle && cl.acq < self.cfg.acquisitions && s.broker.reachable(c) {
+                out.push(Action::Acquire(i));
+            }
+            if cl.phase == Phase::Waiting && cl.nudges_left > 0 {
+                out.push(Action::Nudge(i));
+            }
+            if let Phase::Holding { deadline, .. } = cl.phase
+                && s.clock >= deadline
+            {
+                out.push(Action::Expire(i));
+            }
+            match self.version {
+                Version::V1 => v1::actions(self, s, c, out),
+                Version::V2 => v2::actions(self, s, c, out),
+            }
+            if cl.open() {
+                out.push(Action::Close(i));
+            }
+        }
+    }
+
+    fn next_state(&self, last: &State, a: Action) -> Option<State> {
+        let mut s = last.clone();
+        let dh = self.drop_head();
+        match a {
+            Action::Tick => s.clock += 1,
+            Action::Partition(c) => {
+                s.partitions_left -= 1;
+                s.broker.cut[usize::from(c)] = Some(s.clock);
+            }
+            Action::Heal(c) => s.broker.heal(usize::from(c)),
+            Action::ReturnConsumers(c) => s.broker.return_consumers(usize::from(c), dh),
+            Action::Land(c) => {
+                if let Some((chan, bit)) = s.broker.land(usize::from(c), dh) {
+                    s.confirm(chan, bit);
+                }
+            }
+            Action::Deliver => {
+                let (chan, d) = s.broker.deliver()?;
+                let cl = &mut s.clients[usize::from(chan.client)];
+                if cl.acq == chan.acq && cl.open() {
+                    cl.inbox.push(d);
+                }
+            }
+            Action::Acquire(c) => {
+                let c = usize::from(c);
+                let idle = s.broker.idle();
+                let cl = &mut s.clients[c];
+                cl.acq += 1;
+                cl.reset();
+                cl.phase = Phase::Waiting;
+                let chan = s.chan(c);
+                s.broker.consume(chan);
+                if idle {
+                    self.publish_lock(&mut s, c, MsgKind::Wake, 0);
+                }
+            }
+            Action::Nudge(c) => {
+                let c = usize::from(c);
+                s.clients[c].nudges_left -= 1;
+                self.publish_lock(&mut s, c, MsgKind::Wake, 0);
+            }
+            Action::Expire(c) | Action::Close(c) => self.close(&mut s, usize::from(c)),
+            _ => match self.version {
+                Version::V1 => v1::step(self, &mut s, a),
+                Version::V2 => v2::step(self, &mut s, a),
+            },
+        }
+        Some(s)
+    }
+
+    fn format_action(&self, a: &Action) -> String {
+        self.action_name(a)
+    }
+
+    fn properties(&self) -> Vec<Property<Self>> {
+        properties::all()
+    }
+}

@@ -1,0 +1,206 @@
+//! The v2 client: registers without a length limit read whole (max of all values), the grant
+//! publishes the token and a stamped renewal `R0` (both confirmed), the lease runs from the
+//! send time of confirmed renewals, and deliveries are checked for signs of loss.
+
+use crate::broker::Op;
+use crate::client::Phase;
+use crate::model::{Action, LockModel, State};
+use crate::types::{MsgKind, Reg, Token, confirm};
+
+/// Pushes the v2-specific actions enabled for client `c`.
+pub fn actions(_m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
+    let cl = &s.clients[c];
+    let i = c as u8;
+    let reachable = s.broker.reachable(c);
+    match cl.phase {
+        Phase::Waiting if !cl.inbox.is_empty() => out.push(Action::Receive(i)),
+        Phase::Holding { deadline, .. } if s.clock < deadline => {
+            if !cl.inbox.is_empty() {
+                out.push(Action::Receive(i));
+            }
+            if cl.renew_sent.is_none() && cl.renewals_left > 0 {
+                out.push(Action::Renew(i));
+            }
+            if cl.renew_sent.is_some() && cl.confirms & confirm::RENEW != 0 {
+                out.push(Action::RenewConfirmed(i));
+            }
+        }
+        Phase::ReadFence if reachable => out.push(Action::ReadFence(i)),
+        Phase::NeedEpoch if reachable => out.push(Action::StartEpoch(i)),
+        Phase::AwaitEpoch { .. } if cl.confirms & confirm::EPOCH != 0 => {
+            out.push(Action::EpochConfirmed(i))
+        }
+        Phase::AwaitFence { .. }
+            if cl.confirms & (confirm::FENCE | confirm::R0) == confirm::FENCE | confirm::R0 =>
+        {
+            out.push(Action::Grant(i))
+        }
+        _ => {}
+    }
+}
+
+/// Applies a v2-specific action.
+pub fn step(m: &LockModel, s: &mut State, a: Action) {
+    match a {
+        Action::Receive(c) => receive(m, s, usize::from(c)),
+        Action::ReadFence(c) => {
+            let c = usize::from(c);
+            let chan = s.chan(c);
+            let values = s.broker.fence.take_all(chan);
+            let stamp = s.clients[c].held.and_then(|d| d.msg.kind.stamp());
+            let last = values.into_iter().map(Token).chain(stamp).max();
+            match last {
+                Some(last) => publish_token(m, s, c, last.next()),
+                None => s.clients[c].phase = Phase::NeedEpoch,
+            }
+        }
+        Action::StartEpoch(c) => {
+            let c = usize::from(c);
+            let chan = s.chan(c);
+            let e = s.broker.epoch.take_all(chan).into_iter().max();
+            let e2 = e.map_or(0, |e| e as u8 + 1).max(s.clock);
+            s.clients[c].confirms = 0;
+            s.clients[c].phase = Phase::AwaitEpoch { e: e2 };
+            m.send(
+                s,
+                c,
+                Op::PublishReg {
+                    reg: Reg::Epoch,
+                    value: u16::from(e2),
+                    chan,
+                    confirm: confirm::EPOCH,
+                },
+            );
+        }
+        Action::EpochConfirmed(c) => {
+            let c = usize::from(c);
+            let Phase::AwaitEpoch { e } = s.clients[c].phase else {
+                unreachable!()
+            };
+            let chan = s.chan(c);
+            m.send(
+                s,
+                c,
+                Op::AckTaken {
+                    reg: Reg::Epoch,
+                    chan,
+                },
+            );
+            publish_token(m, s, c, Token::start(e));
+        }
+        Action::Grant(c) => {
+            let c = usize::from(c);
+            let Phase::AwaitFence { token, t0 } = s.clients[c].phase else {
+                unreachable!()
+            };
+            let chan = s.chan(c);
+            m.send(
+                s,
+                c,
+                Op::AckTaken {
+                    reg: Reg::Fence,
+                    chan,
+                },
+            );
+            let deadline = t0 + m.cfg.m;
+            if s.clock >= deadline {
+                // Too late to use: hand on (close the channel) and retry later.
+                m.close(s, c);
+            } else {
+                s.clients[c].confirms = 0;
+                s.clients[c].phase = Phase::Holding { token, deadline };
+                m.record_grant(s, c, token);
+            }
+        }
+        Action::Renew(c) => {
+            let c = usize::from(c);
+            let Phase::Holding { token, .. } = s.clients[c].phase else {
+                unreachable!()
+            };
+            let chan = s.chan(c);
+            let cl = &mut s.clients[c];
+            cl.renewals_left -= 1;
+            cl.renewal_n += 1;
+            cl.renew_sent = Some(s.clock);
+            cl.confirms &= !confirm::RENEW;
+            let kind = MsgKind::Renewal {
+                stamp: token,
+                chan,
+                n: cl.renewal_n,
+            };
+            m.publish_lock(s, c, kind, confirm::RENEW);
+        }
+        Action::RenewConfirmed(c) => {
+            let c = usize::from(c);
+            let cl = &mut s.clients[c];
+            let sent = cl.renew_sent.take().expect("a renewal is pending");
+            cl.confirms &= !confirm::RENEW;
+            if let Phase::Holding { deadline, .. } = &mut cl.phase {
+                *deadline = (*deadline).max(sent + m.cfg.m);
+            }
+        }
+        _ => unreachable!("not a v2 action: {a:?}"),
+    }
+}
+
+/// `v2::Receive`: the first delivery starts the grant; while holding, a delivery is kept (own
+/// new renewal), means loss (own renewal redelivered, a larger stamp) or is acked.
+fn receive(m: &LockModel, s: &mut State, c: usize) {
+    let d = s.clients[c].inbox.remove(0);
+    let chan = s.chan(c);
+    let Phase::Holding { token, .. } = s.clients[c].phase else {
+        // Waiting: the first delivery; it stays unacked while we record the fence.
+        s.clients[c].held = Some(d);
+        s.clients[c].phase = Phase::ReadFence;
+        return;
+    };
+    let ack = |m: &LockModel, s: &mut State, d: crate::types::Delivery| {
+        m.send(
+            s,
+            c,
+            Op::AckLock {
+                chan,
+                inc: d.inc,
+                kind: d.msg.kind,
+            },
+        )
+    };
+    match d.msg.kind {
+        MsgKind::Renewal { chan: own, .. } if own == chan => {
+            if d.msg.redelivered {
+                // The broker once took it back from us: token taken back.
+                m.close(s, c);
+            } else {
+                if let Some(old) = s.clients[c].held.replace(d) {
+                    ack(m, s, old);
+                }
+            }
+        }
+        MsgKind::Renewal { stamp, .. } if stamp > token => m.close(s, c), // granted elsewhere
+        _ => ack(m, s, d),
+    }
+}
+
+/// Publishes `token` to the fence register and `R0` stamped with it to the lock queue (both
+/// confirmed), and waits for both confirms; `t0` is now.
+fn publish_token(m: &LockModel, s: &mut State, c: usize, token: Token) {
+    let chan = s.chan(c);
+    s.clients[c].confirms = 0;
+    s.clients[c].phase = Phase::AwaitFence { token, t0: s.clock };
+    m.send(
+        s,
+        c,
+        Op::PublishReg {
+            reg: Reg::Fence,
+            value: token.0,
+            chan,
+            confirm: confirm::FENCE,
+        },
+    );
+    let r0 = MsgKind::Renewal {
+        stamp: token,
+        chan,
+        n: 0,
+    };
+    m.publish_lock(s, c, r0, confirm::R0);
+}
