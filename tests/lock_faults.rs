@@ -10,7 +10,8 @@ use mqlock::{ClientConfig, LockClient, LossReason};
 fn config() -> ClientConfig {
     ClientConfig {
         heartbeat: Duration::from_secs(2),
-        // Shorter than the faults broker's 3 s consumer timeout.
+        // Renewals every second (a third of the 3 s lease) keep the token younger than the
+        // faults broker's 3 s consumer timeout anyway; this bound only caps the period.
         renew_interval: Duration::from_secs(1),
         ..ClientConfig::default()
     }
@@ -28,29 +29,63 @@ async fn client(config: ClientConfig) -> LockClient {
 async fn faults_broker_scenarios() {
     long_hold_outlives_the_consumer_timeout().await;
     broker_restart_loses_holders_and_waiters_get_the_locks_afterwards().await;
+    a_url_list_of_two_standalone_brokers_is_refused_on_failover().await;
 }
 
 async fn long_hold_outlives_the_consumer_timeout() {
     let renewing = client(config()).await;
-    let not_renewing = client(ClientConfig {
-        renew_interval: Duration::from_secs(3600),
-        idle_expiry: Duration::from_secs(3 * 3600),
-        ..config()
-    })
-    .await;
     let a = renewing.lock(&support::unique("long-hold")).await.unwrap();
-    let b = not_renewing
-        .lock(&support::unique("no-renew"))
+    // The control: a consumer that keeps one delivery unacknowledged, as a holder that never
+    // renewed its token would, is cut by the broker's 3 s consumer timeout.
+    let control = support::unique("no-renew");
+    let conn = lapin::Connection::connect(&support::faults_amqp_url(), Default::default())
         .await
         .unwrap();
-    // The control: without renewal the broker's 3 s consumer timeout must cut the hold.
-    let lost = tokio::time::timeout(Duration::from_secs(15), b.lost())
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        control.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_publish(
+        "".into(),
+        control.as_str().into(),
+        Default::default(),
+        b"token",
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            control.as_str().into(),
+            "control".into(),
+            Default::default(),
+            Default::default(),
+        )
         .await
-        .expect("the broker's consumer timeout should have cut the non-renewing holder");
-    assert!(
-        matches!(&lost, LossReason::ChannelClosed(d) if d.contains("406")),
-        "{lost:?}"
-    );
+        .unwrap();
+    use futures_util::StreamExt;
+    let held = consumer.next().await.unwrap().unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match consumer.next().await {
+                Some(Err(e)) => break e.to_string(),
+                None => break "consumer ended".to_string(),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the broker's consumer timeout should have cut the non-renewing consumer");
+    assert!(cut.contains("406") || cut.contains("PRECONDITION"), "{cut}");
+    drop(held);
+    // By then the mqlock holder has swapped its token many times (every lease renewal).
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
         a.is_held(),
@@ -182,11 +217,6 @@ async fn lock_with_epoch_ahead_of_the_clock(client: &LockClient) -> (String, u64
     );
     let expiry = client.config().idle_expiry.as_millis() as i64;
     args.insert("x-expires".into(), AMQPValue::LongLongInt(expiry));
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("drop-head".into()),
-    );
     let queue = format!("{}epoch:{name}", client.config().prefix);
     ch.queue_declare(
         queue.as_str().into(),
@@ -227,4 +257,32 @@ async fn lock_with_epoch_ahead_of_the_clock(client: &LockClient) -> (String, u64
     );
     g.release().await.unwrap();
     (name, seeded, token + 1)
+}
+
+/// H2: a URL list whose brokers are not one cluster. The faults broker and the main broker are
+/// two standalone brokers; a client that fails over from one to the other must refuse it.
+async fn a_url_list_of_two_standalone_brokers_is_refused_on_failover() {
+    support::init_tracing();
+    let urls = format!("{},{}", support::faults_amqp_url(), support::amqp_url());
+    let client = LockClient::connect(&urls, config())
+        .await
+        .expect("the first broker of the list answers");
+    let name = support::unique("not-one-cluster");
+    client.lock(&name).await.unwrap().release().await.unwrap();
+    // The faults broker goes away: the next acquisition reconnects to the main broker, which
+    // has its own queues and registers.
+    tokio::task::spawn_blocking(|| support::faults_rabbitmqctl(&["stop_app"]))
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(60), client.lock(&name)).await;
+    tokio::task::spawn_blocking(|| support::faults_rabbitmqctl(&["start_app"]))
+        .await
+        .unwrap();
+    let err = refused
+        .expect("refused promptly, not waited on")
+        .expect_err("a broker of another cluster must be refused");
+    assert!(
+        matches!(&err, mqlock::Error::NotOneCluster { first, other } if first.ends_with(":5673") && other.ends_with(":5672")),
+        "{err:?}"
+    );
 }

@@ -27,7 +27,12 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 /// environment, and releases the lock when CMD exits. Exits with CMD's exit status (128+N if
 /// CMD was killed by signal N). SIGINT, SIGTERM, SIGHUP and SIGQUIT sent to mqlock are passed
 /// on to CMD's process group. If mqlock dies, even by SIGKILL, the broker releases the lock and
-/// CMD receives SIGKILL, so CMD never runs unprotected.
+/// CMD receives SIGKILL.
+///
+/// CMD can outlive the lock: for up to --grace after a loss (SIGTERM first), and for as long
+/// as mqlock itself is frozen (SIGSTOP, a paused VM) while the broker hands the lock on. Give
+/// CMD's writes MQLOCK_FENCING_TOKEN and let the resource refuse older tokens; that is what
+/// keeps it safe then.
 ///
 /// Exit codes of mqlock itself: 124 the wait timed out (or --nonblock found the lock held);
 /// 123 the lock was lost while CMD ran (CMD got SIGTERM, then SIGKILL after --grace);

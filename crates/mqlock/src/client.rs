@@ -16,6 +16,7 @@ use lapin::uri::AMQPUri;
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
+use crate::cluster_mark;
 use crate::config::ClientConfig;
 use crate::connection::{Conn, display_addr, parse_urls};
 use crate::error::{Error, Result};
@@ -51,6 +52,9 @@ struct Inner {
     tag_seq: AtomicU64,
     /// A lock channel being opened ahead of the next acquisition (see `lock_channel`).
     spare: std::sync::Mutex<Option<Spare>>,
+    /// With several broker URLs: the cluster mark of the first broker connected to, and its
+    /// address (see `check_mark`).
+    first_mark: std::sync::Mutex<Option<(String, String)>>,
 }
 
 /// A channel opened in the background, with `basic.qos` and `confirm.select` done, on `conn`.
@@ -126,6 +130,8 @@ impl LockClient {
         let uris = parse_urls(url, &config)?;
         let addr = uris.iter().map(display_addr).collect::<Vec<_>>().join(", ");
         let conn = Conn::open(&uris, &config).await?;
+        let first_mark = std::sync::Mutex::new(None);
+        check_mark(&conn, &config, uris.len(), &first_mark).await?;
         info!(
             broker = %conn.addr,
             lease = ?conn.lease_margin,
@@ -145,6 +151,7 @@ impl LockClient {
                 tag_prefix: format!("mqlock.{}.{now:x}", std::process::id()),
                 tag_seq: AtomicU64::new(0),
                 spare: std::sync::Mutex::new(None),
+                first_mark,
             }),
         })
     }
@@ -253,6 +260,13 @@ impl LockClient {
             info!(broker = %self.inner.addr, "reconnecting");
         }
         let conn = Conn::open(&self.inner.uris, &self.inner.config).await?;
+        check_mark(
+            &conn,
+            &self.inner.config,
+            self.inner.uris.len(),
+            &self.inner.first_mark,
+        )
+        .await?;
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -631,6 +645,48 @@ impl LockClient {
         .spawn();
         Ok(Some(LockGuard::new(name, fence, signal, Box::new(handle))))
     }
+}
+
+/// With several broker URLs, refuses a broker that is not in the same cluster as the first one
+/// this client used ([`Error::NotOneCluster`]); see `cluster_mark`. A mark that cannot be read
+/// (no permission, its queue's node down) is logged and the connection used anyway.
+async fn check_mark(
+    conn: &Arc<Conn>,
+    config: &ClientConfig,
+    urls: usize,
+    first: &std::sync::Mutex<Option<(String, String)>>,
+) -> Result<()> {
+    if urls < 2 {
+        return Ok(());
+    }
+    let mark = match cluster_mark::read(&conn.connection, config).await {
+        Ok(Some(mark)) => mark,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            warn!(broker = %conn.addr, error = %e, "cannot read the cluster mark; not checking that the URL list is one cluster");
+            return Ok(());
+        }
+    };
+    let mut first = first.lock().unwrap_or_else(|p| p.into_inner());
+    match &*first {
+        None => *first = Some((mark, conn.addr.clone())),
+        Some((seen, _)) if *seen == mark => {}
+        Some((_, first_addr)) if *first_addr == conn.addr => {
+            // The same broker with a new mark: its state was lost (a reset, a node without its
+            // data). Tokens now rise only as far as clocks allow (docs/protocol.md, State loss).
+            warn!(broker = %conn.addr, "the broker's cluster mark changed: its state was reset or lost; fencing tokens continue from the clock");
+            *first = Some((mark, conn.addr.clone()));
+        }
+        Some((_, first_addr)) => {
+            let err = Error::NotOneCluster {
+                first: first_addr.clone(),
+                other: conn.addr.clone(),
+            };
+            conn.kill(LossReason::ConnectionLost(err.to_string()));
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 async fn open_lock_channel(conn: &Conn) -> lapin::Result<Channel> {

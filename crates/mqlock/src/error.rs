@@ -120,6 +120,18 @@ pub enum Error {
         detail: String,
     },
 
+    /// Two brokers of the URL list are not nodes of one cluster: each has its own lock queues
+    /// and registers, so neither mutual exclusion nor fencing would hold across them.
+    #[error(
+        "the brokers at {first} and {other} are not one cluster (their cluster marks differ); a URL list must name nodes of one RabbitMQ cluster"
+    )]
+    NotOneCluster {
+        /// The broker the client saw first.
+        first: String,
+        /// The broker it refused.
+        other: String,
+    },
+
     /// The client was shut down.
     #[error("the lock client was closed")]
     Closed,

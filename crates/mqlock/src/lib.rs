@@ -28,6 +28,7 @@
 //! it lost the lock; the fencing token is what keeps the protected resource safe then.
 
 mod client;
+mod cluster_mark;
 mod config;
 mod connection;
 mod error;
