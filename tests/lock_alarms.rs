@@ -45,8 +45,8 @@ const SETTLE: Duration = Duration::from_millis(1500);
 fn config() -> ClientConfig {
     ClientConfig {
         heartbeat: HEARTBEAT,
-        // Shorter than the faults broker's 3 s consumer timeout.
-        renew_interval: Duration::from_secs(1),
+        // The faults broker's: the lease stays below half of it.
+        consumer_timeout: Duration::from_secs(3),
         ..ClientConfig::default()
     }
 }

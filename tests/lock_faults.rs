@@ -10,9 +10,9 @@ use mqlock::{ClientConfig, LockClient, LossReason};
 fn config() -> ClientConfig {
     ClientConfig {
         heartbeat: Duration::from_secs(2),
-        // Renewals every second (a third of the 3 s lease) keep the token younger than the
-        // faults broker's 3 s consumer timeout anyway; this bound only caps the period.
-        renew_interval: Duration::from_secs(1),
+        // The faults broker's: the lease (1.5 s) stays below half of it, and a renewal every
+        // 0.5 s keeps the token far younger than it.
+        consumer_timeout: Duration::from_secs(3),
         ..ClientConfig::default()
     }
 }

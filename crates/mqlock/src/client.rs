@@ -449,7 +449,7 @@ impl LockClient {
                 conn.kill(LossReason::ConnectionLost(d.clone()));
                 Retry::Again(d)
             }
-            Fault::NotFound(d) => Retry::Again(d),
+            Fault::NotFound(d) | Fault::ConsumerTimeout(d) => Retry::Again(d),
             fault => Retry::Fail(to_error(name, &conn.addr, &names.lock, fault)),
         };
         // A register declared by mqlock 0.1 had a length limit; the broker refuses the new
@@ -783,11 +783,13 @@ fn to_error(name: &str, addr: &str, queue: &str, fault: Fault) -> Error {
             addr: addr.into(),
             detail,
         },
-        Fault::NotFound(detail) | Fault::Other(detail) => Error::Protocol {
-            name: name.into(),
-            addr: addr.into(),
-            detail,
-        },
+        Fault::NotFound(detail) | Fault::ConsumerTimeout(detail) | Fault::Other(detail) => {
+            Error::Protocol {
+                name: name.into(),
+                addr: addr.into(),
+                detail,
+            }
+        }
     }
 }
 

@@ -45,9 +45,9 @@ pub struct ClientConfig {
     /// default 1 h). Fencing survives it as long as the clients' wall clocks differ by less than it
     /// (docs/protocol.md, B7 and F3).
     pub idle_expiry: Duration,
-    /// A holder refreshes its token this often, so a hold longer than the broker's
-    /// `consumer_timeout` (30 min by default) is not cut (default 5 min; must be shorter
-    /// than `consumer_timeout`).
+    /// The longest time between two renewals of a holder's token, and how often a holder
+    /// declares its fence register again so that it does not expire under a long hold (default
+    /// 5 min). A holder renews far more often anyway (three times per lease margin).
     pub renew_interval: Duration,
     /// A waiter republishes a wake-up this often, so a lock whose token was lost (purged by
     /// hand, dropped by a delivery limit) is still handed on (default 10 s).
@@ -73,6 +73,11 @@ pub struct ClientConfig {
     /// the brokers run with a shorter one; a longer value here than on the brokers breaks L2.
     /// A single broker has no peers, but the bound applies anyway (it costs nothing at 60 s).
     pub net_ticktime: Duration,
+    /// The brokers' `consumer_timeout` (RabbitMQ's default: 30 min). A holder whose renewals
+    /// stop reaching the broker (a resource alarm blocks its connection) keeps an ever older
+    /// token, and the broker hands the lock on once that delivery is older than this; the lease
+    /// stays below half of it. Set it when the brokers run with a shorter one.
+    pub consumer_timeout: Duration,
     /// Name shown for this client's connection in the broker's management tools.
     pub connection_name: Option<String>,
     /// The clock leases are measured on: [`BootClock`] (`CLOCK_BOOTTIME`, which counts time
@@ -119,6 +124,7 @@ impl Default for ClientConfig {
             try_window: Duration::from_secs(1),
             quorum_delivery_limit: Some(DEFAULT_QUORUM_DELIVERY_LIMIT),
             net_ticktime: Duration::from_secs(60),
+            consumer_timeout: Duration::from_secs(30 * 60),
             connection_name: None,
             clock: Arc::new(BootClock),
             tls: TlsConfig::default(),
@@ -161,6 +167,12 @@ impl ClientConfig {
                 self.net_ticktime
             )));
         }
+        if self.consumer_timeout < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "consumer_timeout must be at least 1 s, got {:?}",
+                self.consumer_timeout
+            )));
+        }
         if self.nudge_interval < Duration::from_millis(100) {
             return Err(Error::Config(
                 "nudge_interval must be at least 100 ms".into(),
@@ -170,11 +182,13 @@ impl ClientConfig {
     }
 
     /// A holder's lease margin for a connection whose negotiated heartbeat is `heartbeat`: below
-    /// the broker's own failure detection (`2 × heartbeat`) and below a cluster peer's
-    /// (`0.75 × net_ticktime`), with a quarter of the shorter one left for clock rates and
-    /// scheduling (docs/protocol.md, L2).
+    /// the broker's own failure detection (`2 × heartbeat`), a cluster peer's
+    /// (`0.75 × net_ticktime`) and the broker's consumer timeout, with a quarter of the
+    /// shortest left for clock rates and scheduling (docs/protocol.md, L2).
     pub(crate) fn lease_margin(&self, heartbeat: Duration) -> Duration {
-        (heartbeat * 3 / 2).min(self.net_ticktime / 2)
+        (heartbeat * 3 / 2)
+            .min(self.net_ticktime / 2)
+            .min(self.consumer_timeout / 2)
     }
 
     /// How often a holder renews its lease: three renewals per margin, so that one lost or

@@ -375,12 +375,14 @@ fn connect_error(e: &lapin::Error, uri: &AMQPUri, addr: &str) -> Error {
                 user: user.into(),
             }
         }
-        Fault::Connection(d) | Fault::NotFound(d) | Fault::Precondition(d) | Fault::Other(d) => {
-            Error::Unreachable {
-                addr: addr.into(),
-                detail: d,
-            }
-        }
+        Fault::Connection(d)
+        | Fault::NotFound(d)
+        | Fault::Precondition(d)
+        | Fault::ConsumerTimeout(d)
+        | Fault::Other(d) => Error::Unreachable {
+            addr: addr.into(),
+            detail: d,
+        },
     }
 }
 

@@ -94,6 +94,10 @@ pub(crate) enum Fault {
     Connection(String),
     /// 404: a queue vanished (idle expiry) between two steps; declaring again fixes it.
     NotFound(String),
+    /// 406 "delivery acknowledgement timed out": the broker's consumer timeout closed the
+    /// channel (a grant that could not ack or write in time, e.g. under a resource alarm).
+    /// Transient for an acquisition; a loss for a holder.
+    ConsumerTimeout(String),
     /// 406 on declare: the queue exists with other arguments. On a held lock: consumer timeout.
     Precondition(String),
     /// 403.
@@ -108,13 +112,21 @@ pub(crate) fn classify(e: &lapin::Error) -> Fault {
             let text = format!("{} {}", amqp.get_id(), amqp.get_message());
             match amqp.kind() {
                 AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Fault::NotFound(text),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+                    if text.contains("delivery acknowledgement") =>
+                {
+                    Fault::ConsumerTimeout(text)
+                }
                 AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => Fault::Precondition(text),
                 AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Fault::AccessRefused(text),
                 AMQPErrorKind::Hard(_) => Fault::Connection(text),
                 AMQPErrorKind::Soft(_) => Fault::Other(text),
             }
         }
-        ErrorKind::InvalidChannelState(..) => Fault::Connection(format!("channel closed: {e}")),
+        // A channel lapin no longer knows: its connection was closed or is being reset.
+        ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidChannel(_) => {
+            Fault::Connection(format!("channel closed: {e}"))
+        }
         ErrorKind::IOError(_)
         | ErrorKind::MissingHeartbeatError
         | ErrorKind::InvalidConnectionState(_)
@@ -127,9 +139,11 @@ pub(crate) fn classify(e: &lapin::Error) -> Fault {
 pub(crate) fn loss_reason(e: &lapin::Error) -> LossReason {
     match classify(e) {
         Fault::Connection(d) => LossReason::ConnectionLost(d),
-        Fault::NotFound(d) | Fault::Precondition(d) | Fault::AccessRefused(d) | Fault::Other(d) => {
-            LossReason::ChannelClosed(d)
-        }
+        Fault::NotFound(d)
+        | Fault::Precondition(d)
+        | Fault::ConsumerTimeout(d)
+        | Fault::AccessRefused(d)
+        | Fault::Other(d) => LossReason::ChannelClosed(d),
     }
 }
 
