@@ -254,6 +254,44 @@ async fn mqlock_uncontended(url: &str, iters: usize) -> Stats {
     stats(v)
 }
 
+/// What holding costs: `locks` locks held by one client for `hold`, with the default lease.
+/// Returns confirmed renewals per held lock per second, and this process's CPU time per held
+/// lock per second (user + system, from getrusage) above an idle client's in the same window.
+async fn lease_cost(url: &str, locks: usize, hold: Duration) -> (f64, Duration) {
+    fn cpu() -> Duration {
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let t = |tv: libc::timeval| Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000);
+        t(ru.ru_utime) + t(ru.ru_stime)
+    }
+    let c = LockClient::connect(url, ClientConfig::default())
+        .await
+        .unwrap();
+    // Baseline: the same window with the client connected and nothing held.
+    let idle_start = cpu();
+    tokio::time::sleep(hold).await;
+    let idle = cpu() - idle_start;
+    let mut guards = Vec::with_capacity(locks);
+    for i in 0..locks {
+        let name = format!("bench-lease-{i}-{}", std::process::id());
+        guards.push(c.lock(&name).await.unwrap());
+    }
+    let before = c.metrics().renewals;
+    let cpu_start = cpu();
+    tokio::time::sleep(hold).await;
+    let held_cpu = (cpu() - cpu_start).saturating_sub(idle);
+    let renewed = c.metrics().renewals - before;
+    for g in guards {
+        g.release().await.unwrap();
+    }
+    let lock_seconds = locks as f64 * hold.as_secs_f64();
+    (
+        renewed as f64 / lock_seconds,
+        held_cpu.div_f64(lock_seconds),
+    )
+}
+
 /// `waiters` clients contend in a loop; the hand-off time is from the moment a holder starts
 /// its release to the moment the next holder has its guard.
 async fn mqlock_handoff(url: &str, waiters: usize, grants: usize) -> (Stats, usize) {
@@ -373,8 +411,13 @@ async fn main() {
         );
         handoffs.push((w, s, fifo));
     }
+    let (renewals, cpu) = lease_cost(&amqp, 200, Duration::from_secs(10)).await;
     let r = |a: Stats, b: Stats| a.p50.as_secs_f64() / b.p50.as_secs_f64();
     println!();
+    println!(
+        "lease cost, 200 locks held 10 s (default 7.5 s lease): {renewals:.2} renewals per held lock per second (each a publish, confirm, delivery and ack), client CPU {:.1} µs per held lock per second",
+        cpu.as_secs_f64() * 1e6
+    );
     println!(
         "uncontended cycle p50 / Redis lock cycle p50 = {:.2}x (target <= 2x)",
         r(unc, redis)

@@ -604,7 +604,10 @@ impl LockClient {
         .await;
         committed.map_err(fence_fail)?;
         match renewed {
-            Ok(Some(sent)) => lease.extend_to(sent + conn.lease_margin),
+            Ok(Some(sent)) => {
+                lease.extend_to(sent + conn.lease_margin);
+                self.inner.metrics.renewed();
+            }
             Ok(None) => {
                 return Err(Retry::Again(
                     "the lock queue did not confirm the grant's lease".into(),

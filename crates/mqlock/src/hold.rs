@@ -248,7 +248,10 @@ impl Holder {
                     confirms.push(async move { renew(&channel, &lock_queue, &lease, id, fencing_token).await });
                 }
                 Some(confirmed) = confirms.next(), if !confirms.is_empty() => match confirmed {
-                    Ok(Some(sent)) => lease.extend_to(sent + margin),
+                    Ok(Some(sent)) => {
+                        lease.extend_to(sent + margin);
+                        metrics.renewed();
+                    }
                     Ok(None) => debug!(lock = %name, "a lease renewal was not confirmed"),
                     Err(e) => break loss_reason(&e),
                 },

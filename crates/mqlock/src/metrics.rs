@@ -19,6 +19,7 @@ pub struct Metrics {
     timeouts: AtomicU64,
     busy: AtomicU64,
     losses: AtomicU64,
+    renewals: AtomicU64,
     wait: Mutex<Histogram>,
 }
 
@@ -40,6 +41,7 @@ impl Default for Metrics {
             timeouts: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             losses: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
             wait: Mutex::new(Histogram {
                 buckets: [0; BUCKETS],
                 count: 0,
@@ -76,6 +78,9 @@ impl Metrics {
     pub(crate) fn lost(&self) {
         self.losses.fetch_add(1, Ordering::Relaxed);
     }
+    pub(crate) fn renewed(&self) {
+        self.renewals.fetch_add(1, Ordering::Relaxed);
+    }
 
     /// A consistent-enough copy of the counters for reading or printing.
     pub fn snapshot(&self) -> MetricsSnapshot {
@@ -103,6 +108,7 @@ impl Metrics {
             timeouts: self.timeouts.load(Ordering::Relaxed),
             busy: self.busy.load(Ordering::Relaxed),
             losses: self.losses.load(Ordering::Relaxed),
+            renewals: self.renewals.load(Ordering::Relaxed),
             wait_mean: if h.count == 0 {
                 Duration::ZERO
             } else {
@@ -134,6 +140,9 @@ pub struct MetricsSnapshot {
     pub busy: u64,
     /// Grants lost while held.
     pub losses: u64,
+    /// Lease renewals confirmed by lock queues (one publish, confirm, delivery and ack each;
+    /// docs/protocol.md, "Lease"), the grants' own included.
+    pub renewals: u64,
     /// Mean wait time of grants.
     pub wait_mean: Duration,
     /// Median wait (upper edge of its power-of-two bucket).
