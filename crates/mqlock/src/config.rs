@@ -34,8 +34,9 @@ impl QueueType {
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
     /// AMQP heartbeat interval (default 5 s, not RabbitMQ's 60 s). The broker drops a silent
-    /// client after two missed heartbeats; a holder declares its lock lost after
-    /// `1.5 × heartbeat` without an answer from the broker, before the broker can hand it on.
+    /// client after two missed heartbeats; a holder's lease is at most `1.5 × heartbeat` past
+    /// its last confirmed renewal, so it declares its lock lost before the broker can hand it on
+    /// (also bounded by `net_ticktime` and `consumer_timeout`; docs/protocol.md, L2).
     pub heartbeat: Duration,
     /// Lock queue type (default classic).
     pub queue_type: QueueType,

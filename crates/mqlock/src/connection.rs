@@ -1,11 +1,11 @@
-//! One broker connection, its liveness lease and its prober.
+//! One broker connection and its liveness probe.
 //!
-//! The lease is what lets a holder know it lost its lock *before* the broker can give it away
-//! (docs/protocol.md, invariant L2): every `heartbeat / 4` the prober sends a cheap RPC; when
-//! the answer arrives, the broker has certainly heard from us after the moment the probe was
-//! sent, so it cannot declare us dead before `sent + 2 × heartbeat`. We extend our own lease to
-//! `sent + 1.5 × heartbeat` only, and declare every lock on this connection lost when it runs
-//! out.
+//! Every `heartbeat / 4` the prober sends a cheap RPC on a probe channel; a connection whose
+//! broker has not answered one within `1.5 × heartbeat` is declared dead, so that acquisitions
+//! reconnect instead of waiting on it. This says nothing about held locks: each has a lease of
+//! its own, renewed through its lock queue (`lease.rs`, `hold.rs`; docs/protocol.md, "Lease").
+//! A node cut off from its cluster still answers the probe; only the lock queue's quorum can
+//! renew a lock's lease.
 
 use std::sync::Arc;
 use std::time::Duration;
