@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use futures_util::future::{join, join3};
 use lapin::Channel;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
@@ -22,7 +22,7 @@ use crate::connection::{Conn, display_addr, parse_urls};
 use crate::error::{Error, Result};
 use crate::fence::{self, FenceError};
 use crate::guard::{BoxFuture, LockGuard, LossReason, LossSignal};
-use crate::hold::{Holder, renew, renewal_id};
+use crate::hold::{Holder, publish_renewal, renewal_id, renewal_prefix};
 use crate::lease::Lease;
 use crate::locker::Locker;
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -597,31 +597,42 @@ impl LockClient {
         .map_err(fence_fail)?;
         let fence = draft.token;
         let lease = Arc::new(Lease::with_clock(config.clock.clone(), conn.lease_margin));
-        let (committed, renewed) = join(
+        let first_renewal = renewal_id(&tag, 0);
+        let (committed, published) = join(
             draft.commit(&channel, names),
-            renew(&channel, &names.lock, &lease, renewal_id(&tag, 0), fence),
+            publish_renewal(&channel, &names.lock, &lease, first_renewal.clone(), fence),
         )
         .await;
         committed.map_err(fence_fail)?;
-        match renewed {
-            Ok(Some(sent)) => {
-                lease.extend_to(sent + conn.lease_margin);
-                self.inner.metrics.renewed();
-            }
-            Ok(None) => {
-                return Err(Retry::Again(
-                    "the lock queue did not confirm the grant's lease".into(),
-                ));
-            }
-            Err(e) => return Err(fail(&e)),
-        }
-        if !lease.is_valid() {
+        let sent = published.map_err(|e| fail(&e))?;
+        // The lease starts when the renewal comes back to us: the lock queue still had us as its
+        // active consumer after `sent` (docs/protocol.md, "Lease").
+        let consumer = reg.consumer.as_mut().expect("consumer set");
+        let own_prefix = renewal_prefix(&tag);
+        let renewal = tokio::select! {
+            renewal = own_delivery(consumer, &own_prefix, &first_renewal) => renewal.map_err(|e| match e {
+                Some(e) => fail(&e),
+                None => Retry::Again("the broker took the lock back during the grant".into()),
+            })?,
             // Slower than the lease: the lock may already have been handed on (L2).
+            _ = lease.expired() => {
+                return Err(Retry::Again(format!(
+                    "the grant took longer than the lease of {:?}",
+                    conn.lease_margin
+                )));
+            }
+        };
+        lease.extend_to(sent + conn.lease_margin);
+        self.inner.metrics.renewed();
+        if !lease.is_valid() {
             return Err(Retry::Again(format!(
                 "the grant took longer than the lease of {:?}",
                 conn.lease_margin
             )));
         }
+        // The renewal is the token now; the delivery that granted us is not needed.
+        let _ = token.acker.ack(BasicAckOptions::default()).await;
+        let token = renewal;
         debug!(lock = name, fence, waited = ?started.elapsed(), "granted");
         self.prepare_spare(conn);
 
@@ -760,6 +771,35 @@ fn registered<T>(
     let consumer = consumed.map_err(|e| fail(&e))?;
     register.map_err(|e| fail_register(&e))?;
     Ok(consumer)
+}
+
+/// Waits for our renewal `id` on the consumer, acking what arrives before it (wake-ups, earlier
+/// holders' renewals). `Err(None)`: one of our renewals came back redelivered, so the broker
+/// took the lock from us already; `Err(Some(e))`: the channel failed.
+async fn own_delivery(
+    consumer: &mut lapin::Consumer,
+    own_prefix: &str,
+    id: &str,
+) -> std::result::Result<lapin::message::Delivery, Option<lapin::Error>> {
+    loop {
+        let d = match consumer.next().await {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(Some(e)),
+            None => return Err(None),
+        };
+        let d_id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned());
+        match d_id {
+            Some(ref i) if i == id && !d.redelivered => return Ok(d),
+            Some(ref i) if i.starts_with(own_prefix) && d.redelivered => return Err(None),
+            _ => {
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            }
+        }
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -2,15 +2,15 @@
 //! lock's lease through the lock queue, keeps the newest renewal as its token, tells extra
 //! wake-ups from signs that the broker took the lock away, and performs the release.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation, Consumer};
+use lapin::{Channel, Consumer};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
@@ -22,42 +22,43 @@ use crate::lease::{BootInstant, Lease};
 use crate::metrics::Metrics;
 use crate::protocol::{loss_reason, renewal_properties, stamp};
 
-/// Publishes a lease renewal (`v2::Renew` in docs/model.md) and resolves, once the lock queue
-/// confirmed it, with the moment it was sent: the lease may then be extended to that moment
-/// plus the margin. `Ok(None)`: not confirmed (nacked, or returned because the queue is gone).
+/// Publishes a lease renewal (`v2::Renew` in docs/model.md) and returns the moment it was sent.
 ///
-/// A confirm proves that the lock queue (its Raft leader and a majority, on a quorum queue)
-/// handled the publish after `sent`, so neither the broker's heartbeat check nor a cluster
-/// peer's failure detector can have written this client off before `sent` plus their timeouts.
-pub(crate) async fn renew(
+/// The renewal extends the lease when it comes back to us (`v2::Deliver`), not when the broker
+/// confirms it: a delivery to us proves that the lock queue (its Raft leader, with a majority,
+/// on a quorum queue) still had us as its active consumer after `sent`. A confirm proves less:
+/// a renewal held up by a partition is confirmed after the heal, when the queue may have handed
+/// the lock on meanwhile (its delivery then goes to the new holder instead).
+pub(crate) async fn publish_renewal(
     channel: &Channel,
     lock_queue: &str,
     lease: &Lease,
     id: String,
     token: u64,
-) -> lapin::Result<Option<BootInstant>> {
+) -> lapin::Result<BootInstant> {
     let sent = lease.now();
-    let confirm = channel
+    // The confirm is not awaited (see above); the channel is in confirm mode for the fence
+    // writes, and lapin drops an unawaited confirm when it arrives.
+    channel
         .basic_publish(
             "".into(),
             lock_queue.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
+            BasicPublishOptions::default(),
             b"",
             renewal_properties(id, token),
         )
         .await?;
-    Ok(match confirm.await? {
-        Confirmation::Ack(None) => Some(sent),
-        _ => None,
-    })
+    Ok(sent)
 }
 
 /// The id of a holder's `n`th renewal: the consumer tag (unique per acquisition) and `n`.
 pub(crate) fn renewal_id(tag: &str, n: u64) -> String {
     format!("{tag}.r.{n}")
+}
+
+/// The prefix of every renewal id of the acquisition with consumer tag `tag`.
+pub(crate) fn renewal_prefix(tag: &str) -> String {
+    format!("{tag}.r.")
 }
 
 pub(crate) struct Holder {
@@ -120,8 +121,9 @@ impl Release for HolderHandle {
 /// What a delivery to the holder means (docs/protocol.md, "Hold").
 #[derive(Debug, PartialEq, Eq)]
 enum Seen {
-    /// One of our renewals, delivered for the first time: it becomes the token.
-    OwnRenewal,
+    /// Our renewal number `n`, delivered for the first time: it becomes the token, and
+    /// extends the lease.
+    OwnRenewal(u64),
     /// A wake-up, or a renewal of an earlier holder: ack it.
     Extra,
     /// A renewal stamped above our token: either a later grant (we lost the lock) or a grant
@@ -136,14 +138,15 @@ fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen
         .properties
         .message_id()
         .as_ref()
-        .is_some_and(|id| id.as_str().starts_with(own_prefix));
-    if own {
+        .and_then(|id| id.as_str().strip_prefix(own_prefix))
+        .and_then(|n| n.parse::<u64>().ok());
+    if let Some(n) = own {
         // Our renewal can come back redelivered only if the broker returned our messages
         // (a quorum queue does when our node was cut off) and then made us active again.
         return if d.redelivered {
             Seen::Lost(LossReason::TakenBack)
         } else {
-            Seen::OwnRenewal
+            Seen::OwnRenewal(n)
         };
     }
     match stamp(&d.properties) {
@@ -184,13 +187,14 @@ impl Holder {
             metrics,
         } = self;
         let margin = conn.lease_margin;
-        let own_prefix = format!("{tag}.r.");
+        let own_prefix = renewal_prefix(&tag);
+        // Renewals sent and not come back yet: (number, send time).
+        let mut in_flight: VecDeque<(u64, BootInstant)> = VecDeque::new();
         let now = tokio::time::Instant::now();
         let mut renewal_timer =
             tokio::time::interval_at(now + conn.renewal_period, conn.renewal_period);
         renewal_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut touch = tokio::time::interval_at(now + renew_interval, renew_interval);
-        let mut confirms = FuturesUnordered::new();
         let lost = loop {
             tokio::select! {
                 biased;
@@ -211,7 +215,17 @@ impl Holder {
                 reason = signal.lost() => break reason,
                 delivery = consumer.next() => match delivery {
                     Some(Ok(d)) => match classify_delivery(&own_prefix, fencing_token, &d) {
-                        Seen::OwnRenewal => {
+                        Seen::OwnRenewal(n) => {
+                            while let Some(&(m, sent)) = in_flight.front() {
+                                if m > n {
+                                    break;
+                                }
+                                in_flight.pop_front();
+                                if m == n {
+                                    lease.extend_to(sent + margin);
+                                    metrics.renewed();
+                                }
+                            }
                             // The fresh delivery restarts the broker's consumer timeout (L3).
                             let old = std::mem::replace(&mut token, d);
                             let _ = old.acker.ack(BasicAckOptions::default()).await;
@@ -243,18 +257,12 @@ impl Holder {
                 },
                 _ = renewal_timer.tick() => {
                     renewals += 1;
-                    let (channel, lock_queue, lease) = (channel.clone(), lock_queue.clone(), lease.clone());
                     let id = renewal_id(&tag, renewals);
-                    confirms.push(async move { renew(&channel, &lock_queue, &lease, id, fencing_token).await });
-                }
-                Some(confirmed) = confirms.next(), if !confirms.is_empty() => match confirmed {
-                    Ok(Some(sent)) => {
-                        lease.extend_to(sent + margin);
-                        metrics.renewed();
+                    match publish_renewal(&channel, &lock_queue, &lease, id, fencing_token).await {
+                        Ok(sent) => in_flight.push_back((renewals, sent)),
+                        Err(e) => break loss_reason(&e),
                     }
-                    Ok(None) => debug!(lock = %name, "a lease renewal was not confirmed"),
-                    Err(e) => break loss_reason(&e),
-                },
+                }
                 _ = touch.tick() => {
                     let touched = channel.queue_declare(
                         fence_queue.as_str().into(),
@@ -354,7 +362,7 @@ mod tests {
         };
         assert_eq!(
             classify_delivery(ours, token, &own(3, false)),
-            Seen::OwnRenewal
+            Seen::OwnRenewal(3)
         );
         // Our own renewal redelivered: the broker returned our messages once (H1).
         assert_eq!(
