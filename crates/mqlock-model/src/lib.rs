@@ -1,5 +1,5 @@
 //! A model check of the mqlock protocols with [`stateright`]: today's protocol (v1,
-//! `docs/protocol.md`) and the new one (v2), each against one model of RabbitMQ's single active
+//! `docs/protocol.md`), the new one (v2) and a candidate fix of v2 (v2fix), each against one model of RabbitMQ's single active
 //! consumer queue (rabbit_fifo), its registers, partitions and a global clock.
 //!
 //! See `docs/model.md` for what is modelled, the action names, the properties and the bounds.

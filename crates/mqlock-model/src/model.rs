@@ -15,6 +15,11 @@ pub enum Version {
     V1,
     /// The new protocol: stamped renewals, unbounded registers, lease from confirmed publishes.
     V2,
+    /// A candidate fix of v2 (not specified by anyone yet): the grant waits for the grantee's
+    /// own `R0` to be *delivered* back to it, not redelivered (proof that it was still the
+    /// active consumer after `t0`), and a renewal extends the lease when the holder receives
+    /// it, not when it is confirmed. Everything else is v2.
+    V2Fix,
 }
 
 /// The bounds and timing constants of one model.
@@ -139,6 +144,7 @@ impl LockModel {
         let v = match self.version {
             Version::V1 => "v1",
             Version::V2 => "v2",
+            Version::V2Fix => "v2fix",
         };
         match a {
             Action::Tick => "env::Tick".to_string(),
@@ -155,8 +161,8 @@ impl LockModel {
             Action::StartEpoch(c) => format!("{v}::StartEpoch(c{c})"),
             Action::EpochConfirmed(c) => format!("{v}::EpochConfirmed(c{c})"),
             Action::Grant(c) => format!("{v}::Grant(c{c})"),
-            Action::Renew(c) => format!("v2::Renew(c{c})"),
-            Action::RenewConfirmed(c) => format!("v2::RenewConfirmed(c{c})"),
+            Action::Renew(c) => format!("{v}::Renew(c{c})"),
+            Action::RenewConfirmed(c) => format!("{v}::RenewConfirmed(c{c})"),
             Action::Probe(c) => format!("v1::Probe(c{c})"),
             Action::Expire(c) => format!("{v}::Expire(c{c})"),
         }
@@ -278,7 +284,7 @@ impl Model for LockModel {
             }
             match self.version {
                 Version::V1 => v1::actions(self, s, c, out),
-                Version::V2 => v2::actions(self, s, c, out),
+                Version::V2 | Version::V2Fix => v2::actions(self, s, c, out),
             }
             if cl.open() {
                 out.push(Action::Close(i));
@@ -330,7 +336,7 @@ impl Model for LockModel {
             Action::Expire(c) | Action::Close(c) => self.close(&mut s, usize::from(c)),
             _ => match self.version {
                 Version::V1 => v1::step(self, &mut s, a),
-                Version::V2 => v2::step(self, &mut s, a),
+                Version::V2 | Version::V2Fix => v2::step(self, &mut s, a),
             },
         }
         Some(s)

@@ -4,14 +4,21 @@
 
 use crate::broker::Op;
 use crate::client::Phase;
-use crate::model::{Action, LockModel, State};
+use crate::model::{Action, LockModel, State, Version};
 use crate::types::{MsgKind, Reg, Token, confirm};
 
 /// Pushes the v2-specific actions enabled for client `c`.
-pub fn actions(_m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
+pub fn actions(m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
     let cl = &s.clients[c];
     let i = c as u8;
     let reachable = s.broker.reachable(c);
+    let fix = m.version == Version::V2Fix;
+    // v2fix: the grant needs the fence confirm and its own R0 delivered back.
+    let grant_bits = if fix {
+        confirm::FENCE | confirm::R0_SEEN
+    } else {
+        confirm::FENCE | confirm::R0
+    };
     match cl.phase {
         Phase::Waiting if !cl.inbox.is_empty() => out.push(Action::Receive(i)),
         Phase::Holding { deadline, .. } if s.clock < deadline => {
@@ -21,8 +28,14 @@ pub fn actions(_m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
             if cl.renew_sent.is_none() && cl.renewals_left > 0 {
                 out.push(Action::Renew(i));
             }
-            if cl.renew_sent.is_some() && cl.confirms & confirm::RENEW != 0 {
+            if !fix && cl.renew_sent.is_some() && cl.confirms & confirm::RENEW != 0 {
                 out.push(Action::RenewConfirmed(i));
+            }
+        }
+        Phase::AwaitFence { .. } if fix && !cl.inbox.is_empty() => {
+            out.push(Action::Receive(i));
+            if cl.confirms & grant_bits == grant_bits {
+                out.push(Action::Grant(i))
             }
         }
         Phase::ReadFence if reachable => out.push(Action::ReadFence(i)),
@@ -30,9 +43,7 @@ pub fn actions(_m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
         Phase::AwaitEpoch { .. } if cl.confirms & confirm::EPOCH != 0 => {
             out.push(Action::EpochConfirmed(i))
         }
-        Phase::AwaitFence { .. }
-            if cl.confirms & (confirm::FENCE | confirm::R0) == confirm::FENCE | confirm::R0 =>
-        {
+        Phase::AwaitFence { .. } if cl.confirms & grant_bits == grant_bits => {
             out.push(Action::Grant(i))
         }
         _ => {}
@@ -148,12 +159,16 @@ pub fn step(m: &LockModel, s: &mut State, a: Action) {
 fn receive(m: &LockModel, s: &mut State, c: usize) {
     let d = s.clients[c].inbox.remove(0);
     let chan = s.chan(c);
-    let Phase::Holding { token, .. } = s.clients[c].phase else {
-        // Waiting: the first delivery; it stays unacked while we record the fence.
-        s.clients[c].held = Some(d);
-        s.clients[c].phase = Phase::ReadFence;
-        return;
+    let token = match s.clients[c].phase {
+        Phase::Holding { token, .. } | Phase::AwaitFence { token, .. } => token,
+        _ => {
+            // Waiting: the first delivery; it stays unacked while we record the fence.
+            s.clients[c].held = Some(d);
+            s.clients[c].phase = Phase::ReadFence;
+            return;
+        }
     };
+    let granting = matches!(s.clients[c].phase, Phase::AwaitFence { .. });
     let ack = |m: &LockModel, s: &mut State, d: crate::types::Delivery| {
         m.send(
             s,
@@ -173,6 +188,22 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
             } else {
                 if let Some(old) = s.clients[c].held.replace(d) {
                     ack(m, s, old);
+                }
+                if m.version == Version::V2Fix {
+                    // The broker delivered it to us: we were the active consumer after it was
+                    // sent. That proves the grant (R0) or extends the lease (Rn).
+                    let cl = &mut s.clients[c];
+                    if granting {
+                        cl.confirms |= confirm::R0_SEEN;
+                    } else if let (Some(sent), MsgKind::Renewal { n, .. }) =
+                        (cl.renew_sent, d.msg.kind)
+                        && n == cl.renewal_n
+                    {
+                        cl.renew_sent = None;
+                        if let Phase::Holding { deadline, .. } = &mut cl.phase {
+                            *deadline = (*deadline).max(sent + m.cfg.m);
+                        }
+                    }
                 }
             }
         }
