@@ -152,17 +152,19 @@ async fn cluster_fault_scenarios() {
         reports.push(rep);
         rep_file(&reports, &holds, target, suite_start.elapsed());
     }
-    eprintln!(
-        "\n{} grants per scenario, suite {:.0} s\n{}\n{}",
-        target,
-        suite_start.elapsed().as_secs_f64(),
-        Report::TABLE_HEADER,
-        reports
-            .iter()
-            .map(Report::table_row)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    if !reports.is_empty() {
+        eprintln!(
+            "\n{} grants per scenario, suite {:.0} s\n{}\n{}",
+            target,
+            suite_start.elapsed().as_secs_f64(),
+            Report::TABLE_HEADER,
+            reports
+                .iter()
+                .map(Report::table_row)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     if !holds.is_empty() {
         eprintln!(
             "\n{}\n{}",
@@ -513,15 +515,16 @@ async fn pause_client(
 /// How long the holder holds before its node is cut off (it holds on through the cut until
 /// it learns of its loss).
 const HOLD_BEFORE_CUT: Duration = Duration::from_secs(5);
-/// How long the waiter holds once granted.
-const WAITER_HOLD: Duration = Duration::from_secs(2);
 /// How long the waiter may wait after the cut (the majority hands the lock on after
 /// `net_ticktime`, 10–12.5 s).
 const WAITER_LIMIT: Duration = Duration::from_secs(90);
 /// How long after the waiter's grant the test waits for the holder's loss before calling the
 /// holder a zombie.
 const LOSS_WAIT: Duration = Duration::from_secs(20);
-/// How soon after the heal a new client must get the lock.
+/// How long the waiter holds on after the heal (the nodes reconnect within a second or two).
+const HOLD_AFTER_HEAL: Duration = Duration::from_secs(5);
+/// How soon after the heal a new client must get the lock (it waits for the waiter's release,
+/// [`HOLD_AFTER_HEAL`] after the heal).
 const NEWCOMER_BOUND: Duration = Duration::from_secs(30);
 
 /// The least time by which the holder's loss must precede the waiter's grant, in seconds:
@@ -567,6 +570,8 @@ struct HoldRound {
     heal_at: f64,
     /// A newcomer after the heal: seconds from the heal to its grant, its token.
     newcomer: Option<(f64, u64)>,
+    /// Seconds from B's release (after the heal) to the newcomer's grant.
+    newcomer_after_release: Option<f64>,
     /// `is_held()` of A when the newcomer was granted.
     held_after_heal: bool,
     problems: Vec<String>,
@@ -618,7 +623,11 @@ impl LongHold {
                     r.granted
                         .map_or("-", |(_, t)| if t > r.holder_token { "yes" } else { "NO" }),
                     r.newcomer
-                        .map_or("not granted".into(), |(after, _)| format!("{after:.1} s")),
+                        .map_or("not granted".into(), |(after, _)| format!(
+                            "{after:.1} s ({} s after B's release)",
+                            r.newcomer_after_release
+                                .map_or("-".into(), |d| format!("{d:.1}"))
+                        )),
                     if r.held_after_heal { "YES" } else { "no" },
                     if r.problems.is_empty() {
                         "none".into()
@@ -697,7 +706,9 @@ impl std::fmt::Display for LongHold {
             match r.newcomer {
                 Some((after, token)) => writeln!(
                     f,
-                    "  a newcomer was granted {after:.2} s after the heal with token {token}; A's is_held() then: {}",
+                    "  a newcomer was granted {after:.2} s after the heal ({} s after B's release) with token {token}; A's is_held() then: {}",
+                    r.newcomer_after_release
+                        .map_or("-".into(), |d| format!("{d:.2}")),
                     r.held_after_heal
                 )?,
                 None => writeln!(
@@ -719,10 +730,12 @@ impl std::fmt::Display for LongHold {
 
 /// A holder A connected to node X holds a lock whose quorum queue is led by another node Y,
 /// for many seconds; a waiter B connected to Y waits. Node X is cut off from its peers only
-/// (its clients still reach it), with the given partition handling. Checked in every round:
-/// A's loss took effect before B's grant (one clock: this process's `Instant`), B's token is
-/// larger than A's, and after the heal A does not believe it holds, and a new client is
-/// granted the lock within [`NEWCOMER_BOUND`] with a larger token.
+/// (its clients still reach it), with the given partition handling. B, once granted, holds
+/// through the heal until [`HOLD_AFTER_HEAL`] after it, while a newcomer C queues. Checked
+/// in every round: A's loss took effect before B's grant (one clock: this process's
+/// `Instant`), by at least [`min_margin`]; B's token is larger than A's; when C is granted,
+/// A does not believe it holds, C's grant came within [`NEWCOMER_BOUND`] of the heal (the
+/// lock is not stuck), and C's token is the largest.
 async fn long_hold(cluster: &Cluster, fault: Fault, handling: &'static str) -> LongHold {
     let started = Instant::now();
     let mut rounds = Vec::new();
@@ -875,16 +888,11 @@ async fn long_hold_round(
         (rel(at), rel(seen), reason.to_string())
     };
     let mut b_token = None;
+    let mut b_guard = None;
     if let Some((g, at)) = granted {
         r.granted = Some((rel(at), g.fencing_token()));
         b_token = Some(g.fencing_token());
-        tokio::time::sleep(WAITER_HOLD).await;
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(30), g.release())
-            .await
-            .unwrap_or(Ok(()))
-        {
-            r.notes.push(format!("B's release: {e}"));
-        }
+        b_guard = Some(g);
     }
     // A's loss: it must have taken effect before B's grant; wait a while to see if it comes at all.
     let wait = if r.granted.is_some() {
@@ -929,17 +937,45 @@ async fn long_hold_round(
     let healed = Instant::now();
     r.heal_at = rel(healed);
     // The lock is not stuck: a new client (on the majority side) gets it, with a larger token.
-    let newcomer = tokio::time::timeout(NEWCOMER_BOUND + Duration::from_secs(30), async {
-        let c = connect_to(cluster, y, "long-hold-newcomer").await?;
+    // It queues while B still holds, behind A's consumer, which the queue keeps in its
+    // waiting list while A's node is cut off and takes up again when the node is back (with
+    // `ignore`, A's connection survives the cut). B holds on until the nodes have
+    // reconnected, so that on B's release the token goes to A's consumer first: the old holder
+    // must hand it on (H1), or the lock is stuck.
+    let (lock, cluster_urls) = (name.clone(), cluster.urls_from(y));
+    let mut newcomer = tokio::spawn(async move {
+        let c =
+            LockClient::connect(&cluster_urls, client_config("long-hold-newcomer".into())).await?;
         let g = c
-            .lock_timeout(&name, NEWCOMER_BOUND + Duration::from_secs(20))
+            .lock_timeout(&lock, NEWCOMER_BOUND + Duration::from_secs(20))
             .await;
-        Ok::<_, mqlock::Error>((c, g?))
-    })
-    .await;
-    let newcomer_client = match newcomer {
-        Ok(Ok((c, g))) => {
-            let after = healed.elapsed().as_secs_f64();
+        Ok::<_, mqlock::Error>((c, g?, Instant::now()))
+    });
+    let mut released = None;
+    if let Some(g) = b_guard {
+        tokio::time::sleep(HOLD_AFTER_HEAL).await;
+        if !g.is_held() {
+            r.notes.push(format!(
+                "B lost the lock before its release: {:?}",
+                g.loss_reason()
+            ));
+        }
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(30), g.release())
+            .await
+            .unwrap_or(Ok(()))
+        {
+            r.notes.push(format!("B's release: {e}"));
+        }
+        released = Some(Instant::now());
+    }
+    let result = tokio::time::timeout(NEWCOMER_BOUND + Duration::from_secs(30), &mut newcomer)
+        .await
+        .map(|joined| joined.expect("the newcomer's task"));
+    newcomer.abort();
+    let newcomer_client = match result {
+        Ok(Ok((c, g, at))) => {
+            let after = (at - healed).as_secs_f64();
+            r.newcomer_after_release = released.map(|b| rel(at) - rel(b));
             r.held_after_heal = guard.is_held();
             let token = g.fencing_token();
             r.newcomer = Some((after, token));
