@@ -1,6 +1,7 @@
-//! A model check of the mqlock protocols with [`stateright`]: today's protocol (v1,
-//! `docs/protocol.md`), the new one (v2) and a candidate fix of v2 (v2fix), each against one model of RabbitMQ's single active
-//! consumer queue (rabbit_fifo), its registers, partitions and a global clock.
+//! A model check of the mqlock protocols with [`stateright`]: mqlock 0.1's protocol (v1), the
+//! protocol of `docs/protocol.md` as implemented (v2), and a rejected design of it that took the
+//! lease from publisher confirms (v2-confirm), each against one model of RabbitMQ's single
+//! active consumer queue (rabbit_fifo), its registers, partitions and a global clock.
 //!
 //! See `docs/model.md` for what is modelled, the action names, the properties and the bounds.
 //! Run it with `cargo test -p mqlock-model`.

@@ -11,15 +11,18 @@ use crate::{properties, v1, v2};
 /// Which protocol the clients run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Version {
-    /// Today's protocol (docs/protocol.md).
+    /// mqlock 0.1's protocol: extras acked away, a drop-head register, a lease renewed by a probe
+    /// that the client's own node answers (cluster-safety review, H1, H3, H4).
     V1,
-    /// The new protocol: stamped renewals, unbounded registers, lease from confirmed publishes.
+    /// A rejected design of v2: everything as v2, but the grant and every renewal take the
+    /// lease from the *publisher confirm* of the renewal. Kept so that a test shows the checker
+    /// finds why it is unsound (a confirm after a heal does not prove the client is still the
+    /// active consumer).
+    V2Confirm,
+    /// The protocol as docs/protocol.md specifies it and crates/mqlock implements it: stamped
+    /// renewals, max-registers, and a lease that starts and is extended only when the client's
+    /// own renewal is *delivered* back to it, not redelivered.
     V2,
-    /// A candidate fix of v2 (not specified by anyone yet): the grant waits for the grantee's
-    /// own `R0` to be *delivered* back to it, not redelivered (proof that it was still the
-    /// active consumer after `t0`), and a renewal extends the lease when the holder receives
-    /// it, not when it is confirmed. Everything else is v2.
-    V2Fix,
 }
 
 /// The bounds and timing constants of one model.
@@ -143,8 +146,8 @@ impl LockModel {
     pub fn action_name(&self, a: &Action) -> String {
         let v = match self.version {
             Version::V1 => "v1",
+            Version::V2Confirm => "v2-confirm",
             Version::V2 => "v2",
-            Version::V2Fix => "v2fix",
         };
         match a {
             Action::Tick => "env::Tick".to_string(),
@@ -284,7 +287,7 @@ impl Model for LockModel {
             }
             match self.version {
                 Version::V1 => v1::actions(self, s, c, out),
-                Version::V2 | Version::V2Fix => v2::actions(self, s, c, out),
+                Version::V2Confirm | Version::V2 => v2::actions(self, s, c, out),
             }
             if cl.open() {
                 out.push(Action::Close(i));
@@ -336,7 +339,7 @@ impl Model for LockModel {
             Action::Expire(c) | Action::Close(c) => self.close(&mut s, usize::from(c)),
             _ => match self.version {
                 Version::V1 => v1::step(self, &mut s, a),
-                Version::V2 | Version::V2Fix => v2::step(self, &mut s, a),
+                Version::V2Confirm | Version::V2 => v2::step(self, &mut s, a),
             },
         }
         Some(s)

@@ -132,6 +132,6 @@ pub mod confirm {
     pub const EPOCH: u8 = 4;
     /// v2: the pending renewal `Rn`.
     pub const RENEW: u8 = 8;
-    /// v2fix: the grant's own `R0` was delivered back, not redelivered (not a confirm).
+    /// v2: the grant's own `R0` was delivered back, not redelivered (not a confirm).
     pub const R0_SEEN: u8 = 16;
 }

@@ -12,9 +12,9 @@ pub fn actions(m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
     let cl = &s.clients[c];
     let i = c as u8;
     let reachable = s.broker.reachable(c);
-    let fix = m.version == Version::V2Fix;
-    // v2fix: the grant needs the fence confirm and its own R0 delivered back.
-    let grant_bits = if fix {
+    let delivered_lease = m.version == Version::V2;
+    // v2 (not v2-confirm): the grant needs the fence confirm and its own R0 delivered back.
+    let grant_bits = if delivered_lease {
         confirm::FENCE | confirm::R0_SEEN
     } else {
         confirm::FENCE | confirm::R0
@@ -28,11 +28,11 @@ pub fn actions(m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
             if cl.renew_sent.is_none() && cl.renewals_left > 0 {
                 out.push(Action::Renew(i));
             }
-            if !fix && cl.renew_sent.is_some() && cl.confirms & confirm::RENEW != 0 {
+            if !delivered_lease && cl.renew_sent.is_some() && cl.confirms & confirm::RENEW != 0 {
                 out.push(Action::RenewConfirmed(i));
             }
         }
-        Phase::AwaitFence { .. } if fix && !cl.inbox.is_empty() => {
+        Phase::AwaitFence { .. } if delivered_lease && !cl.inbox.is_empty() => {
             out.push(Action::Receive(i));
             if cl.confirms & grant_bits == grant_bits {
                 out.push(Action::Grant(i))
@@ -189,7 +189,7 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
                 if let Some(old) = s.clients[c].held.replace(d) {
                     ack(m, s, old);
                 }
-                if m.version == Version::V2Fix {
+                if m.version == Version::V2 {
                     // The broker delivered it to us: we were the active consumer after it was
                     // sent. That proves the grant (R0) or extends the lease (Rn).
                     let cl = &mut s.clients[c];

@@ -568,7 +568,8 @@ impl LockClient {
                 }
             }
         };
-        // First delivery: the broker made us the active consumer (`v2::Grant` in docs/model.md).
+        // First delivery: the broker made us the active consumer (`v2::Receive`, then
+        // `v2::ReadFence` .. `v2::Grant` in docs/model.md).
         // Choose the token (one round trip), then store it and renew the lock's lease in one
         // more: the guard is returned only once the register and the lock queue confirmed both,
         // and while the lease that the lock queue's confirm started is still valid.

@@ -24,7 +24,7 @@ use crate::protocol::{loss_reason, renewal_properties, stamp};
 
 /// Publishes a lease renewal (`v2::Renew` in docs/model.md) and returns the moment it was sent.
 ///
-/// The renewal extends the lease when it comes back to us (`v2::Deliver`), not when the broker
+/// The renewal extends the lease when it comes back to us (`v2::Receive`), not when the broker
 /// confirms it: a delivery to us proves that the lock queue (its Raft leader, with a majority,
 /// on a quorum queue) still had us as its active consumer after `sent`. A confirm proves less:
 /// a renewal held up by a partition is confirmed after the heal, when the queue may have handed
