@@ -13,6 +13,9 @@
 //! | `partition-peers` | the same node cut off from its peers only: its clients still reach it |
 //! | `pause-client` | a `mqlock exec` holder of lock 0 frozen (SIGSTOP) for 12 s, past its lease |
 //! | `restart-cluster` | all three nodes stopped one after another, then started again |
+//! | `long-hold` | no load: holder A on node X holds a lock led by node Y for seconds, waiter B on Y; X cut off from its peers only; 3 rounds |
+//! | `long-hold-ignore` | the same, one round, with `cluster_partition_handling = ignore` set at run time |
+//! | `long-hold-autoheal` | the same with `autoheal` |
 //!
 //! Every scenario runs until `MQLOCK_FAULT_GRANTS` grants (see [`target_grants`]) and at least
 //! 20 grants of every lock after the fault was over, then checks the history: no lost update,
@@ -21,6 +24,15 @@
 //! finished before the newer one started), and each lock still granted to a fresh client with
 //! a larger token. The numbers are printed (run with `--nocapture`) and written to
 //! `target/cluster-faults-report.md`; docs/reliability.md has the measured table.
+//!
+//! The long-hold scenarios ([`long_hold`]) check the lease on a cluster (H1, H3 of the safety
+//! review) without load, on the test process's clock: in every round A's loss must take effect
+//! before B's grant, by at least 0.25 × `net_ticktime` ([`min_margin`]), B's token must be
+//! larger, and after the heal A must not believe it holds while a newcomer is granted the lock,
+//! within 30 s of the heal, with the largest token (the lock is not stuck). Rounds of
+//! `long-hold`: `MQLOCK_LONG_HOLD_ROUNDS` (default 3). The partition handling of the other two
+//! is set with `scripts/cluster.sh partition-handling` and set back to `pause_minority` by a
+//! drop guard, also when the scenario fails.
 //!
 //! `MQLOCK_FAULT_SCENARIOS=kill-leader,partition` runs a subset. The cluster is started with
 //! scripts/cluster.sh (the test fails if it cannot) and torn down at the end
