@@ -27,12 +27,14 @@
 //! never has two active consumers, but a holder that is cut off or frozen may not know yet that
 //! it lost the lock; the fencing token is what keeps the protected resource safe then.
 
+mod acquire;
 mod client;
 mod cluster_mark;
 mod config;
 mod connection;
 mod error;
 mod fence;
+mod grant;
 mod guard;
 mod hold;
 mod lease;
