@@ -225,7 +225,9 @@ async fn the_brokers_default_delivery_limit_no_longer_reaches_the_token_on_4x() 
             .await
             .unwrap();
     }
-    let _ = ch.queue_delete(control.as_str().into(), Default::default()).await;
+    let _ = ch
+        .queue_delete(control.as_str().into(), Default::default())
+        .await;
     assert!(
         (19..=21).contains(&deliveries),
         "4.x should drop a message after about 20 deliveries; it made {deliveries}"
