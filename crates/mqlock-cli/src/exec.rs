@@ -9,6 +9,7 @@ use mqlock::{Error, LockGuard};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::connect::ConnectArgs;
+use crate::metrics_server::MetricsArgs;
 
 /// The lock wait timed out, or `--nonblock` found the lock held.
 pub const EXIT_TIMEOUT: u8 = 124;
@@ -40,6 +41,8 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 /// executed; 127 CMD not found; 130 interrupted while waiting.
 ///
 /// Example: mqlock exec nightly-report --timeout 10m -- ./report.sh --full
+/// Metrics for Prometheus while it waits and runs (http://127.0.0.1:9464/metrics):
+///          mqlock exec --metrics-addr 127.0.0.1:9464 nightly-report -- ./report.sh
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct ExecArgs {
@@ -69,6 +72,9 @@ pub struct ExecArgs {
     #[command(flatten)]
     pub connect: ConnectArgs,
 
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -87,6 +93,12 @@ async fn run_inner(args: &ExecArgs) -> u8 {
             return EXIT_INTERNAL;
         }
     };
+    // Listening before the lock is requested: a scrape during the wait sees it.
+    if let Err(e) = args.metrics.serve(&client).await {
+        eprintln!("mqlock: {e}");
+        client.close().await;
+        return EXIT_INTERNAL;
+    }
     let started = Instant::now();
     let acquire = async {
         if args.nonblock {
@@ -108,13 +120,14 @@ async fn run_inner(args: &ExecArgs) -> u8 {
         Ok(Some(g)) => g,
         Ok(None) => {
             eprintln!(
-                "mqlock: lock {:?} is held by another client (--nonblock)",
-                args.name
+                "mqlock: lock {:?} is held by another client (--nonblock){}",
+                args.name,
+                held_by(&client, &args.name).await
             );
             return EXIT_TIMEOUT;
         }
         Err(e @ Error::Timeout { .. }) => {
-            eprintln!("mqlock: {e}");
+            eprintln!("mqlock: {e}{}", held_by(&client, &args.name).await);
             return EXIT_TIMEOUT;
         }
         Err(e) => {
@@ -240,5 +253,17 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> u8 {
             eprintln!("mqlock: waiting for the command failed: {e}");
             EXIT_INTERNAL
         }
+    }
+}
+
+/// `"; held by …"` naming the lock's current holder, for a wait that gave up; empty when the
+/// broker cannot tell (the holder recorded no identity, or the lock is free by now).
+async fn held_by(client: &mqlock::LockClient, name: &str) -> String {
+    match tokio::time::timeout(std::time::Duration::from_secs(5), client.status(name)).await {
+        Ok(Ok(status)) if status.is_held() => match status.holder {
+            Some(holder) => format!("; held by {holder}"),
+            None => String::new(),
+        },
+        _ => String::new(),
     }
 }

@@ -1,8 +1,11 @@
 //! `mqlock`: run a command under a distributed lock, mount a lock-protected directory, run
 //! database migrations under a lock, and show lock status. Lock state lives in RabbitMQ.
 
+mod break_lock;
 mod connect;
 mod exec;
+mod generate;
+mod metrics_server;
 mod migrate;
 mod mount;
 mod status;
@@ -23,7 +26,7 @@ use clap::{Parser, Subcommand};
     propagate_version = true,
     max_term_width = 100
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -32,20 +35,33 @@ struct Cli {
 enum Command {
     /// Run a command while holding a lock (like flock(1), across machines).
     Exec(exec::ExecArgs),
-    /// Show whether a lock is held and what the broker can tell about its waiters.
+    /// Show whether a lock is held, by whom, and how many clients wait for it.
     Status(status::StatusArgs),
+    /// Ask a lock's holder to give it up (break-glass release).
+    Break(break_lock::BreakArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(generate::CompletionsArgs),
+    /// Print the man page.
+    Man(generate::ManArgs),
     /// Mount a directory through a FUSE filesystem that locks files opened for writing.
     Mount(mount::MountArgs),
     /// Apply database migrations under a lock, so that exactly one replica runs them.
     Migrate(migrate::MigrateArgs),
 }
 
+/// What is logged when neither MQLOCK_LOG nor RUST_LOG is set: mqlock's own warnings (a lock
+/// lost, a retried acquisition), nothing from the AMQP library.
+const DEFAULT_LOG: &str = "warn,lapin=off";
+
 fn main() -> ExitCode {
+    // mqlock prints its own one-line message for every failure; the libraries' logs (lapin
+    // reports an expected 404 or a refused login as an ERROR) stay quiet unless asked for with
+    // MQLOCK_LOG or RUST_LOG (e.g. MQLOCK_LOG=debug).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MQLOCK_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MQLOCK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -63,6 +79,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Exec(args) => exec::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Break(args) => break_lock::run(args).await,
+            Command::Completions(args) => generate::completions(args),
+            Command::Man(args) => generate::man(args),
             Command::Mount(args) => mount::run(args).await,
             Command::Migrate(args) => migrate::run(args).await,
         }

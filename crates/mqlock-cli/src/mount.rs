@@ -11,11 +11,15 @@ use mqlock_fuse::MountOptions;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::connect::ConnectArgs;
+use crate::metrics_server::MetricsArgs;
 
 /// Options of `mqlock mount`.
 ///
 /// `--prefix` (from the connection options) is the prefix of the broker's queue names; the
 /// namespace of the file locks is `--lock-prefix`: a file's lock is `fs:{lock-prefix}/{path}`.
+///
+/// Example, with the file locks' metrics for Prometheus at http://127.0.0.1:9464/metrics:
+/// mqlock mount --metrics-addr 127.0.0.1:9464 /srv/shared /mnt/shared
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// The shared directory to serve (e.g. an NFS export mounted on this node).
@@ -26,6 +30,9 @@ pub struct MountArgs {
 
     #[command(flatten)]
     pub connect: ConnectArgs,
+
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 
     /// How long a write-open (and truncate, unlink, rename) waits for a file's lock before
     /// failing with ETIMEDOUT. An O_NONBLOCK open never waits: it fails with EWOULDBLOCK.
@@ -81,6 +88,10 @@ pub async fn run(args: MountArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
+    if let Err(e) = args.metrics.serve(&client).await {
+        eprintln!("mqlock mount: {e}");
+        return ExitCode::from(EXIT_SETUP);
+    }
     let mut opts = MountOptions::default();
     opts.lock_timeout = args.lock_timeout;
     opts.lock_prefix = args.lock_prefix;

@@ -7,7 +7,8 @@ use clap::Args;
 use crate::connect::ConnectArgs;
 use crate::exec::EXIT_INTERNAL;
 
-/// Show whether a lock is held and how many clients wait for it.
+/// Show whether a lock is held, by whom (host, pid, client, fencing token, since when), and how
+/// many clients wait for it.
 ///
 /// Exit status: 0 if the lock is free, 1 if it is held, 122 on error — so scripts can test it.
 ///
@@ -43,36 +44,63 @@ pub async fn run(args: StatusArgs) -> ExitCode {
     };
     client.close().await;
     if args.json {
-        println!(
-            "{{\"name\":{:?},\"queue\":{:?},\"exists\":{},\"held\":{},\"waiters\":{},\"consumers\":{},\"ready_messages\":{}}}",
-            status.name,
-            status.queue,
-            status.exists,
-            status.is_held(),
-            status.waiters(),
-            status.consumers,
-            status.ready_messages
-        );
+        println!("{}", status_json(&status));
     } else if status.is_held() {
         println!(
-            "{}: held; {} waiting (queue {} on {})",
+            "{}: held{}; {} waiting (queue {} on {})",
             status.name,
+            status
+                .holder
+                .as_ref()
+                .map(|h| format!(" by {h}"))
+                .unwrap_or_default(),
             status.waiters(),
             status.queue,
             client.broker_addr()
         );
     } else {
         println!(
-            "{}: free{} (queue {} on {})",
+            "{}: free{}{} (queue {} on {})",
             status.name,
             if status.exists {
                 ""
             } else {
                 ", never used or expired"
             },
+            status
+                .holder
+                .as_ref()
+                .map(|h| format!("; last held by {h}"))
+                .unwrap_or_default(),
             status.queue,
             client.broker_addr()
         );
     }
     ExitCode::from(u8::from(status.is_held()))
+}
+
+/// The `--json` form of a status. Field names are stable (docs/operating.md): `name`, `queue`,
+/// `exists`, `held`, `waiters`, `consumers`, `ready_messages`, and `holder` (null, or an object
+/// with `host`, `pid`, `client`, `token`, `since` as RFC 3339 and `since_unix_ms`).
+pub fn status_json(status: &mqlock::LockStatus) -> serde_json::Value {
+    let holder = status.holder.as_ref().map(|h| {
+        serde_json::json!({
+            "host": h.host,
+            "pid": h.pid,
+            "client": h.client,
+            "token": h.token,
+            "since": humantime::format_rfc3339_millis(h.since).to_string(),
+            "since_unix_ms": h.since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+        })
+    });
+    serde_json::json!({
+        "name": status.name,
+        "queue": status.queue,
+        "exists": status.exists,
+        "held": status.is_held(),
+        "waiters": status.waiters(),
+        "consumers": status.consumers,
+        "ready_messages": status.ready_messages,
+        "holder": holder,
+    })
 }

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lapin::Channel;
-use lapin::options::QueueDeclareOptions;
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
 use tokio::sync::Mutex;
@@ -16,11 +17,13 @@ use crate::cluster_mark;
 use crate::config::ClientConfig;
 use crate::connection::{Conn, display_addr, parse_urls};
 use crate::error::{Error, Result};
+use crate::fence;
 use crate::guard::{BoxFuture, LockGuard, LossReason};
+use crate::identity::HolderInfo;
 use crate::locker::Locker;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::name::queue_names;
-use crate::protocol::{Fault, classify};
+use crate::protocol::{Fault, break_properties, classify};
 
 /// A lock client: one broker connection shared by every lock taken through it.
 ///
@@ -76,6 +79,28 @@ pub struct LockStatus {
     pub consumers: u32,
     /// Wake-ups ready in the lock queue (not a count of waiters).
     pub ready_messages: u32,
+    /// The latest grant recorded in the fence register: the holder while the lock is held,
+    /// the last holder when it is free. `None` for a lock never granted, one whose register
+    /// expired, or one last granted by mqlock 0.1 (which recorded no identity).
+    pub holder: Option<HolderInfo>,
+}
+
+/// What [`LockClient::break_lock`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BreakOutcome {
+    /// No lock by that name: never used, or its queue expired. Nothing was sent.
+    Unknown,
+    /// Nobody holds the lock. Nothing was sent.
+    Free {
+        /// The last holder recorded, if any.
+        last: Option<HolderInfo>,
+    },
+    /// The holder was asked to give the lock up.
+    Requested {
+        /// The grant the request names.
+        holder: HolderInfo,
+    },
 }
 
 impl LockStatus {
@@ -190,26 +215,127 @@ impl LockClient {
                 FieldTable::default(),
             )
             .await;
-        let status = match declared {
+        let mut status = match declared {
             Ok(q) => LockStatus {
                 name: name.into(),
-                queue: names.lock,
+                queue: names.lock.clone(),
                 exists: true,
                 consumers: q.consumer_count(),
                 ready_messages: q.message_count(),
+                holder: None,
             },
             // A passive declare of a missing queue closes the channel with 404.
-            Err(e) if matches!(classify(&e), Fault::NotFound(_)) => LockStatus {
-                name: name.into(),
-                queue: names.lock,
-                exists: false,
-                consumers: 0,
-                ready_messages: 0,
-            },
+            Err(e) if matches!(classify(&e), Fault::NotFound(_)) => {
+                return Ok(LockStatus {
+                    name: name.into(),
+                    queue: names.lock,
+                    exists: false,
+                    consumers: 0,
+                    ready_messages: 0,
+                    holder: None,
+                });
+            }
             Err(e) => return Err(self.fatal(name, &e)),
         };
+        // The register holds the latest grant's token with its holder's identity. Reading it
+        // takes its values for one round trip and requeues them; a grant that reads the register
+        // in that moment finds it empty and starts an epoch (docs/protocol.md, "Holder
+        // identity"). A missing register (404) closes the channel: no holder recorded.
+        if let Ok(Some((token, props))) = fence::peek_max(&channel, &names.fence).await {
+            status.holder = HolderInfo::from_register(token, &props);
+        }
         let _ = channel.close(200, "status".into()).await;
         Ok(status)
+    }
+
+    /// Break-glass release: asks the holder of `name` to give the lock up.
+    ///
+    /// Publishes a break request naming the current grant's fencing token to the lock queue.
+    /// The holder — the queue's active consumer — receives it, fires its loss signal with
+    /// [`LossReason::Broken`] (who and when) and closes its channel; the next waiter is granted
+    /// with a larger token and keeps its place. A request for a grant that already ended is
+    /// ignored by whoever receives it. A holder whose process does not run (frozen, its runtime
+    /// blocked) cannot act on it; the broker releases such a holder when its heartbeats stop.
+    ///
+    /// Needs write permission on the default exchange (`amq.default`), through which the request
+    /// is published ([`Error::AccessRefused`] names it otherwise); a monitoring user with read
+    /// permission only can see `status` but not break.
+    /// Returns once the broker confirmed the request, not when the holder acted on it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before the confirm may or may not leave the request published.
+    pub async fn break_lock(&self, name: &str) -> Result<BreakOutcome> {
+        let status = self.status(name).await?;
+        if !status.exists {
+            return Ok(BreakOutcome::Unknown);
+        }
+        if !status.is_held() {
+            return Ok(BreakOutcome::Free {
+                last: status.holder,
+            });
+        }
+        let Some(holder) = status.holder else {
+            return Err(Error::Protocol {
+                name: name.into(),
+                addr: self.inner.addr.clone(),
+                detail: "the lock is held but its register records no holder (granted by mqlock 0.1?); close the holder's connection instead".into(),
+            });
+        };
+        let names = queue_names(&self.inner.config.prefix, name)?;
+        let conn = self.connection().await?;
+        let by = format!(
+            "{}@{} pid {}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
+            crate::identity::host_name(),
+            std::process::id()
+        );
+        let refused = |e: &lapin::Error| match classify(e) {
+            Fault::AccessRefused(detail) => Error::AccessRefused {
+                name: name.into(),
+                addr: conn.addr.clone(),
+                detail: format!(
+                    "breaking a lock publishes a request to queue {} through the default exchange, which needs write permission on amq.default: {detail}",
+                    names.lock
+                ),
+            },
+            _ => self.fatal(name, e),
+        };
+        let channel = conn
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| self.fatal(name, &e))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| refused(&e))?;
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                names.lock.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"",
+                break_properties(holder.token, &by, SystemTime::now()),
+            )
+            .await
+            .map_err(|e| refused(&e))?
+            .await
+            .map_err(|e| refused(&e))?;
+        let _ = channel.close(200, "break".into()).await;
+        match confirm {
+            Confirmation::Ack(None) => Ok(BreakOutcome::Requested { holder }),
+            // The queue expired in between: nobody holds it any more.
+            Confirmation::Ack(Some(_)) => Ok(BreakOutcome::Unknown),
+            _ => Err(Error::Protocol {
+                name: name.into(),
+                addr: conn.addr.clone(),
+                detail: "the broker refused the break request".into(),
+            }),
+        }
     }
 
     /// Closes the connection. Held locks are released by the broker and reported lost.

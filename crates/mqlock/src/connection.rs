@@ -75,6 +75,8 @@ pub(crate) fn parse_urls(urls: &str, config: &ClientConfig) -> Result<Vec<AMQPUr
 pub(crate) struct Conn {
     pub(crate) connection: Connection,
     pub(crate) addr: String,
+    /// The connection name the broker shows (recorded with every grant: `HolderInfo::client`).
+    pub(crate) name: String,
     /// The connection's own liveness (the prober's): decides whether new acquisitions may
     /// use it. Held locks have leases of their own, renewed through their lock queues.
     pub(crate) lease: Arc<Lease>,
@@ -133,7 +135,7 @@ impl Conn {
             .connection_name
             .clone()
             .unwrap_or_else(|| format!("mqlock pid {}", std::process::id()));
-        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let props = ConnectionProperties::default().with_connection_name(name.clone().into());
         let tls = tls_config(uri, config)?;
         let runtime = lapin::runtime::default_runtime().map_err(|e| Error::Unreachable {
             addr: addr.into(),
@@ -171,6 +173,7 @@ impl Conn {
         let mut conn = Conn {
             connection,
             addr: addr.into(),
+            name,
             lease: lease.clone(),
             lease_margin: config.lease_margin(heartbeat),
             renewal_period: config.renewal_period(heartbeat),

@@ -30,6 +30,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::ClientConfig;
+use crate::identity::HolderInfo;
 use crate::name::QueueNames;
 
 /// Bits of a token below the epoch.
@@ -108,8 +109,10 @@ impl Draft {
         self,
         channel: &Channel,
         names: &QueueNames,
+        holder: &HolderInfo,
     ) -> Result<u64, FenceError> {
-        write(channel, &names.fence, self.token, false).await?;
+        // The holder's identity rides in the same message: no round trip of its own.
+        write(channel, &names.fence, self.token, holder.properties()).await?;
         ack_all(self.taken).await?;
         Ok(self.token)
     }
@@ -140,7 +143,8 @@ async fn start_epoch(
     let stored = stored.into_iter().max();
     let epoch = following_epoch(stored, last, clock_epoch())
         .ok_or_else(|| FenceError::Refused("fencing token overflow".into()))?;
-    write(channel, &names.epoch, epoch, true).await?;
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    write(channel, &names.epoch, epoch, persistent).await?;
     ack_all(taken).await?;
     Ok(epoch)
 }
@@ -208,8 +212,16 @@ async fn take_all(channel: &Channel, queue: &str) -> Result<Values, FenceError> 
 /// Used by a holder that saw a renewal stamped above its own token: a value above its token in
 /// the register means a later active consumer recorded one, so the broker took the lock away at
 /// some point; none means the stamp came from a grant that gave up before its write was stored.
-pub(crate) async fn peek_max(channel: &Channel, queue: &str) -> Result<Option<u64>, FenceError> {
+pub(crate) async fn peek_max(
+    channel: &Channel,
+    queue: &str,
+) -> Result<Option<(u64, BasicProperties)>, FenceError> {
     let (values, taken) = take_all(channel, queue).await?;
+    let latest = values
+        .iter()
+        .zip(&taken)
+        .max_by_key(|(v, _)| **v)
+        .map(|(v, m)| (*v, m.delivery.properties.clone()));
     for message in taken {
         message
             .delivery
@@ -220,7 +232,7 @@ pub(crate) async fn peek_max(channel: &Channel, queue: &str) -> Result<Option<u6
             })
             .await?;
     }
-    Ok(values.into_iter().max())
+    Ok(latest)
 }
 
 /// Acks the values a larger, confirmed value replaced. Each is acked on its own: a `multiple`
@@ -242,7 +254,7 @@ async fn write(
     channel: &Channel,
     queue: &str,
     value: u64,
-    persistent: bool,
+    properties: BasicProperties,
 ) -> Result<(), FenceError> {
     let confirmation = channel
         .basic_publish(
@@ -253,7 +265,7 @@ async fn write(
                 ..Default::default()
             },
             value.to_string().as_bytes(),
-            BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 }),
+            properties,
         )
         .await?
         .await?;

@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::fence::{self, FenceError};
 use crate::guard::{LockGuard, LossSignal};
 use crate::hold::{Holder, publish_renewal, renewal_id, renewal_prefix};
+use crate::identity::HolderInfo;
 use crate::lease::Lease;
 use crate::name::QueueNames;
 use crate::protocol::{common_args, stamp};
@@ -72,7 +73,11 @@ impl LockClient {
         let lease = Arc::new(Lease::with_clock(config.clock.clone(), conn.lease_margin));
         let first_renewal = renewal_id(&tag, 0);
         let (committed, published) = join(
-            draft.commit(&channel, names),
+            draft.commit(
+                &channel,
+                names,
+                &HolderInfo::this_process(&conn.name, fence),
+            ),
             publish_renewal(&channel, &names.lock, &lease, first_renewal.clone(), fence),
         )
         .await;
@@ -128,6 +133,7 @@ impl LockClient {
             conn: conn.clone(),
             renew_interval: config.renew_interval,
             metrics: self.inner.metrics.clone(),
+            granted_at: std::time::Instant::now(),
         }
         .spawn();
         Ok(LockGuard::new(name, fence, signal, Box::new(handle)))

@@ -38,6 +38,14 @@ pub enum LossReason {
         /// The later holder's fencing token.
         token: u64,
     },
+    /// An operator broke the lock (`mqlock break`, [`crate::LockClient::break_lock`]): the
+    /// holder was asked to give it up, and did.
+    Broken {
+        /// Who broke it: `user@host pid N`.
+        by: String,
+        /// When (the breaker's wall clock).
+        at: std::time::SystemTime,
+    },
     /// The lock was taken away by its owner in process (the in-memory locker's `revoke`).
     Revoked,
 }
@@ -61,6 +69,11 @@ impl fmt::Display for LossReason {
             LossReason::GrantedElsewhere { token } => {
                 write!(f, "the lock was granted to a later holder (token {token})")
             }
+            LossReason::Broken { by, at } => write!(
+                f,
+                "the lock was broken by {by} at {}",
+                humantime::format_rfc3339_seconds(*at)
+            ),
             LossReason::Revoked => write!(f, "revoked"),
         }
     }

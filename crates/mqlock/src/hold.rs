@@ -20,7 +20,7 @@ use crate::fence;
 use crate::guard::{BoxFuture, LossReason, LossSignal, Release};
 use crate::lease::{BootInstant, Lease};
 use crate::metrics::Metrics;
-use crate::protocol::{loss_reason, renewal_properties, stamp};
+use crate::protocol::{break_request, loss_reason, renewal_properties, stamp};
 
 /// Publishes a lease renewal (`v2::Renew` in docs/model.md) and returns the moment it was sent.
 ///
@@ -81,6 +81,8 @@ pub(crate) struct Holder {
     pub(crate) conn: Arc<Conn>,
     pub(crate) renew_interval: Duration,
     pub(crate) metrics: Arc<Metrics>,
+    /// When the lock was granted: the hold time (metrics) runs from here to release or loss.
+    pub(crate) granted_at: std::time::Instant,
 }
 
 enum Command {
@@ -134,6 +136,14 @@ enum Seen {
 }
 
 fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen {
+    // A break request names the grant it breaks; one for an earlier grant is stale.
+    if let Some((token, reason)) = break_request(&d.properties) {
+        return if token == fencing_token {
+            Seen::Lost(reason)
+        } else {
+            Seen::Extra
+        };
+    }
     let own = d
         .properties
         .message_id()
@@ -164,6 +174,7 @@ impl Holder {
             name: self.name.clone(),
             signal: self.signal.clone(),
         };
+        self.metrics.hold_started();
         tokio::spawn(self.run(rx));
         handle
     }
@@ -185,6 +196,7 @@ impl Holder {
             conn,
             renew_interval,
             metrics,
+            granted_at,
         } = self;
         let margin = conn.lease_margin;
         let own_prefix = renewal_prefix(&tag);
@@ -202,6 +214,7 @@ impl Holder {
                     // `None`: the guard was forgotten without a release; treat as a release.
                     let reply = match command { Some(Command::Release(r)) => r, None => None };
                     let result = release(&name, &conn, &channel, &signal, margin).await;
+                    metrics.hold_ended(granted_at.elapsed());
                     if result.is_ok() {
                         metrics.released();
                     }
@@ -234,7 +247,7 @@ impl Holder {
                             let _ = d.acker.ack(BasicAckOptions::default()).await;
                         }
                         Seen::Later(stamped) => match fence::peek_max(&channel, &fence_queue).await {
-                            Ok(Some(recorded)) if recorded > fencing_token => {
+                            Ok(Some((recorded, _))) if recorded > fencing_token => {
                                 break LossReason::GrantedElsewhere { token: recorded.max(stamped) };
                             }
                             Ok(_) => {
@@ -276,8 +289,9 @@ impl Holder {
             }
         };
         lease.expire();
+        metrics.hold_ended(granted_at.elapsed());
         if signal.fire(lost.clone()) {
-            metrics.lost();
+            metrics.lost(&lost);
             warn!(lock = %name, broker = %conn.addr, reason = %lost, "lock lost");
         }
         if matches!(lost, LossReason::ConnectionLost(_)) {

@@ -37,16 +37,23 @@ mod fence;
 mod grant;
 mod guard;
 mod hold;
+mod identity;
 mod lease;
 mod locker;
 mod metrics;
 pub mod name;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 mod protocol;
 
-pub use client::{LockClient, LockStatus};
+pub use client::{BreakOutcome, LockClient, LockStatus};
 pub use config::{ClientConfig, DEFAULT_QUORUM_DELIVERY_LIMIT, QueueType, TlsConfig};
 pub use error::{Error, Result};
 pub use guard::{BoxFuture, LockGuard, LossReason, LossSignal, Release};
+pub use identity::HolderInfo;
 pub use lease::{BootClock, BootInstant, Clock, Lease, ManualClock};
 pub use locker::{Locker, MemoryLocker};
-pub use metrics::{Metrics, MetricsSnapshot};
+pub use metrics::{
+    HOLD_BUCKETS_SECONDS, HistogramSnapshot, LOSS_REASONS, Metrics, MetricsSnapshot,
+    WAIT_BUCKETS_SECONDS, loss_reason_label,
+};

@@ -1,13 +1,67 @@
 //! The article's figures of merit, per client: lock request rate **R**, release rate **S** and
-//! wait time **T** (a histogram of the time from request to grant).
+//! wait time **T** (a histogram of the time from request to grant); and what an operator
+//! watches besides: hold time, losses by reason, locks held now. The `prometheus` feature
+//! exposes them (`crate::prometheus`).
 
 use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::guard::LossReason;
+
 /// Wait-time buckets: bucket `i` counts waits in `[2^i, 2^(i+1))` microseconds.
 const BUCKETS: usize = 40;
+
+/// Upper bounds, in seconds, of the wait-time histogram of [`MetricsSnapshot::wait_seconds`]
+/// (a Prometheus histogram: a bucket counts the waits `<=` its bound; one more bucket,
+/// `+Inf`, counts the rest).
+pub const WAIT_BUCKETS_SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Upper bounds, in seconds, of the hold-time histogram of [`MetricsSnapshot::hold_seconds`]
+/// (from grant to release or loss): milliseconds for short critical sections up to a day for
+/// locks held for a process's lifetime.
+pub const HOLD_BUCKETS_SECONDS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+    7200.0, 21600.0, 86400.0,
+];
+
+/// The label of each kind of loss in [`MetricsSnapshot::losses_by_reason`] (and in the
+/// `reason` label of `mqlock_losses_total`), in that order. `other` counts reasons added to
+/// [`LossReason`] after this list.
+pub const LOSS_REASONS: [&str; 8] = [
+    "connection_lost",
+    "channel_closed",
+    "consumer_cancelled",
+    "lease_expired",
+    "taken_back",
+    "granted_elsewhere",
+    "revoked",
+    "other",
+];
+
+/// The label of `reason` among [`LOSS_REASONS`].
+pub fn loss_reason_label(reason: &LossReason) -> &'static str {
+    LOSS_REASONS[loss_reason_index(reason)]
+}
+
+fn loss_reason_index(reason: &LossReason) -> usize {
+    match reason {
+        LossReason::ConnectionLost(_) => 0,
+        LossReason::ChannelClosed(_) => 1,
+        LossReason::ConsumerCancelled => 2,
+        LossReason::LeaseExpired { .. } => 3,
+        LossReason::TakenBack => 4,
+        LossReason::GrantedElsewhere { .. } => 5,
+        LossReason::Revoked => 6,
+        // `LossReason` is non-exhaustive: reasons added later count as "other".
+        #[allow(unreachable_patterns)]
+        _ => 7,
+    }
+}
 
 /// Live counters of one client. Cheap to update from many tasks.
 #[derive(Debug)]
@@ -19,8 +73,49 @@ pub struct Metrics {
     timeouts: AtomicU64,
     busy: AtomicU64,
     losses: AtomicU64,
+    losses_by_reason: [AtomicU64; LOSS_REASONS.len()],
+    held: AtomicU64,
     renewals: AtomicU64,
     wait: Mutex<Histogram>,
+    wait_seconds: Mutex<Buckets>,
+    hold_seconds: Mutex<Buckets>,
+}
+
+/// A Prometheus-style histogram: counts per bucket (not cumulative), the last one `+Inf`.
+#[derive(Debug, Clone)]
+struct Buckets {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    count: u64,
+    sum: Duration,
+}
+
+impl Buckets {
+    fn new(bounds: &'static [f64]) -> Self {
+        Buckets {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            count: 0,
+            sum: Duration::ZERO,
+        }
+    }
+
+    fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self.bounds.partition_point(|&b| b < secs);
+        self.counts[i] += 1;
+        self.count += 1;
+        self.sum += d;
+    }
+
+    fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds: self.bounds.to_vec(),
+            counts: self.counts.clone(),
+            count: self.count,
+            sum: self.sum,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +136,8 @@ impl Default for Metrics {
             timeouts: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             losses: AtomicU64::new(0),
+            losses_by_reason: Default::default(),
+            held: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             wait: Mutex::new(Histogram {
                 buckets: [0; BUCKETS],
@@ -48,6 +145,8 @@ impl Default for Metrics {
                 sum_micros: 0,
                 max_micros: 0,
             }),
+            wait_seconds: Mutex::new(Buckets::new(WAIT_BUCKETS_SECONDS)),
+            hold_seconds: Mutex::new(Buckets::new(HOLD_BUCKETS_SECONDS)),
         }
     }
 }
@@ -65,6 +164,8 @@ impl Metrics {
         h.count += 1;
         h.sum_micros += micros as u128;
         h.max_micros = h.max_micros.max(micros);
+        drop(h);
+        self.wait_seconds.lock().unwrap().observe(waited);
     }
     pub(crate) fn released(&self) {
         self.releases.fetch_add(1, Ordering::Relaxed);
@@ -75,8 +176,21 @@ impl Metrics {
     pub(crate) fn found_busy(&self) {
         self.busy.fetch_add(1, Ordering::Relaxed);
     }
-    pub(crate) fn lost(&self) {
+    pub(crate) fn lost(&self, reason: &LossReason) {
         self.losses.fetch_add(1, Ordering::Relaxed);
+        self.losses_by_reason[loss_reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+    /// A holder task started holding a lock.
+    pub(crate) fn hold_started(&self) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+    }
+    /// A holder task stopped holding a lock (released or lost) after holding it for `held`.
+    pub(crate) fn hold_ended(&self, held: Duration) {
+        // Never below zero, even if a start were missed.
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        self.hold_seconds.lock().unwrap().observe(held);
     }
     pub(crate) fn renewed(&self) {
         self.renewals.fetch_add(1, Ordering::Relaxed);
@@ -108,6 +222,12 @@ impl Metrics {
             timeouts: self.timeouts.load(Ordering::Relaxed),
             busy: self.busy.load(Ordering::Relaxed),
             losses: self.losses.load(Ordering::Relaxed),
+            losses_by_reason: LOSS_REASONS
+                .iter()
+                .zip(&self.losses_by_reason)
+                .map(|(label, n)| (*label, n.load(Ordering::Relaxed)))
+                .collect(),
+            held: self.held.load(Ordering::Relaxed),
             renewals: self.renewals.load(Ordering::Relaxed),
             wait_mean: if h.count == 0 {
                 Duration::ZERO
@@ -118,8 +238,25 @@ impl Metrics {
             wait_p99: quantile(0.99),
             wait_max: Duration::from_micros(h.max_micros),
             wait_buckets: h.buckets.to_vec(),
+            wait_seconds: self.wait_seconds.lock().unwrap().snapshot(),
+            hold_seconds: self.hold_seconds.lock().unwrap().snapshot(),
         }
     }
+}
+
+/// A copy of a Prometheus-style histogram of durations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Upper bounds of the buckets, in seconds, ascending.
+    pub bounds: Vec<f64>,
+    /// Observations per bucket, not cumulative: `counts[i]` counts the durations `d` with
+    /// `bounds[i-1] < d <= bounds[i]`; the last entry (one more than `bounds`) counts those
+    /// above the last bound (`+Inf`).
+    pub counts: Vec<u64>,
+    /// Number of observations.
+    pub count: u64,
+    /// Sum of the observations.
+    pub sum: Duration,
 }
 
 /// A copy of a client's counters. `R` = requests per second, `S` = releases per second,
@@ -140,6 +277,11 @@ pub struct MetricsSnapshot {
     pub busy: u64,
     /// Grants lost while held.
     pub losses: u64,
+    /// Grants lost while held, by reason: one entry per label of [`LOSS_REASONS`], in that
+    /// order (zeros included); they add up to `losses`.
+    pub losses_by_reason: Vec<(&'static str, u64)>,
+    /// Locks this client holds now (granted, neither released nor lost yet).
+    pub held: u64,
     /// Lease renewals confirmed by lock queues (one publish, confirm, delivery and ack each;
     /// docs/protocol.md, "Lease"), the grants' own included.
     pub renewals: u64,
@@ -153,6 +295,12 @@ pub struct MetricsSnapshot {
     pub wait_max: Duration,
     /// Histogram: entry `i` counts waits in `[2^i, 2^(i+1))` µs.
     pub wait_buckets: Vec<u64>,
+    /// Wait time T (request to grant) of every grant, in the buckets of
+    /// [`WAIT_BUCKETS_SECONDS`].
+    pub wait_seconds: HistogramSnapshot,
+    /// Hold time (grant to release or loss) of every hold that ended, in the buckets of
+    /// [`HOLD_BUCKETS_SECONDS`].
+    pub hold_seconds: HistogramSnapshot,
 }
 
 impl MetricsSnapshot {
@@ -179,6 +327,20 @@ impl fmt::Display for MetricsSnapshot {
             f,
             "requests {}  grants {}  releases {}  timeouts {}  busy {}  losses {}",
             self.requests, self.grants, self.releases, self.timeouts, self.busy, self.losses
+        )?;
+        for (reason, n) in self.losses_by_reason.iter().filter(|(_, n)| *n > 0) {
+            write!(f, "  lost ({reason}) {n}")?;
+        }
+        if self.losses > 0 {
+            writeln!(f)?;
+        }
+        let h = &self.hold_seconds;
+        writeln!(
+            f,
+            "held now {}  holds ended {}  hold mean {:?}",
+            self.held,
+            h.count,
+            h.sum.checked_div(h.count.max(1) as u32).unwrap_or_default()
         )?;
         write!(
             f,
@@ -219,5 +381,41 @@ mod tests {
         assert_eq!(s.wait_max, Duration::from_micros(5000));
         assert_eq!(s.wait_p99, Duration::from_micros(5000));
         assert!(s.to_string().contains("R (requests/s)"));
+        // The Prometheus-style buckets: 100 µs <= 0.0005 s, 5 ms <= 0.005 s.
+        assert_eq!(s.wait_seconds.count, 4);
+        assert_eq!(s.wait_seconds.counts[0], 3);
+        assert_eq!(s.wait_seconds.counts[3], 1);
+        assert_eq!(s.wait_seconds.sum, Duration::from_micros(5300));
+    }
+
+    #[test]
+    fn holds_and_losses_are_counted_by_reason() {
+        let m = Metrics::default();
+        m.hold_started();
+        m.hold_started();
+        assert_eq!(m.snapshot().held, 2);
+        m.lost(&LossReason::ConsumerCancelled);
+        m.hold_ended(Duration::from_secs(2));
+        m.hold_ended(Duration::from_millis(1));
+        // An ended hold that never started does not wrap the gauge.
+        m.hold_ended(Duration::from_secs(100_000));
+        let s = m.snapshot();
+        assert_eq!(s.held, 0);
+        assert_eq!(s.losses, 1);
+        assert_eq!(s.losses_by_reason.len(), LOSS_REASONS.len());
+        assert!(s.losses_by_reason.contains(&("consumer_cancelled", 1)));
+        assert_eq!(s.losses_by_reason.iter().map(|(_, n)| n).sum::<u64>(), 1);
+        assert_eq!(s.hold_seconds.count, 3);
+        // 1 ms is in the first bucket (<= 0.001 s), 2 s in (1, 5], 100 000 s in +Inf.
+        assert_eq!(s.hold_seconds.counts[0], 1);
+        assert_eq!(s.hold_seconds.counts[7], 1);
+        assert_eq!(*s.hold_seconds.counts.last().unwrap(), 1);
+        assert_eq!(
+            loss_reason_label(&LossReason::LeaseExpired {
+                silent_for: Duration::ZERO
+            }),
+            "lease_expired"
+        );
+        assert!(s.to_string().contains("lost (consumer_cancelled) 1"));
     }
 }

@@ -67,6 +67,52 @@ pub(crate) fn renewal_properties(id: String, token: u64) -> BasicProperties {
         .with_headers(headers)
 }
 
+/// The header of a break request (`mqlock break`): the fencing token of the grant to break.
+pub(crate) const BREAK_HEADER: &str = "x-mqlock-break";
+/// Who sent a break request, and when (milliseconds since 1970).
+pub(crate) const BROKEN_BY_HEADER: &str = "x-mqlock-broken-by";
+pub(crate) const BROKEN_AT_HEADER: &str = "x-mqlock-broken-at-ms";
+
+/// Properties of a break request for the grant with fencing token `token`.
+pub(crate) fn break_properties(token: u64, by: &str, at: SystemTime) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        BREAK_HEADER.into(),
+        AMQPValue::LongLongInt(token.min(i64::MAX as u64) as i64),
+    );
+    headers.insert(BROKEN_BY_HEADER.into(), AMQPValue::LongString(by.into()));
+    let ms = at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+        .min(i64::MAX as u128) as i64;
+    headers.insert(BROKEN_AT_HEADER.into(), AMQPValue::LongLongInt(ms));
+    BasicProperties::default()
+        .with_delivery_mode(1)
+        .with_message_id(ShortString::from(format!("break.{token}")))
+        .with_headers(headers)
+}
+
+/// A break request's target token and the loss it means for that grant's holder.
+pub(crate) fn break_request(properties: &BasicProperties) -> Option<(u64, LossReason)> {
+    let headers = properties.headers().as_ref()?.inner();
+    let token = match headers.get(BREAK_HEADER)? {
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok()?,
+        _ => return None,
+    };
+    let by = match headers.get(BROKEN_BY_HEADER) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        _ => "someone".to_owned(),
+    };
+    let at = match headers.get(BROKEN_AT_HEADER) {
+        Some(AMQPValue::LongLongInt(ms)) => {
+            UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(*ms).unwrap_or(0))
+        }
+        _ => SystemTime::now(),
+    };
+    Some((token, LossReason::Broken { by, at }))
+}
+
 /// The fencing token a lock-queue message was stamped with, if a holder published it.
 pub(crate) fn stamp(properties: &BasicProperties) -> Option<u64> {
     let headers = properties.headers().as_ref()?;

@@ -1,0 +1,76 @@
+//! `mqlock break`: the break-glass release of a stuck lock.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use mqlock::BreakOutcome;
+
+use crate::connect::ConnectArgs;
+use crate::exec::EXIT_INTERNAL;
+
+/// Ask the holder of a lock to give it up (break-glass release).
+///
+/// Sends a break request naming the current grant: the holder's loss signal fires with the
+/// reason "broken by USER@HOST pid N at TIME" (an `mqlock exec` holder sends its command SIGTERM
+/// and exits 123), and the next waiter is granted with a larger fencing token, keeping its place
+/// in the queue. A holder whose process does not run (frozen, hung) cannot act on it; the broker
+/// releases that one when its heartbeats stop.
+///
+/// Needs write permission on the default exchange (amq.default). Exit status: 0 when the request was sent or there
+/// was nothing to break (the message says which), 122 on error.
+///
+/// Example: mqlock break deploy/prod
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct BreakArgs {
+    /// Lock name.
+    pub name: String,
+
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+pub async fn run(args: BreakArgs) -> ExitCode {
+    let client = match args.connect.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mqlock: {e}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    let outcome = client.break_lock(&args.name).await;
+    client.close().await;
+    match outcome {
+        Ok(BreakOutcome::Requested { holder }) => {
+            println!(
+                "{}: asked the holder to give the lock up: {holder}",
+                args.name
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(BreakOutcome::Free { last }) => {
+            println!(
+                "{}: free, nothing to break{}",
+                args.name,
+                last.map(|h| format!(" (last held by {h})"))
+                    .unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(BreakOutcome::Unknown) => {
+            println!(
+                "{}: no such lock (never used, or expired), nothing to break",
+                args.name
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(other) => {
+            println!("{}: {other:?}", args.name);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mqlock: {e}");
+            ExitCode::from(EXIT_INTERNAL)
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Who holds a lock (docs/protocol.md, "Holder identity").
+//!
+//! Every grant writes its fencing token to the fence register; the same message carries the
+//! holder's identity in its headers, so recording it costs no round trip. [`crate::LockClient::status`]
+//! reads it back from the register without taking it away.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+
+const HOST: &str = "x-mqlock-host";
+const PID: &str = "x-mqlock-pid";
+const CLIENT: &str = "x-mqlock-client";
+const SINCE: &str = "x-mqlock-since-ms";
+
+/// The holder of a grant, as recorded with its token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderInfo {
+    /// Host name of the holder's machine.
+    pub host: String,
+    /// Process id of the holder.
+    pub pid: u32,
+    /// The holder's connection name (`ClientConfig::connection_name`, or `mqlock pid N`).
+    pub client: String,
+    /// When the lock was granted (the holder's wall clock).
+    pub since: SystemTime,
+    /// The grant's fencing token.
+    pub token: u64,
+}
+
+impl HolderInfo {
+    /// This process as the holder of `token`, granted now.
+    pub(crate) fn this_process(client: &str, token: u64) -> Self {
+        HolderInfo {
+            host: host_name(),
+            pid: std::process::id(),
+            client: client.to_owned(),
+            since: SystemTime::now(),
+            token,
+        }
+    }
+
+    /// The register message's properties: transient, with the identity in its headers.
+    pub(crate) fn properties(&self) -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert(
+            HOST.into(),
+            AMQPValue::LongString(self.host.as_str().into()),
+        );
+        h.insert(PID.into(), AMQPValue::LongLongInt(i64::from(self.pid)));
+        h.insert(
+            CLIENT.into(),
+            AMQPValue::LongString(self.client.as_str().into()),
+        );
+        let since = self
+            .since
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+            .min(i64::MAX as u128) as i64;
+        h.insert(SINCE.into(), AMQPValue::LongLongInt(since));
+        BasicProperties::default()
+            .with_delivery_mode(1)
+            .with_headers(h)
+    }
+
+    /// The identity recorded with a register value, if the writer recorded one (mqlock 0.1
+    /// did not).
+    pub(crate) fn from_register(token: u64, properties: &BasicProperties) -> Option<Self> {
+        let h = properties.headers().as_ref()?.inner();
+        let text = |k: &str| match h.get(k)? {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            AMQPValue::ShortString(s) => Some(ShortString::as_str(s).to_owned()),
+            _ => None,
+        };
+        let int = |k: &str| match h.get(k)? {
+            AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+            AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+            AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+            _ => None,
+        };
+        Some(HolderInfo {
+            host: text(HOST)?,
+            pid: u32::try_from(int(PID)?).ok()?,
+            client: text(CLIENT).unwrap_or_default(),
+            since: UNIX_EPOCH + Duration::from_millis(int(SINCE)?),
+            token,
+        })
+    }
+}
+
+impl std::fmt::Display for HolderInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held_for = SystemTime::now()
+            .duration_since(self.since)
+            .unwrap_or_default();
+        write!(
+            f,
+            "pid {} on {} ({}), token {}, since {} ({} s ago)",
+            self.pid,
+            self.host,
+            self.client,
+            self.token,
+            humantime::format_rfc3339_seconds(self.since),
+            held_for.as_secs()
+        )
+    }
+}
+
+/// This machine's host name (`gethostname`), or `"unknown"`.
+pub(crate) fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its whole length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_identity_survives_the_register_headers() {
+        let me = HolderInfo::this_process("mqlock pid 7", 42);
+        let back = HolderInfo::from_register(42, &me.properties()).unwrap();
+        assert_eq!(back.host, me.host);
+        assert_eq!(back.pid, std::process::id());
+        assert_eq!(back.client, "mqlock pid 7");
+        let drift = me
+            .since
+            .duration_since(back.since)
+            .unwrap_or_else(|e| e.duration());
+        assert!(drift < Duration::from_millis(1), "{drift:?}");
+        // A value written without identity (mqlock 0.1) has none.
+        assert_eq!(
+            HolderInfo::from_register(1, &BasicProperties::default()),
+            None
+        );
+        assert!(!host_name().is_empty());
+    }
+}
