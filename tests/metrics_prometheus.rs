@@ -199,7 +199,8 @@ async fn grants_releases_and_losses_are_exposed_by_reason() {
         .unwrap();
     let raw = raw.create_channel().await.unwrap();
 
-    // R released grants, K lost ones (the lock queue deleted under the holder), one held.
+    // R released grants, K lost ones (the lock queue deleted under the holder), one broken, one
+    // held.
     const RELEASED: u64 = 3;
     const LOST: u64 = 2;
     let mut hold_total = Duration::ZERO;
@@ -223,9 +224,27 @@ async fn grants_releases_and_losses_are_exposed_by_reason() {
         assert_eq!(reason, LossReason::ConsumerCancelled);
         assert!(g.release().await.is_err());
     }
+    // One more lost to `mqlock break` (another client's break-glass release): "broken".
+    let name = support::unique("metrics-break");
+    let g = client.lock(&name).await.unwrap();
+    let operator = LockClient::connect(&url, ClientConfig::default())
+        .await
+        .unwrap();
+    operator.break_lock(&name).await.unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), g.lost())
+        .await
+        .expect("the holder acts on the break");
+    assert!(
+        matches!(reason, LossReason::Broken { .. }),
+        "lost by {reason}"
+    );
+    assert!(g.release().await.is_err());
+    operator.close().await;
+    const BROKEN: u64 = 1;
+
     let g = client.lock(&support::unique("metrics-held")).await.unwrap();
 
-    let grants = RELEASED + LOST + 1;
+    let grants = RELEASED + LOST + BROKEN + 1;
     let text = exposition(&registry);
     assert_eq!(value(&text, "mqlock_requests_total"), grants as f64);
     assert_eq!(value(&text, "mqlock_grants_total"), grants as f64);
@@ -234,9 +253,13 @@ async fn grants_releases_and_losses_are_exposed_by_reason() {
         value(&text, "mqlock_losses_total{reason=\"consumer_cancelled\"}"),
         LOST as f64
     );
+    assert_eq!(
+        value(&text, "mqlock_losses_total{reason=\"broken\"}"),
+        BROKEN as f64
+    );
     for reason in mqlock::LOSS_REASONS
         .iter()
-        .filter(|r| **r != "consumer_cancelled")
+        .filter(|r| !["consumer_cancelled", "broken"].contains(*r))
     {
         let series = format!("mqlock_losses_total{{reason=\"{reason}\"}}");
         assert_eq!(value(&text, &series), 0.0, "{series}");
@@ -249,7 +272,7 @@ async fn grants_releases_and_losses_are_exposed_by_reason() {
     );
     assert_eq!(
         value(&text, "mqlock_hold_seconds_count"),
-        (RELEASED + LOST) as f64
+        (RELEASED + LOST + BROKEN) as f64
     );
     let hold_sum = value(&text, "mqlock_hold_seconds_sum");
     assert!(
@@ -259,13 +282,14 @@ async fn grants_releases_and_losses_are_exposed_by_reason() {
     assert!(value(&text, "mqlock_lease_renewals_total") >= grants as f64);
     // The snapshot agrees with the exposition.
     let snapshot = client.metrics();
-    assert_eq!(snapshot.losses, LOST);
+    assert_eq!(snapshot.losses, LOST + BROKEN);
+    assert!(snapshot.losses_by_reason.contains(&("broken", BROKEN)));
     assert!(
         snapshot
             .losses_by_reason
             .contains(&("consumer_cancelled", LOST))
     );
-    assert_eq!(snapshot.hold_seconds.count, RELEASED + LOST);
+    assert_eq!(snapshot.hold_seconds.count, RELEASED + LOST + BROKEN);
 
     g.release().await.unwrap();
     let text = exposition(&registry);

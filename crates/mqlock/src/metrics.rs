@@ -32,7 +32,7 @@ pub const HOLD_BUCKETS_SECONDS: &[f64] = &[
 /// The label of each kind of loss in [`MetricsSnapshot::losses_by_reason`] (and in the
 /// `reason` label of `mqlock_losses_total`), in that order. `other` counts reasons added to
 /// [`LossReason`] after this list.
-pub const LOSS_REASONS: [&str; 8] = [
+pub const LOSS_REASONS: [&str; 9] = [
     "connection_lost",
     "channel_closed",
     "consumer_cancelled",
@@ -40,6 +40,7 @@ pub const LOSS_REASONS: [&str; 8] = [
     "taken_back",
     "granted_elsewhere",
     "revoked",
+    "broken",
     "other",
 ];
 
@@ -57,9 +58,10 @@ fn loss_reason_index(reason: &LossReason) -> usize {
         LossReason::TakenBack => 4,
         LossReason::GrantedElsewhere { .. } => 5,
         LossReason::Revoked => 6,
+        LossReason::Broken { .. } => 7,
         // `LossReason` is non-exhaustive: reasons added later count as "other".
         #[allow(unreachable_patterns)]
-        _ => 7,
+        _ => 8,
     }
 }
 
@@ -417,5 +419,12 @@ mod tests {
             "lease_expired"
         );
         assert!(s.to_string().contains("lost (consumer_cancelled) 1"));
+        assert_eq!(
+            loss_reason_label(&LossReason::Broken {
+                by: "ops@host pid 1".into(),
+                at: std::time::SystemTime::UNIX_EPOCH,
+            }),
+            "broken"
+        );
     }
 }

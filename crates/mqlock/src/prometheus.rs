@@ -22,9 +22,9 @@
 //! | `mqlock_hold_seconds` | histogram | hold time, grant to release or loss |
 //!
 //! `reason` is one of [`crate::LOSS_REASONS`]: `connection_lost`, `channel_closed`,
-//! `consumer_cancelled`, `lease_expired`, `taken_back`, `granted_elsewhere`, `revoked`, `other`;
-//! every one is exposed, zeros included. There is no `mqlock_is_leader` gauge: mqlock has no
-//! leader election yet.
+//! `consumer_cancelled`, `lease_expired`, `taken_back`, `granted_elsewhere`, `revoked`,
+//! `broken` (`mqlock break`), `other`; every one is exposed, zeros included. There is no
+//! `mqlock_is_leader` gauge: mqlock has no leader election yet.
 //!
 //! ```no_run
 //! # async fn demo() -> mqlock::Result<()> {
