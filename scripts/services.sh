@@ -10,6 +10,7 @@
 #   MQLOCK_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
 #   amqps://guest:guest@127.0.0.1:5671/%2f  (same broker over TLS; CA: /var/tmp/mqlock-services/tls/ca.pem)
 #   MQLOCK_FAULTS_AMQP_URL=amqp://guest:guest@127.0.0.1:5673/%2f   (a broker tests may restart)
+#   http://guest:guest@127.0.0.1:15672/  (the main broker's management API: `mqlock list`)
 #   REDIS_URL=redis://127.0.0.1:6379/
 #   DATABASE_URL=postgres://mqlock:mqlock@127.0.0.1:5432/mqlock
 set -euo pipefail
@@ -50,6 +51,9 @@ rabbit_env() { # NODE PORT
   # durable queues from earlier runs took minutes to boot.
   export RABBITMQ_MNESIA_BASE=/var/lib/rabbitmq/mqlock-mnesia
   export RABBITMQ_PID_FILE=$RABBITMQ_MNESIA_BASE/$1.pid
+  # Plugins per node: the main broker runs the management API, the faults broker does not (two
+  # nodes on one host cannot both listen on its port), and the cluster's nodes keep theirs.
+  export RABBITMQ_ENABLED_PLUGINS_FILE=/etc/rabbitmq/mqlock-$2-enabled_plugins
 }
 # A self-signed CA and a server certificate for localhost / 127.0.0.1 (and a client certificate
 # signed by the same CA), made once in $TLS_DIR. The broker reads the key as user rabbitmq.
@@ -82,17 +86,28 @@ tls_files() {
   chmod 644 "$TLS_DIR/client.key"
 }
 rabbit_ping() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" await_startup --timeout 5 >/dev/null 2>&1 && port_open "$2"; }
-rabbit_up() { # NODE PORT [ADVANCED-ERLANG-TERMS] [TLS-PORT]
-  local node=$1 port=$2 advanced=${3:-} tls_port=${4:-}
+rabbit_up() { # NODE PORT [ADVANCED-ERLANG-TERMS] [TLS-PORT] [MANAGEMENT-PORT]
+  local node=$1 port=$2 advanced=${3:-} tls_port=${4:-} mgmt_port=${5:-}
   apt_install rabbitmq-server
   rabbit_env "$node" "$port"
   mkdir -p /etc/rabbitmq
+  if [ -n "$mgmt_port" ]; then
+    echo "[rabbitmq_management]." >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+  else
+    echo "[]." >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+  fi
   cat >"/etc/rabbitmq/mqlock-$port.conf" <<CONF
 listeners.tcp.1 = 127.0.0.1:${port}
 loopback_users.guest = true
 log.console = false
 log.file.level = warning
 CONF
+  if [ -n "$mgmt_port" ]; then
+    cat >>"/etc/rabbitmq/mqlock-$port.conf" <<CONF
+management.tcp.ip = 127.0.0.1
+management.tcp.port = ${mgmt_port}
+CONF
+  fi
   if [ -n "$tls_port" ]; then
     tls_files
     # verify_peer without fail_if_no_peer_cert: a client certificate is checked when one is
@@ -109,6 +124,11 @@ CONF
   echo "[{rabbit, [${advanced}]}]." >"/etc/rabbitmq/mqlock-$port-advanced.config"
   if rabbit_ping "$node" "$port"; then
     say "rabbitmq $node already up on 127.0.0.1:$port"
+    if [ -n "$mgmt_port" ] && ! port_open "$mgmt_port"; then
+      # Started by an earlier version of this script, without the management API (which a node
+      # cannot load from another plugins file than the one it started with).
+      say "note: $node runs without its management API on 127.0.0.1:$mgmt_port ('mqlock list' needs it); 'MQLOCK_SERVICES=rabbitmq $0 down' then 'up' restarts it with it"
+    fi
     if [ -n "$tls_port" ] && ! port_open "$tls_port"; then
       say "note: $node was started before its TLS listener was configured; 'MQLOCK_SERVICES=rabbitmq $0 down' then 'up' adds amqps on 127.0.0.1:$tls_port"
     fi
@@ -136,6 +156,7 @@ CONF
     [ $(( (SECONDS - start) % 30 )) -eq 29 ] && say "still waiting for rabbitmq $node ($((SECONDS - start))s)"
     sleep 1
   done
+  [ -z "$mgmt_port" ] || wait_for "the management API of $node on 127.0.0.1:$mgmt_port" 60 port_open "$mgmt_port"
   say "rabbitmq $node up after $((SECONDS - start))s: amqp://guest:guest@127.0.0.1:$port/%2f"
 }
 # rabbit_kill NODE: stop a node that does not answer, wherever it keeps its pid file (the
@@ -157,6 +178,7 @@ rabbit_kill() {
 rabbit_down() { rabbit_env "$1" "$2"; rabbitmqctl -q -n "$1" stop 2>/dev/null || true; }
 MAIN_NODE=(rabbit@localhost "${MQLOCK_AMQP_PORT:-5672}")
 MAIN_TLS_PORT=${MQLOCK_AMQPS_PORT:-5671}
+MAIN_MGMT_PORT=${MQLOCK_MANAGEMENT_PORT:-15672}
 FAULTS_NODE=(mqlock-faults@localhost "${MQLOCK_FAULTS_AMQP_PORT:-5673}")
 FAULTS_ADVANCED='{consumer_timeout, 3000}, {channel_tick_interval, 1000}'
 
@@ -225,7 +247,7 @@ case $cmd in
     need_root "$@"
     for s in $SERVICES; do
       case $s in
-        rabbitmq) rabbit_up "${MAIN_NODE[@]}" "" "$MAIN_TLS_PORT" ;;
+        rabbitmq) rabbit_up "${MAIN_NODE[@]}" "" "$MAIN_TLS_PORT" "$MAIN_MGMT_PORT" ;;
         rabbitmq-faults) rabbit_up "${FAULTS_NODE[@]}" "$FAULTS_ADVANCED" ;;
         redis) redis_up ;; postgres) pg_up ;; fuse) fuse_up ;;
         *) fail "unknown service '$s' (known: rabbitmq rabbitmq-faults redis postgres fuse)" ;;

@@ -278,3 +278,63 @@ fn completions_and_man_page_come_from_the_command_definitions() {
         assert!(page.contains(sub), "no {sub} in the man page");
     }
 }
+
+#[test]
+fn list_shows_every_lock_with_its_holder_and_waiters() {
+    let dir = tempfile::tempdir().unwrap();
+    let group = support::unique("list");
+    let (held, contended, free) = (
+        format!("{group}/a-held"),
+        format!("{group}/b-contended"),
+        format!("{group}/c-free"),
+    );
+    let o = mqlock(&["exec", &free, "--", "true"]);
+    assert_eq!(o.status.code(), Some(0));
+    let mut a = holder(&held, &dir.path().join("a"));
+    let ta = wait_for_token(&dir.path().join("a"));
+    let mut b = holder(&contended, &dir.path().join("b"));
+    let tb = wait_for_token(&dir.path().join("b"));
+    let mut c = holder(&contended, &dir.path().join("c"));
+    wait_for_consumers(&contended, 2);
+
+    let o = mqlock(&["list", &format!("{group}/"), "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [held.as_str(), contended.as_str(), free.as_str()],
+        "sorted by name"
+    );
+    assert_eq!(rows[0]["held"], true);
+    assert_eq!(rows[0]["holder"]["pid"], a.id());
+    assert_eq!(rows[0]["holder"]["token"], ta);
+    assert_eq!(rows[1]["waiters"], 1);
+    assert_eq!(rows[1]["holder"]["pid"], b.id());
+    assert_eq!(rows[1]["holder"]["token"], tb);
+    assert_eq!(rows[2]["held"], false);
+    // The table says the same, one line per lock.
+    let o = mqlock(&["list", &format!("{group}/")]);
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(table.contains(&format!("pid {} on", a.id())), "{table}");
+    // A management API that is not there: a clear error, exit 122.
+    let o = mqlock(&["list", "--management-url", "http://127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(122));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("management API"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for p in [&a, &b, &c] {
+        kill(p, libc::SIGTERM);
+    }
+    for p in [&mut a, &mut b, &mut c] {
+        p.wait().unwrap();
+    }
+}

@@ -5,6 +5,7 @@ mod break_lock;
 mod connect;
 mod exec;
 mod generate;
+mod list;
 mod metrics_server;
 mod migrate;
 mod mount;
@@ -37,6 +38,8 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Show whether a lock is held, by whom, and how many clients wait for it.
     Status(status::StatusArgs),
+    /// List every lock with its state, holder, waiters and age (needs the management API).
+    List(list::ListArgs),
     /// Ask a lock's holder to give it up (break-glass release).
     Break(break_lock::BreakArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Exec(args) => exec::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::List(args) => list::run(args).await,
             Command::Break(args) => break_lock::run(args).await,
             Command::Completions(args) => generate::completions(args),
             Command::Man(args) => generate::man(args),
