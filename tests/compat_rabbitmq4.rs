@@ -383,3 +383,30 @@ async fn no_deprecated_broker_feature_is_used_on_4x() {
     g1.release().await.unwrap();
     g2.release().await.unwrap();
 }
+
+/// RabbitMQ 4.0-4.2 count every requeue against a quorum queue's delivery limit (20 by
+/// default), and `status` requeues the register values it reads: the registers carry the lock
+/// queues' large limit, so a long hold polled by an operator keeps its recorded holder.
+#[tokio::test]
+async fn many_status_reads_keep_a_quorum_register_on_4x() {
+    let url = support::rabbitmq4_url();
+    let c = client(&url, quorum()).await;
+    let name = support::unique("compat-status");
+    let g = c.lock(&name).await.unwrap();
+    let token = g.fencing_token();
+    for i in 0..30 {
+        let s = c.status(&name).await.unwrap();
+        let holder = s
+            .holder
+            .unwrap_or_else(|| panic!("status #{i}: no holder recorded"));
+        assert_eq!(holder.token, token);
+    }
+    g.release().await.unwrap();
+    let next = c.lock(&name).await.unwrap();
+    assert_eq!(
+        next.fencing_token(),
+        token + 1,
+        "the register kept its value: no new epoch"
+    );
+    next.release().await.unwrap();
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::future::{join, join3};
+
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -23,7 +24,9 @@ use crate::error::{Error, Result};
 use crate::fence;
 use crate::guard::{LockGuard, LossReason};
 use crate::name::{QueueNames, queue_names};
-use crate::protocol::{Fault, PREFETCH, classify, common_args, lock_queue_args, wake_properties};
+use crate::protocol::{
+    Fault, PREFETCH, break_request, classify, lock_queue_args, stamp, wake_properties,
+};
 
 /// How long a waiter whose connection failed keeps trying to reconnect.
 const RECONNECT_WINDOW: Duration = Duration::from_secs(60);
@@ -235,14 +238,13 @@ impl LockClient {
         };
         // A register declared by mqlock 0.1 had a length limit; the broker refuses the new
         // arguments on it (406), never silently: name the queue and the way out.
-        let fail_register = |e: &lapin::Error| match classify(e) {
+        let fail_register = |(queue, e): &(String, lapin::Error)| match classify(e) {
             Fault::Precondition(detail) => Retry::Fail(Error::IncompatibleQueue {
                 name: name.into(),
-                queue: names.fence.clone(),
+                queue: queue.clone(),
                 addr: conn.addr.clone(),
                 detail: format!(
-                    "{detail}; if mqlock 0.1 declared it (x-max-length = 1), stop the old clients of this lock and delete the queue (rabbitmqctl delete_queue {}), or let it expire after idle_expiry",
-                    names.fence
+                    "{detail}; if mqlock 0.1 declared it (x-max-length = 1), stop the old clients of this lock and delete the queue (rabbitmqctl delete_queue {queue}), or let it expire after idle_expiry"
                 ),
             }),
             _ => fail(e),
@@ -274,15 +276,27 @@ impl LockClient {
             FieldTable::default(),
         );
         // Declaring the fence register now, while waiting, takes its declaration off the path
-        // after the grant (`fence::record`); declaring changes no value in it.
-        let declare_register = channel.queue_declare(
-            names.fence.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            fence::register_args(common_args(config)),
-        );
+        // after the grant (`fence::draft`); declaring changes no value in it. The epoch queue is
+        // declared too, so that its idle expiry restarts with every use of the lock: written
+        // only when an epoch starts, it would otherwise expire an hour after that while the lock
+        // is in use, and a broker restart would then leave only the clock (F3).
+        let register_args = fence::register_args(config);
+        let declare_one = |queue: &str| {
+            let queue = queue.to_owned();
+            let declared = channel.queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                register_args.clone(),
+            );
+            async move { declared.await.map(drop).map_err(|e| (queue, e)) }
+        };
+        let declare_register = async {
+            let (fence, epoch) = join(declare_one(&names.fence), declare_one(&names.epoch)).await;
+            fence.and(epoch)
+        };
         // The declare is answered before our consumer exists, so its counts are about others.
         let queue = if let Wait::Try = wait {
             let queue = declare.await.map_err(|e| fail(&e))?;
@@ -417,14 +431,14 @@ impl Drop for Registration {
 ///
 /// A register the broker refuses (406) closes the channel, which fails the consume too: the
 /// refusal is the cause to report. (A consumer on a channel the broker closed sends no cancel.)
-fn registered<T>(
+fn registered(
     consumed: lapin::Result<lapin::Consumer>,
-    register: lapin::Result<T>,
+    register: std::result::Result<(), (String, lapin::Error)>,
     fail: &impl Fn(&lapin::Error) -> Retry,
-    fail_register: &impl Fn(&lapin::Error) -> Retry,
+    fail_register: &impl Fn(&(String, lapin::Error)) -> Retry,
 ) -> std::result::Result<lapin::Consumer, Retry> {
     if let Err(e) = &register
-        && matches!(classify(e), Fault::Precondition(_))
+        && matches!(classify(&e.1), Fault::Precondition(_))
     {
         return Err(fail_register(e));
     }
@@ -433,13 +447,16 @@ fn registered<T>(
     Ok(consumer)
 }
 
-/// Waits for our renewal `id` on the consumer, acking what arrives before it (wake-ups, earlier
-/// holders' renewals). `Err(None)`: one of our renewals came back redelivered, so the broker
-/// took the lock from us already; `Err(Some(e))`: the channel failed.
+/// Waits for our renewal `id` on the consumer, acking wake-ups and earlier holders' renewals
+/// that arrive before it. Gives up (`Err(None)`) on what the holder would take as a loss: one of
+/// our renewals redelivered (the broker took the lock from us already), a renewal stamped above
+/// `token`, or a break request naming `token` (docs/protocol.md, Grant 3, which the model's
+/// `v2::Receive` checks). `Err(Some(e))`: the channel failed.
 pub(crate) async fn own_delivery(
     consumer: &mut lapin::Consumer,
     own_prefix: &str,
     id: &str,
+    token: u64,
 ) -> std::result::Result<lapin::message::Delivery, Option<lapin::Error>> {
     loop {
         let d = match consumer.next().await {
@@ -455,8 +472,17 @@ pub(crate) async fn own_delivery(
         match d_id {
             Some(ref i) if i == id && !d.redelivered => return Ok(d),
             Some(ref i) if i.starts_with(own_prefix) && d.redelivered => return Err(None),
+            _ if stamp(&d.properties).is_some_and(|s| s > token)
+                || break_request(&d.properties).is_some_and(|(t, _)| t == token) =>
+            {
+                return Err(None);
+            }
             _ => {
-                let _ = d.acker.ack(BasicAckOptions::default()).await;
+                // Sent in the background: a connection the broker blocked (a resource alarm)
+                // would hold this await until the alarm clears.
+                tokio::spawn(async move {
+                    let _ = d.acker.ack(BasicAckOptions::default()).await;
+                });
             }
         }
     }

@@ -25,6 +25,9 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::name::queue_names;
 use crate::protocol::{Fault, break_properties, classify};
 
+/// Clients created by this process (part of every consumer tag).
+static CLIENTS: AtomicU64 = AtomicU64::new(0);
+
 /// A lock client: one broker connection shared by every lock taken through it.
 ///
 /// Cheap to clone (clones share the connection and the metrics). The connection is opened by
@@ -145,7 +148,13 @@ impl LockClient {
                 conn: Mutex::new(Some(conn)),
                 metrics: Arc::new(Metrics::default()),
                 closed: AtomicBool::new(false),
-                tag_prefix: format!("mqlock.{}.{now:x}", std::process::id()),
+                // pid, start time and a per-process sequence: two clients of one process never
+                // share a prefix, so neither takes the other's renewals for its own.
+                tag_prefix: format!(
+                    "mqlock.{}.{now:x}.{}",
+                    std::process::id(),
+                    CLIENTS.fetch_add(1, Ordering::Relaxed)
+                ),
                 tag_seq: AtomicU64::new(0),
                 spare: std::sync::Mutex::new(None),
                 first_mark,

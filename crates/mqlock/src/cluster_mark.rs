@@ -41,6 +41,13 @@ pub(crate) async fn read(
         "x-queue-type".into(),
         AMQPValue::LongString(config.queue_type.as_arg().into()),
     );
+    // Every read requeues the mark; RabbitMQ 4.0-4.2 count that against a quorum queue's
+    // default delivery limit of 20 and would drop it.
+    if let (crate::config::QueueType::Quorum, Some(limit)) =
+        (config.queue_type, config.quorum_delivery_limit)
+    {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+    }
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
     args.insert(
         "x-overflow".into(),

@@ -26,10 +26,10 @@ use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, QueueType};
 use crate::identity::HolderInfo;
 use crate::name::QueueNames;
 
@@ -61,8 +61,15 @@ impl From<lapin::Error> for FenceError {
 /// when its reader acks it after storing a larger one. (Registers declared by mqlock 0.1 carry
 /// `x-max-length = 1` and `drop-head`; the broker refuses to redeclare them with these
 /// arguments, and the client reports it as [`crate::Error::IncompatibleQueue`].)
-pub(crate) fn register_args(common: FieldTable) -> FieldTable {
-    common
+///
+/// A quorum register also gets the lock queues' delivery limit: RabbitMQ 4.0–4.2 count every
+/// requeue against a default limit of 20, and `status` requeues what it reads.
+pub(crate) fn register_args(config: &ClientConfig) -> FieldTable {
+    let mut args = crate::protocol::common_args(config);
+    if let (QueueType::Quorum, Some(limit)) = (config.queue_type, config.quorum_delivery_limit) {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+    }
+    args
 }
 
 /// A token chosen for a grant, and the register values it will replace.
@@ -86,7 +93,7 @@ pub(crate) async fn draft(
     register_declared: bool,
     floor: Option<u64>,
 ) -> Result<Draft, FenceError> {
-    let args = register_args(crate::protocol::common_args(config));
+    let args = register_args(config);
     // Declaring first recreates a register that expired, and resets its idle timer. (If it
     // vanished anyway, the get fails with 404, which closes this channel: the acquisition is
     // retried, and declares again.)

@@ -21,7 +21,7 @@ use crate::hold::{Holder, publish_renewal, renewal_id, renewal_prefix};
 use crate::identity::HolderInfo;
 use crate::lease::Lease;
 use crate::name::QueueNames;
-use crate::protocol::{common_args, stamp};
+use crate::protocol::stamp;
 
 impl LockClient {
     /// Turns a registration that received its first delivery into a held lock.
@@ -88,9 +88,9 @@ impl LockClient {
         let consumer = reg.consumer.as_mut().expect("consumer set");
         let own_prefix = renewal_prefix(&tag);
         let renewal = tokio::select! {
-            renewal = own_delivery(consumer, &own_prefix, &first_renewal) => renewal.map_err(|e| match e {
+            renewal = own_delivery(consumer, &own_prefix, &first_renewal, fence) => renewal.map_err(|e| match e {
                 Some(e) => fail(&e),
-                None => Retry::Again("the broker took the lock back during the grant".into()),
+                None => Retry::Again("the lock was taken back, granted on, or broken during the grant".into()),
             })?,
             // Slower than the lease: the lock may already have been handed on (L2).
             _ = lease.expired() => {
@@ -108,8 +108,11 @@ impl LockClient {
                 conn.lease_margin
             )));
         }
-        // The renewal is the token now; the delivery that granted us is not needed.
-        let _ = token.acker.ack(BasicAckOptions::default()).await;
+        // The renewal is the token now; the delivery that granted us is not needed. (Acked in
+        // the background: a connection blocked by a resource alarm would hold the await.)
+        tokio::spawn(async move {
+            let _ = token.acker.ack(BasicAckOptions::default()).await;
+        });
         let token = renewal;
         debug!(lock = name, fence, waited = ?started.elapsed(), "granted");
         self.prepare_spare(conn);
@@ -121,7 +124,8 @@ impl LockClient {
             name: name.clone(),
             lock_queue: names.lock.clone(),
             fence_queue: names.fence.clone(),
-            fence_args: fence::register_args(common_args(config)),
+            epoch_queue: names.epoch.clone(),
+            fence_args: fence::register_args(config),
             tag,
             channel,
             consumer,

@@ -21,8 +21,8 @@ pub enum LossReason {
     ChannelClosed(String),
     /// The broker cancelled the holder's consumer (e.g. the lock queue was deleted).
     ConsumerCancelled,
-    /// The lease ran out: no renewal of this lock was confirmed by its lock queue (the queue's
-    /// Raft quorum, on a cluster) within the lease margin, which is shorter than the time after
+    /// The lease ran out: no renewal of this lock came back from its lock queue (through the
+    /// queue's Raft quorum, on a cluster) within the lease margin, which is shorter than the time after
     /// which the broker may hand the lock to another client (docs/protocol.md, L2).
     LeaseExpired {
         /// How long past the lease's deadline the loss was noticed.
@@ -60,7 +60,7 @@ impl fmt::Display for LossReason {
             }
             LossReason::LeaseExpired { silent_for } => write!(
                 f,
-                "no renewal confirmed by the lock queue within the lease ({silent_for:?} past it)"
+                "no lease renewal came back from the lock queue in time ({silent_for:?} past the lease)"
             ),
             LossReason::TakenBack => write!(
                 f,

@@ -67,6 +67,8 @@ pub(crate) struct Holder {
     /// The fence register and its arguments: declared again every `renew_interval` so that
     /// its idle expiry never runs out under a long hold.
     pub(crate) fence_queue: String,
+    /// The epoch queue, declared with the register for the same reason.
+    pub(crate) epoch_queue: String,
     pub(crate) fence_args: FieldTable,
     pub(crate) tag: String,
     pub(crate) channel: Channel,
@@ -94,6 +96,10 @@ pub(crate) struct HolderHandle {
     tx: mpsc::UnboundedSender<Command>,
     name: Arc<str>,
     signal: LossSignal,
+    /// How long `release()` waits for the holder task (which itself waits at most the lease
+    /// margin for the broker).
+    wait: Duration,
+    addr: String,
 }
 
 impl Release for HolderHandle {
@@ -110,8 +116,16 @@ impl Release for HolderHandle {
                 // The holder task ended: the lock was lost and the broker took it back.
                 return Err(lost(&self.signal, &self.name));
             }
-            done.await
-                .unwrap_or_else(|_| Err(lost(&self.signal, &self.name)))
+            match tokio::time::timeout(self.wait, done).await {
+                Ok(answer) => answer.unwrap_or_else(|_| Err(lost(&self.signal, &self.name))),
+                Err(_) => Err(Error::Unreachable {
+                    addr: self.addr.clone(),
+                    detail: format!(
+                        "the release of lock {:?} was not answered within {:?}; the broker releases it when it reads the close",
+                        self.name, self.wait
+                    ),
+                }),
+            }
         })
     }
 
@@ -173,6 +187,8 @@ impl Holder {
             tx,
             name: self.name.clone(),
             signal: self.signal.clone(),
+            wait: self.conn.lease_margin + Duration::from_secs(2),
+            addr: self.conn.addr.clone(),
         };
         self.metrics.hold_started();
         tokio::spawn(self.run(rx));
@@ -184,6 +200,7 @@ impl Holder {
             name,
             lock_queue,
             fence_queue,
+            epoch_queue,
             fence_args,
             tag,
             channel,
@@ -203,8 +220,11 @@ impl Holder {
         // Renewals sent and not come back yet: (number, send time).
         let mut in_flight: VecDeque<(u64, BootInstant)> = VecDeque::new();
         let now = tokio::time::Instant::now();
+        // The first renewal comes early if the grant used much of its lease (it returns the
+        // guard with whatever the lease has left, at least a renewal's round trip).
+        let left = lease.deadline().saturating_duration_since(lease.now());
         let mut renewal_timer =
-            tokio::time::interval_at(now + conn.renewal_period, conn.renewal_period);
+            tokio::time::interval_at(now + conn.renewal_period.min(left / 2), conn.renewal_period);
         renewal_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut touch = tokio::time::interval_at(now + renew_interval, renew_interval);
         let lost = loop {
@@ -240,22 +260,22 @@ impl Holder {
                                 }
                             }
                             // The fresh delivery restarts the broker's consumer timeout (L3).
-                            let old = std::mem::replace(&mut token, d);
-                            let _ = old.acker.ack(BasicAckOptions::default()).await;
+                            ack_later(std::mem::replace(&mut token, d));
                         }
-                        Seen::Extra => {
-                            let _ = d.acker.ack(BasicAckOptions::default()).await;
-                        }
-                        Seen::Later(stamped) => match fence::peek_max(&channel, &fence_queue).await {
-                            Ok(Some((recorded, _))) if recorded > fencing_token => {
+                        Seen::Extra => ack_later(d),
+                        // Only a value in the register at most our own token shows that the
+                        // stamp is a grant's that gave up; anything else (a larger value, none
+                        // visible because another reader holds them, no answer) is a loss.
+                        Seen::Later(stamped) => match tokio::time::timeout(margin, fence::peek_max(&channel, &fence_queue)).await {
+                            Ok(Ok(Some((recorded, _)))) if recorded <= fencing_token => {
+                                debug!(lock = %name, stamped, "a renewal of a grant that gave up; acked");
+                                ack_later(d);
+                            }
+                            Ok(Ok(Some((recorded, _)))) => {
                                 break LossReason::GrantedElsewhere { token: recorded.max(stamped) };
                             }
-                            Ok(_) => {
-                                debug!(lock = %name, stamped, "a renewal of a grant that gave up; acked");
-                                let _ = d.acker.ack(BasicAckOptions::default()).await;
-                            }
-                            Err(fence::FenceError::Amqp(e)) => break loss_reason(&e),
-                            Err(_) => break LossReason::GrantedElsewhere { token: stamped },
+                            Ok(Err(fence::FenceError::Amqp(e))) => break loss_reason(&e),
+                            _ => break LossReason::GrantedElsewhere { token: stamped },
                         },
                         // Never ack it: it may be the lock's only token, and the broker must get
                         // it back when we close the channel.
@@ -271,19 +291,25 @@ impl Holder {
                 _ = renewal_timer.tick() => {
                     renewals += 1;
                     let id = renewal_id(&tag, renewals);
-                    match publish_renewal(&channel, &lock_queue, &lease, id, fencing_token).await {
-                        Ok(sent) => in_flight.push_back((renewals, sent)),
-                        Err(e) => break loss_reason(&e),
-                    }
+                    // Sent in the background, timed from now (earlier than the send: the lease
+                    // it earns is shorter, never longer). A publish that fails or is held up by a
+                    // blocked connection simply never comes back, and the lease runs out.
+                    in_flight.push_back((renewals, lease.now()));
+                    let (channel, lock_queue, lease) = (channel.clone(), lock_queue.clone(), lease.clone());
+                    tokio::spawn(async move {
+                        let _ = publish_renewal(&channel, &lock_queue, &lease, id, fencing_token).await;
+                    });
                 }
                 _ = touch.tick() => {
-                    let touched = channel.queue_declare(
-                        fence_queue.as_str().into(),
-                        QueueDeclareOptions { durable: true, nowait: true, ..Default::default() },
-                        fence_args.clone(),
-                    ).await;
-                    if let Err(e) = touched {
-                        break loss_reason(&e);
+                    for queue in [fence_queue.clone(), epoch_queue.clone()] {
+                        let (channel, args) = (channel.clone(), fence_args.clone());
+                        tokio::spawn(async move {
+                            let _ = channel.queue_declare(
+                                queue.as_str().into(),
+                                QueueDeclareOptions { durable: true, nowait: true, ..Default::default() },
+                                args,
+                            ).await;
+                        });
                     }
                 }
             }
@@ -311,6 +337,14 @@ impl Holder {
     }
 }
 
+/// Acks a delivery in the background: a connection the broker blocked (a resource alarm) holds
+/// every frame, and the holder must stay free to notice its lease ending and to release.
+fn ack_later(d: Delivery) {
+    tokio::spawn(async move {
+        let _ = d.acker.ack(BasicAckOptions::default()).await;
+    });
+}
+
 /// Releases by closing the channel, waiting at most `wait` for the broker's answer.
 ///
 /// The broker handles a channel close in one step: it removes our consumer, requeues the token
@@ -335,8 +369,11 @@ async fn release(
             reason,
         })
     };
+    // A lease that ran out before the release: the broker may have handed the lock on already,
+    // and the caller must hear that it did not hold the lock to the end.
+    let lost_before = lost(signal);
     match tokio::time::timeout(wait, channel.close(200, "lock released".into())).await {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(())) => lost_before.map_or(Ok(()), Err),
         Ok(Err(e)) => {
             // Whatever failed, the channel is gone and the broker requeued the token.
             debug!(lock = %name, error = %e, "release hit an error; the broker releases on channel close");
