@@ -45,7 +45,7 @@ impl Write for Capture {
 
 fn setup() {
     logs();
-    support::services_up();
+    support::need(&[support::Service::Rabbitmq]);
 }
 
 fn captured() -> String {

@@ -1,7 +1,8 @@
 //! Shared helpers of the integration tests: service start-up, endpoints, unique names.
 //!
-//! Tests that need a service call [`services_up`], which runs `scripts/services.sh up` once per
-//! test binary and panics (failing the test loudly) when a service cannot be started.
+//! Tests that need a service call [`need`] (or an endpoint function that calls it), which runs
+//! `scripts/services.sh up` for just those services, once per test binary, and panics (failing
+//! the test loudly) when one cannot be started.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -13,39 +14,84 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts every service the tests use (idempotent), once per test binary.
+/// A service of `scripts/services.sh` (its names for `MQLOCK_SERVICES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    /// The main broker (AMQP 5672, TLS 5671, management API 15672).
+    Rabbitmq,
+    /// The broker tests may restart (5673).
+    RabbitmqFaults,
+    /// Redis (6379).
+    Redis,
+    /// PostgreSQL (5432).
+    Postgres,
+    /// FUSE 3 (`fusermount3`, /dev/fuse).
+    Fuse,
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Rabbitmq => "rabbitmq",
+            Service::RabbitmqFaults => "rabbitmq-faults",
+            Service::Redis => "redis",
+            Service::Postgres => "postgres",
+            Service::Fuse => "fuse",
+        }
+    }
+}
+
+/// Starts the services a test needs (idempotent; each once per test binary) with
+/// `MQLOCK_SERVICES=… scripts/services.sh up`, and panics — failing the test loudly — when one
+/// cannot be started. A test binary starts only what it uses.
+pub fn need(services: &[Service]) {
+    static STARTED: std::sync::Mutex<Vec<Service>> = std::sync::Mutex::new(Vec::new());
+    let mut started = STARTED.lock().unwrap_or_else(|p| p.into_inner());
+    let missing: Vec<Service> = services
+        .iter()
+        .copied()
+        .filter(|s| !started.contains(s))
+        .collect();
+    if missing.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = missing.iter().map(|s| s.name()).collect();
+    let out = Command::new(root().join("scripts/services.sh"))
+        .arg("up")
+        .env("MQLOCK_SERVICES", names.join(" "))
+        .output()
+        .expect("cannot run scripts/services.sh");
+    assert!(
+        out.status.success(),
+        "MQLOCK_SERVICES='{}' scripts/services.sh up failed:\n{}{}",
+        names.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.extend(missing);
+}
+
+/// The main broker and FUSE: what a test of `mqlock mount` needs.
 pub fn services_up() {
-    static UP: OnceLock<()> = OnceLock::new();
-    UP.get_or_init(|| {
-        let out = Command::new(root().join("scripts/services.sh"))
-            .arg("up")
-            .output()
-            .expect("cannot run scripts/services.sh");
-        assert!(
-            out.status.success(),
-            "scripts/services.sh up failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    need(&[Service::Rabbitmq, Service::Fuse]);
 }
 
 /// The broker URL the tests use.
 pub fn amqp_url() -> String {
-    services_up();
+    need(&[Service::Rabbitmq]);
     std::env::var("MQLOCK_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// The Redis URL the tests use.
 pub fn redis_url() -> String {
-    services_up();
+    need(&[Service::Redis]);
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
 }
 
 /// The PostgreSQL URL the tests use.
 pub fn database_url() -> String {
-    services_up();
+    need(&[Service::Postgres]);
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://mqlock:mqlock@127.0.0.1:5432/mqlock".into())
 }
@@ -99,7 +145,7 @@ pub fn init_tracing() {
 
 /// The broker that disruptive tests may restart (consumer_timeout 3 s, checked every second).
 pub fn faults_amqp_url() -> String {
-    services_up();
+    need(&[Service::RabbitmqFaults]);
     std::env::var("MQLOCK_FAULTS_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5673/%2f".into())
 }
@@ -112,7 +158,7 @@ pub fn faults_rabbitmqctl(args: &[&str]) {
 /// Runs `rabbitmqctl` against the main broker (rabbit@localhost) and returns its output;
 /// panics if it fails.
 pub fn main_rabbitmqctl(args: &[&str]) -> String {
-    services_up();
+    need(&[Service::Rabbitmq]);
     rabbitmqctl("rabbit@localhost", args)
 }
 
@@ -134,7 +180,7 @@ fn rabbitmqctl(node: &str, args: &[&str]) -> String {
 
 /// The main broker over TLS (`scripts/services.sh` adds the listener and the test CA).
 pub fn amqps_url() -> String {
-    services_up();
+    need(&[Service::Rabbitmq]);
     std::env::var("MQLOCK_AMQPS_URL")
         .unwrap_or_else(|_| "amqps://guest:guest@127.0.0.1:5671/%2f".into())
 }
@@ -142,7 +188,7 @@ pub fn amqps_url() -> String {
 /// Where `scripts/services.sh` keeps the test CA (`ca.pem`) and the client certificate
 /// (`client.pem`, `client.key`).
 pub fn tls_dir() -> PathBuf {
-    services_up();
+    need(&[Service::Rabbitmq]);
     PathBuf::from(
         std::env::var("MQLOCK_TLS_DIR").unwrap_or_else(|_| "/var/tmp/mqlock-services/tls".into()),
     )
