@@ -11,8 +11,7 @@
 use std::time::Duration;
 
 use lapin::options::{
-    BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
@@ -74,14 +73,7 @@ pub(crate) async fn read(
             .await?
         {
             mark = Some(String::from_utf8_lossy(&message.delivery.data).into_owned());
-            message
-                .delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await?;
+            crate::protocol::put_back(&message).await?;
             break;
         }
         empty += 1;

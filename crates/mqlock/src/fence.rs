@@ -23,9 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join;
 use lapin::message::BasicGetMessage;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 
@@ -229,15 +227,8 @@ pub(crate) async fn peek_max(
         .zip(&taken)
         .max_by_key(|(v, _)| **v)
         .map(|(v, m)| (*v, m.delivery.properties.clone()));
-    for message in taken {
-        message
-            .delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await?;
+    for message in &taken {
+        crate::protocol::put_back(message).await?;
     }
     Ok(latest)
 }

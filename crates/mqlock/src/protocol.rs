@@ -193,6 +193,19 @@ pub(crate) fn loss_reason(e: &lapin::Error) -> LossReason {
     }
 }
 
+/// Puts a message taken with `basic.get` back at the head of its queue, for a reader that only
+/// looks (the registers' `peek_max`, the cluster mark).
+pub(crate) async fn put_back(message: &lapin::message::BasicGetMessage) -> lapin::Result<bool> {
+    message
+        .delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
