@@ -93,9 +93,50 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
     Ok(())
 }
 
+/// Turns arbitrary bytes (a file path, a cache key) into text that is a valid part of a lock
+/// name: `%`, control characters and bytes that are not UTF-8 are written as `%XX`, everything
+/// else is kept as it is, so names stay readable.
+///
+/// The mapping is injective: two different inputs never give the same output, so two files or
+/// two keys never share a lock. The adapters build their lock names with it.
+pub fn escape(raw: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(raw.len());
+    for chunk in raw.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '%' {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    let _ = write!(out, "%{b:02X}");
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escape_keeps_text_and_is_injective() {
+        assert_eq!(escape(b"a/b c.txt"), "a/b c.txt");
+        assert_eq!(escape("é".as_bytes()), "é");
+        assert_eq!(escape(b"100%"), "100%25");
+        assert_eq!(escape(b"a\nb"), "a%0Ab");
+        assert_eq!(escape(b"\xff\xfe"), "%FF%FE");
+        // `%` itself is escaped, so an escaped form never collides with a literal one.
+        assert_ne!(escape(b"%0A"), escape(b"\n"));
+        for raw in [&b"x\x7f"[..], b"\x00", "\u{85}".as_bytes()] {
+            validate(&escape(raw)).unwrap();
+        }
+    }
 
     #[test]
     fn short_names_are_kept_readable() {
