@@ -439,4 +439,7 @@ impl Locker for LockClient {
     ) -> BoxFuture<'a, Result<LockGuard>> {
         Box::pin(LockClient::lock_timeout(self, name, timeout))
     }
+    fn addr(&self) -> String {
+        self.broker_addr().to_owned()
+    }
 }

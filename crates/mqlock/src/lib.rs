@@ -45,6 +45,7 @@ pub mod name;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 mod protocol;
+mod table;
 
 pub use client::{BreakOutcome, LockClient, LockStatus};
 pub use config::{ClientConfig, DEFAULT_QUORUM_DELIVERY_LIMIT, QueueType, TlsConfig};
@@ -57,3 +58,4 @@ pub use metrics::{
     HOLD_BUCKETS_SECONDS, HistogramSnapshot, LOSS_REASONS, Metrics, MetricsSnapshot,
     WAIT_BUCKETS_SECONDS, loss_reason_label,
 };
+pub use table::{LockTable, Share, TableGuard};

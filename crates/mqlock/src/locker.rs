@@ -29,6 +29,12 @@ pub trait Locker: Send + Sync + 'static {
         name: &'a str,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>>;
+
+    /// Where the locks live, for error messages: the broker's address for
+    /// [`crate::LockClient`], `"memory"` for [`MemoryLocker`].
+    fn addr(&self) -> String {
+        "memory".into()
+    }
 }
 
 impl<L: Locker + ?Sized> Locker for Arc<L> {
@@ -44,6 +50,9 @@ impl<L: Locker + ?Sized> Locker for Arc<L> {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>> {
         (**self).lock_timeout(name, timeout)
+    }
+    fn addr(&self) -> String {
+        (**self).addr()
     }
 }
 
