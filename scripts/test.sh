@@ -14,5 +14,19 @@ cargo clippy --workspace --all-targets --features "$FEATURES" -- -D warnings
 echo "== cargo test"
 # Test binaries run one after another (each runs its tests in parallel); the FUSE and fault
 # tests start daemons and restart the faults broker, which is safer than interleaving binaries.
-cargo test --workspace --no-fail-fast --features "$FEATURES"
+# The output is kept in target/test-output.log; on a failure, every failing test's panic
+# message is repeated at the end, where a CI log's tail shows it (a failing test's captured
+# output comes long before, in the middle of the other binaries' output).
+mkdir -p target
+log=target/test-output.log
+set +e
+cargo test --workspace --no-fail-fast --features "$FEATURES" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+if [ "$status" -ne 0 ]; then
+  echo "== failures (cargo test exited $status; whole output in $log)"
+  grep -E "^test .* FAILED$|^error: .*target|^    \`" "$log" || true
+  grep -A 12 -E "^thread '.*' panicked at|^thread '.*' \([0-9]+\) panicked at" "$log" | grep -v -E "lapin::|^\S*\[2m" | head -150
+  exit "$status"
+fi
 echo "== all tests passed"
