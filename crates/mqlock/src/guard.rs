@@ -272,11 +272,12 @@ mod tests {
 
     #[test]
     fn an_expired_lease_reads_as_lost_without_any_task_running() {
-        let lease = Arc::new(Lease::new(Duration::from_millis(30)));
+        let clock = Arc::new(crate::ManualClock::new(Duration::from_secs(1)));
+        let lease = Arc::new(Lease::with_clock(clock.clone(), Duration::from_millis(30)));
         let signal = LossSignal::new(Some(lease.clone()));
         assert!(signal.reason().is_none());
         // A frozen process: no task ran while the deadline passed.
-        std::thread::sleep(Duration::from_millis(40));
+        clock.advance(Duration::from_millis(40));
         assert!(matches!(
             signal.reason(),
             Some(LossReason::LeaseExpired { .. })
@@ -289,12 +290,18 @@ mod tests {
         assert!(!signal.fire(LossReason::ConsumerCancelled));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn lost_resolves_when_the_lease_runs_out() {
-        let lease = Arc::new(Lease::new(Duration::from_millis(20)));
+        let clock = Arc::new(crate::ManualClock::new(Duration::from_secs(1)));
+        let lease = Arc::new(Lease::with_clock(clock.clone(), Duration::from_millis(20)));
         let signal = LossSignal::new(Some(lease));
-        let r = tokio::time::timeout(Duration::from_secs(2), signal.lost())
+        let waiter = tokio::spawn(async move { signal.lost().await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "the lease has not run out yet");
+        clock.advance(Duration::from_millis(20));
+        let r = tokio::time::timeout(Duration::from_secs(2), waiter)
             .await
+            .expect("lost() resolved within a recheck of the deadline")
             .unwrap();
         assert!(matches!(r, LossReason::LeaseExpired { .. }));
     }

@@ -226,7 +226,7 @@ mod tests {
         assert!(!lease.is_valid());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn expired_resolves_soon_after_a_suspend_even_though_timers_stood_still() {
         let clock = Arc::new(ManualClock::new(Duration::from_secs(1)));
         let lease = Arc::new(Lease::with_clock(clock.clone(), Duration::from_secs(3600)));
