@@ -464,9 +464,9 @@ impl LockClient {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before the publish leaves nothing behind. Dropping it after the
-    /// publish, before the confirm, may or may not leave the request published; a published
-    /// request takes effect as if the call had returned.
+    /// Dropped while it looks at the lock, as [`LockClient::status`]. Dropped after the
+    /// publish, before the confirm, the request may or may not have been published; a
+    /// published request takes effect as if the call had returned.
     ///
     /// # Panics
     ///
@@ -562,7 +562,8 @@ impl LockClient {
     ///
     /// # Panics
     ///
-    /// If polled outside a tokio runtime with its time driver.
+    /// If polled outside a tokio runtime with its time driver while the client has a
+    /// connection to close.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         if let Some(conn) = self.inner.conn.lock().await.take() {

@@ -59,7 +59,8 @@ pub struct ClientConfig {
     /// A waiter republishes a wake-up this often, so a lock whose token was lost (purged by
     /// hand, dropped by a delivery limit) is still handed on (default 10 s).
     pub nudge_interval: Duration,
-    /// How long `try_lock` waits for the broker to hand over a lock it found free (default 1 s).
+    /// How long `try_lock` waits for the broker to hand over a lock it found free (default 1 s);
+    /// its attempt, grant included, ends at the latest twice this long after the call.
     pub try_window: Duration,
     /// `x-delivery-limit` of quorum queues: lock queues, fence registers, epoch queues and the
     /// cluster mark (default [`DEFAULT_QUORUM_DELIVERY_LIMIT`], about two billion). Classic

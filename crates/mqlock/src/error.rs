@@ -17,7 +17,8 @@ use crate::guard::LossReason;
 #[non_exhaustive]
 pub enum Error {
     /// The lock name cannot be used (empty, or contains control characters). Checked before
-    /// anything is sent to the broker; [`crate::name::escape`] turns any bytes into a valid name.
+    /// anything is sent to the broker; [`crate::name::escape`] turns any non-empty bytes into a
+    /// valid name.
     #[error("invalid lock name {name:?}: {reason}")]
     InvalidName {
         /// The name as given (truncated to 80 characters).
@@ -110,7 +111,8 @@ pub enum Error {
 
     /// The lock was lost while it was held: returned only by [`crate::LockGuard::release`] of a
     /// guard whose loss signal had fired or whose lease had run out before the release
-    /// completed. An acquisition never returns it (an interrupted grant is retried).
+    /// completed, or whose holder task no longer ran (its runtime shut down). An acquisition
+    /// never returns it (an interrupted grant is retried).
     #[error("lock {name:?} was lost: {reason}")]
     Lost {
         /// Lock name.
@@ -121,8 +123,8 @@ pub enum Error {
 
     /// One of the lock's queues exists on the broker with arguments that differ from this
     /// client's configuration (queue type, idle expiry, quorum delivery limit), or is a fence
-    /// register declared by mqlock 0.1 (`detail` says how to remove it). All clients of one
-    /// lock must agree.
+    /// register or epoch queue declared by mqlock 0.1 (`detail` says how to remove it). All
+    /// clients of one lock must agree.
     #[error(
         "lock {name:?}: queue {queue:?} at {addr} exists with different arguments ({detail}); all clients of a lock must use the same queue type and idle expiry"
     )]

@@ -16,8 +16,7 @@ use crate::lease::Lease;
 #[non_exhaustive]
 pub enum LossReason {
     /// The connection to the broker failed (I/O error, missed heartbeats, broker shutdown), or
-    /// the client closed it ([`crate::LockClient::close`], or a reconnection that found a broker
-    /// of another cluster).
+    /// the client closed it ([`crate::LockClient::close`]).
     ConnectionLost(String),
     /// The broker closed the lock's channel (e.g. 406 PRECONDITION_FAILED on consumer timeout).
     ChannelClosed(String),
