@@ -30,9 +30,15 @@ static CLIENTS: AtomicU64 = AtomicU64::new(0);
 
 /// A lock client: one broker connection shared by every lock taken through it.
 ///
-/// Cheap to clone (clones share the connection and the metrics). The connection is opened by
-/// [`LockClient::connect`] and reopened on demand after it fails; locks held on a failed
-/// connection are reported lost (see [`LockGuard::lost`]).
+/// Cheap to clone: clones share the connection, the metrics and the closed state
+/// ([`LockClient::close`] on one closes them all). The connection is opened by
+/// [`LockClient::connect`] and reopened on demand, by the next acquisition, after it fails;
+/// locks held on a failed connection are reported lost (see [`LockGuard::lost`]), never moved to
+/// the new one.
+///
+/// The connection's I/O and liveness probe, and each held lock's holder task, run on the tokio
+/// runtime that opened them: keep that runtime running while the client and its guards are in
+/// use.
 #[derive(Clone)]
 pub struct LockClient {
     pub(crate) inner: Arc<Inner>,
@@ -75,7 +81,8 @@ pub struct LockStatus {
     pub name: String,
     /// The lock queue's name on the broker.
     pub queue: String,
-    /// Whether the lock queue exists (it is created on first use and expires when idle).
+    /// Whether the lock queue exists (it is created by the first acquisition and expires
+    /// [`ClientConfig::idle_expiry`] after its last use).
     pub exists: bool,
     /// Consumers registered on the lock queue: the holder (or a client being granted) and
     /// its waiters. On quorum queues RabbitMQ may under-report waiters.
@@ -84,7 +91,9 @@ pub struct LockStatus {
     pub ready_messages: u32,
     /// The latest grant recorded in the fence register: the holder while the lock is held,
     /// the last holder when it is free. `None` for a lock never granted, one whose register
-    /// expired, or one last granted by mqlock 0.1 (which recorded no identity).
+    /// expired, one last granted by mqlock 0.1 (which recorded no identity), and when the
+    /// register could not be read or its value was taken at that moment by a grant in progress
+    /// or another reader.
     pub holder: Option<HolderInfo>,
 }
 
@@ -92,7 +101,8 @@ pub struct LockStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BreakOutcome {
-    /// No lock by that name: never used, or its queue expired. Nothing was sent.
+    /// No lock by that name: never used, or its queue expired. Nothing was sent, or the request
+    /// came back unrouted because the queue expired between the look and the publish.
     Unknown,
     /// Nobody holds the lock. Nothing was sent.
     Free {
@@ -107,11 +117,13 @@ pub enum BreakOutcome {
 }
 
 impl LockStatus {
-    /// Whether some client holds the lock or is being granted it.
+    /// Whether some client holds the lock or is being granted it: the lock queue has a
+    /// consumer (single active consumer makes one of them the holder).
     pub fn is_held(&self) -> bool {
         self.consumers > 0
     }
-    /// Clients waiting behind the holder (exact on classic queues).
+    /// Clients waiting behind the holder (exact on classic queues; quorum queues may
+    /// under-report, see [`LockStatus::consumers`]).
     pub fn waiters(&self) -> u32 {
         self.consumers.saturating_sub(1)
     }
@@ -120,11 +132,56 @@ impl LockStatus {
 impl LockClient {
     /// Connects to the broker.
     ///
-    /// `url` is an AMQP URL (`amqp://user:pass@host:5672/vhost`), or several separated by
-    /// commas, tried in turn. The heartbeat of [`ClientConfig`] overrides one in the URL.
+    /// `url` is an AMQP URL (`amqp://user:pass@host:5672/vhost`; `amqps://` needs the `rustls`
+    /// feature), or several separated by commas: the first address that answers is used, now
+    /// and at every reconnection. Several URLs must name nodes of one cluster (see
+    /// [`Error::NotOneCluster`]). The heartbeat of [`ClientConfig`] overrides one in the URL, and
+    /// a URL without `connection_timeout` gets 5 s for the TCP connect; the AMQP handshake gets
+    /// 15 s.
     ///
-    /// Errors: [`Error::InvalidUrl`], [`Error::Config`], [`Error::Unreachable`],
-    /// [`Error::AuthRefused`]. Cancel safe.
+    /// # Errors
+    ///
+    /// - [`Error::Config`]: `config` fails [`ClientConfig::validate`], an `amqps://` URL without
+    ///   the `rustls` feature, or a TLS file of [`ClientConfig::tls`] that cannot be read.
+    /// - [`Error::InvalidUrl`]: a URL does not parse or has no host, or `url` names none.
+    /// - [`Error::AuthRefused`]: a broker refused the login; the remaining addresses are not
+    ///   tried.
+    /// - [`Error::Tls`]: the TLS handshake failed.
+    /// - [`Error::Unreachable`]: the address could not be reached. With several URLs, when every
+    ///   address failed, their failures (TLS and TLS files included) are listed in one
+    ///   [`Error::Unreachable`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing outlives the dropped future. A connection being opened is dropped,
+    /// and lapin closes it; with several URLs, the cluster mark queue (`<prefix>cluster-mark`)
+    /// may have been declared and given its mark, as any connection does.
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime with its I/O and time drivers: the connection runs
+    /// on the current runtime.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> mqlock::Result<()> {
+    /// use mqlock::{ClientConfig, LockClient, QueueType};
+    ///
+    /// // Quorum queues keep the locks through the loss of a node; a vhost of their own keeps
+    /// // the lock user's write permission on the default exchange away from other applications.
+    /// let config = ClientConfig {
+    ///     queue_type: QueueType::Quorum,
+    ///     connection_name: Some("report-builder".into()),
+    ///     ..ClientConfig::default()
+    /// };
+    /// let client = LockClient::connect(
+    ///     "amqp://app:secret@rabbit-1:5672/locks,amqp://app:secret@rabbit-2:5672/locks",
+    ///     config,
+    /// )
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(url: &str, config: ClientConfig) -> Result<LockClient> {
         config.validate()?;
         let uris = parse_urls(url, &config)?;
@@ -167,29 +224,106 @@ impl LockClient {
         &self.inner.addr
     }
 
-    /// The client's configuration.
+    /// The client's configuration, as given to [`LockClient::connect`].
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
     }
 
-    /// The article's figures of merit for this client: request rate R, release rate S, wait
-    /// time T.
+    /// A snapshot of this client's counters, shared by its clones: the request rate R, the
+    /// release rate S and the wait time T, with hold times, losses by reason and the locks held
+    /// now. The `prometheus` feature exposes the same counters (`mqlock::prometheus::register`).
     pub fn metrics(&self) -> MetricsSnapshot {
         self.inner.metrics.snapshot()
     }
 
-    /// Waits until the lock is granted. Waiters are granted in the order they started waiting.
+    /// Waits until the lock is granted. Waiters are granted in the order they registered with
+    /// the broker.
     ///
-    /// Cancel safe: dropping the future at any point leaves no consumer and no token behind.
-    /// If the connection fails while waiting, the client reconnects and waits again (at the
-    /// back of the queue).
+    /// The guard is returned once its fencing token is stored in the lock's register and its
+    /// lease has started (a renewal came back through the lock queue), so the token can be used
+    /// at once. If the connection fails while waiting, the client reconnects and registers
+    /// again, at the back of the queue.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidName`]: checked before anything is sent.
+    /// - [`Error::Closed`]: the client was closed, before or during the wait.
+    /// - [`Error::Unreachable`], [`Error::AuthRefused`]: the client cannot connect. Returned at
+    ///   once when the connection was already gone before this call; once this call's wait was
+    ///   interrupted, reconnecting is retried until 60 s after that first interruption.
+    /// - [`Error::Tls`], [`Error::Config`] (TLS files), [`Error::NotOneCluster`]: a
+    ///   reconnection failed so; not retried.
+    /// - [`Error::IncompatibleQueue`]: the lock's queues exist with other arguments.
+    /// - [`Error::AccessRefused`]: the broker user lacks a permission.
+    /// - [`Error::Protocol`]: a register holds something other than tokens, or the wait was
+    ///   interrupted 200 times.
+    ///
+    /// Never [`Error::Timeout`] nor [`Error::Lost`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the guard is created after the last await point, so a dropped future never
+    /// holds the lock. What a drop leaves, by where the future was:
+    ///
+    /// - connecting: the connection being opened is dropped, and lapin closes it;
+    /// - registered (waiting, or in the grant): the acquisition's channel is closed by a task
+    ///   spawned on the current runtime, which removes its consumer and hands any delivery on
+    ///   to the next waiter; until the broker has read that close (one round trip) the consumer
+    ///   still counts in [`LockClient::status`];
+    /// - in the grant: the token may already be stored in the register, and a new epoch in the
+    ///   epoch queue; the next grant counts on from them, so tokens skip a number and never go
+    ///   down. Register values the grant had taken go back when its channel closes (F4 in
+    ///   docs/protocol.md). A wake-up or a renewal it published may stay in the lock queue,
+    ///   where later holders tell it apart (docs/protocol.md, "Hold").
+    ///
+    /// Drop it inside a tokio runtime: without one the consumer is cancelled before the channel
+    /// closes, and on RabbitMQ 3.10.8 cancelling the active consumer of a classic lock queue
+    /// can crash the queue (rabbitmq-server #5460; docs/protocol.md).
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime with its time driver: the wait uses tokio's timers, and
+    /// the lock's holder task is spawned on the current runtime.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: mqlock::LockClient) -> mqlock::Result<()> {
+    /// let guard = client.lock("reports/daily").await?;
+    /// // The token orders this holder's writes after every earlier holder's: a store that keeps
+    /// // the highest token it has seen refuses a holder that lost the lock without knowing it.
+    /// write_report(guard.fencing_token()).await;
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// # async fn write_report(_token: u64) {}
+    /// ```
     pub async fn lock(&self, name: &str) -> Result<LockGuard> {
         self.acquire(name, Wait::Forever)
             .await
             .map(|g| g.expect("blocking acquire grants"))
     }
 
-    /// Waits up to `timeout` for the lock; [`Error::Timeout`] after that. Cancel safe.
+    /// Waits up to `timeout` for the lock, like [`LockClient::lock`]; [`Error::Timeout`] after
+    /// that.
+    ///
+    /// The deadline covers the whole acquisition: reconnecting, registering, waiting, and the
+    /// grant's register write and first renewal. A grant still in progress at the deadline is
+    /// abandoned (its token number is skipped).
+    ///
+    /// # Errors
+    ///
+    /// Those of [`LockClient::lock`], and [`Error::Timeout`] when the deadline passes, also
+    /// while a reconnection is being retried.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`LockClient::lock`].
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime with its time driver, and if `timeout` is too large to
+    /// be added to the current `Instant` (`Duration::MAX`, for instance): use
+    /// [`LockClient::lock`] to wait without a limit.
     pub async fn lock_timeout(&self, name: &str, timeout: Duration) -> Result<LockGuard> {
         self.acquire(name, Wait::Until(Instant::now() + timeout))
             .await
@@ -198,14 +332,58 @@ impl LockClient {
 
     /// Takes the lock if no other client holds it or waits for it; `Ok(None)` otherwise.
     ///
-    /// When the lock looks free, waits up to [`ClientConfig::try_window`] for the broker's
-    /// hand-over; if another client registered at the same instant and won, returns
-    /// `Ok(None)`. Cancel safe.
+    /// When the lock looks free (its queue has no consumer), registers and waits up to
+    /// [`ClientConfig::try_window`] for the broker's hand-over; if another client registered at
+    /// the same instant and won, returns `Ok(None)`. The attempt, grant included, ends at the
+    /// latest `2 × try_window` after the call (reconnecting first is not bounded by it), with
+    /// `Ok(None)` if it has not granted by then. An attempt interrupted by a lost connection or
+    /// a queue that expired in between also returns `Ok(None)`, without retrying.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`LockClient::lock`], except that a failed reconnection is not retried and an
+    /// interrupted attempt is `Ok(None)`, not an error. Never [`Error::Timeout`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`LockClient::lock`].
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime with its time driver.
     pub async fn try_lock(&self, name: &str) -> Result<Option<LockGuard>> {
         self.acquire(name, Wait::Try).await
     }
 
-    /// What the broker can tell about a lock: held or free, and how many clients wait.
+    /// What the broker can tell about a lock: held or free, how many clients wait, and who
+    /// holds it (or held it last).
+    ///
+    /// Registers nothing and creates no queue: a passive declare of the lock queue, then a
+    /// look at the fence register, whose values are taken for one round trip and put back. A
+    /// grant that reads the register in that moment finds it empty and starts a new epoch: its
+    /// token jumps ahead, never back (docs/protocol.md, "Holder identity"). Reading the
+    /// register needs read permission on the prefix; without it, `holder` is `None`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidName`], [`Error::Closed`].
+    /// - A failed reconnection: [`Error::Unreachable`], [`Error::AuthRefused`], [`Error::Tls`],
+    ///   [`Error::Config`], [`Error::NotOneCluster`] (not retried).
+    /// - [`Error::Unreachable`], [`Error::AccessRefused`] or [`Error::Protocol`]: the channel
+    ///   failed or the broker refused the declare.
+    ///
+    /// A missing lock queue is not an error (`exists: false`), nor a register that cannot be
+    /// read (`holder: None`).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing is registered. Dropped while it holds the register's values, they
+    /// go back when lapin closes the dropped channel (asynchronously, one round trip), which
+    /// lengthens the moment in which a grant starts a new epoch.
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime, when it has to reconnect.
     pub async fn status(&self, name: &str) -> Result<LockStatus> {
         let names = queue_names(&self.inner.config.prefix, name)?;
         let conn = self.connection().await?;
@@ -269,11 +447,30 @@ impl LockClient {
     /// Needs write permission on the default exchange (`amq.default`), through which the request
     /// is published ([`Error::AccessRefused`] names it otherwise); a monitoring user with read
     /// permission only can see `status` but not break.
-    /// Returns once the broker confirmed the request, not when the holder acted on it.
+    /// Returns once the broker confirmed the request, not when the holder acted on it. The
+    /// request names the grant the register recorded when the lock was looked at; if that
+    /// grant ended in between, the request is ignored and the outcome still says
+    /// [`BreakOutcome::Requested`] with the old grant.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`LockClient::status`], which it runs first, and:
+    ///
+    /// - [`Error::AccessRefused`]: no write permission on `amq.default`.
+    /// - [`Error::Protocol`]: the lock is held but its register shows no holder (granted by
+    ///   mqlock 0.1, or the register's value taken at that moment by a grant in progress or
+    ///   another reader: try again), or the broker refused to store the request.
+    /// - [`Error::Unreachable`] or [`Error::Protocol`]: the channel failed.
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before the confirm may or may not leave the request published.
+    /// Dropped while it looks at the lock, as [`LockClient::status`]. Dropped after the
+    /// publish, before the confirm, the request may or may not have been published; a
+    /// published request takes effect as if the call had returned.
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime, when it has to reconnect.
     pub async fn break_lock(&self, name: &str) -> Result<BreakOutcome> {
         let status = self.status(name).await?;
         if !status.exists {
@@ -347,7 +544,26 @@ impl LockClient {
         }
     }
 
-    /// Closes the connection. Held locks are released by the broker and reported lost.
+    /// Closes the client: its connection, for this handle and every clone.
+    ///
+    /// Held locks are released by the broker, which closes their channels with the connection,
+    /// and reported lost ([`LossReason::ConnectionLost`], or [`LossReason::ChannelClosed`] if
+    /// the holder notices its channel first); their guards' `release` then returns
+    /// [`Error::Lost`]. Acquisitions waiting on the connection end, usually with
+    /// [`Error::Closed`] (`try_lock` with `Ok(None)`), and every later acquisition, `status` and
+    /// `break_lock` returns [`Error::Closed`]. Waits at most 2 s for the broker to confirm the
+    /// close. Calling it again does nothing.
+    ///
+    /// # Cancel safety
+    ///
+    /// The client is marked closed at the first poll, whatever happens next. Dropped before the
+    /// close has gone out, the connection may stay open, and its held locks held and renewed,
+    /// until their guards and every handle of the client are dropped.
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime with its time driver while the client has a
+    /// connection to close.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
         if let Some(conn) = self.inner.conn.lock().await.take() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::lease::{BootClock, Clock};
 
-/// The RabbitMQ queue type of lock queues.
+/// The RabbitMQ queue type of a lock's queues (lock queue, fence register, epoch queue).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueType {
     /// Classic queues: the default on a single broker.
@@ -28,35 +28,43 @@ impl QueueType {
 
 /// Configuration of a [`crate::LockClient`].
 ///
-/// `queue_type`, `prefix` and `idle_expiry` become arguments of the lock queues: every client of
-/// one lock must use the same values, or the broker refuses the later declaration
-/// ([`Error::IncompatibleQueue`]).
+/// `queue_type`, `idle_expiry` and, on quorum queues, `quorum_delivery_limit` become arguments
+/// of a lock's queues: every client of one lock must use the same values, or the broker refuses
+/// the later declaration ([`Error::IncompatibleQueue`]). `prefix` is part of the queue names:
+/// clients with different prefixes use different queues, so they do not exclude each other at
+/// all. [`ClientConfig::validate`] lists the allowed ranges.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// AMQP heartbeat interval (default 5 s, not RabbitMQ's 60 s). The broker drops a silent
-    /// client after two missed heartbeats; a holder's lease is at most `1.5 × heartbeat` past
-    /// its last confirmed renewal, so it declares its lock lost before the broker can hand it on
-    /// (also bounded by `net_ticktime` and `consumer_timeout`; docs/protocol.md, L2).
+    /// AMQP heartbeat interval (default 5 s, not RabbitMQ's 60 s; 1 s to 600 s, in whole
+    /// seconds). The broker drops a silent client after two missed heartbeats; a holder's lease
+    /// ends at most `1.5 × heartbeat` after it sent its last renewal that came back through the
+    /// lock queue, so it declares its lock lost before the broker can hand it on (also bounded
+    /// by `net_ticktime` and `consumer_timeout`; docs/protocol.md, L2). The leases use the
+    /// heartbeat the broker negotiates, or this one if the broker disables heartbeats.
     pub heartbeat: Duration,
     /// Lock queue type (default classic).
     pub queue_type: QueueType,
-    /// Prefix of every queue name (default `"mqlock."`).
+    /// Prefix of every queue name (default `"mqlock."`). Every client of one lock must use the
+    /// same prefix: another prefix names other queues, hence another lock.
     pub prefix: String,
     /// An unused lock's queues are deleted by the broker after this long (`x-expires`,
     /// default 1 h). Fencing survives it as long as the clients' wall clocks differ by less than it
     /// (docs/protocol.md, B7 and F3).
     pub idle_expiry: Duration,
     /// The longest time between two renewals of a holder's token, and how often a holder
-    /// declares its fence register again so that it does not expire under a long hold (default
-    /// 5 min). A holder renews far more often anyway (three times per lease margin).
+    /// declares its fence register and epoch queue again so that they do not expire under a
+    /// long hold (default 5 min; at least 100 ms, at most half of `idle_expiry`). A holder
+    /// renews far more often anyway (three times per lease margin).
     pub renew_interval: Duration,
     /// A waiter republishes a wake-up this often, so a lock whose token was lost (purged by
     /// hand, dropped by a delivery limit) is still handed on (default 10 s).
     pub nudge_interval: Duration,
-    /// How long `try_lock` waits for the broker to hand over a lock it found free (default 1 s).
+    /// How long `try_lock` waits for the broker to hand over a lock it found free (default 1 s);
+    /// its attempt, grant included, ends at the latest twice this long after the call.
     pub try_window: Duration,
-    /// `x-delivery-limit` of quorum lock queues (default
-    /// [`DEFAULT_QUORUM_DELIVERY_LIMIT`], about two billion).
+    /// `x-delivery-limit` of quorum queues: lock queues, fence registers, epoch queues and the
+    /// cluster mark (default [`DEFAULT_QUORUM_DELIVERY_LIMIT`], about two billion). Classic
+    /// queues never get it.
     ///
     /// Every release requeues the token, and a quorum queue drops a message delivered more
     /// often than its limit. RabbitMQ 4.x sets a limit of 20 when none is given; 3.x has none.
@@ -79,7 +87,8 @@ pub struct ClientConfig {
     /// token, and the broker hands the lock on once that delivery is older than this; the lease
     /// stays below half of it. Set it when the brokers run with a shorter one.
     pub consumer_timeout: Duration,
-    /// Name shown for this client's connection in the broker's management tools.
+    /// Name shown for this client's connection in the broker's management tools, and recorded
+    /// with every grant ([`crate::HolderInfo::client`]); `None` means `mqlock pid <pid>`.
     pub connection_name: Option<String>,
     /// The clock leases are measured on: [`BootClock`] (`CLOCK_BOOTTIME`, which counts time
     /// the host spent suspended). Tests inject a [`crate::ManualClock`] to simulate a suspend.
@@ -134,7 +143,15 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
-    /// Checks ranges and consistency.
+    /// Checks ranges and consistency; [`crate::LockClient::connect`] calls it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when `prefix` contains a control character, starts with `amq.` or is
+    /// longer than 208 bytes; `heartbeat` is outside 1 s to 600 s; `idle_expiry` is under 10 s;
+    /// `renew_interval` is under 100 ms or over half of `idle_expiry`; only one of
+    /// `tls.client_cert` and `tls.client_key` is set; `net_ticktime` is under 2 s;
+    /// `consumer_timeout` is under 1 s; or `nudge_interval` is under 100 ms.
     pub fn validate(&self) -> Result<()> {
         crate::name::validate_prefix(&self.prefix)?;
         if self.heartbeat < Duration::from_secs(1) || self.heartbeat > Duration::from_secs(600) {

@@ -7,11 +7,18 @@ use crate::guard::LossReason;
 /// Errors returned by mqlock.
 ///
 /// Every variant that concerns a lock names it, and every variant that concerns the broker names
-/// its address (`host:port/vhost`), never the credentials.
+/// its address (`host:port/vhost`), never the credentials. Each method's `# Errors` section says
+/// which variants it returns; the enum is `#[non_exhaustive]`, so match with a wildcard arm.
+///
+/// A held lock's loss is not an error of any call: it arrives through
+/// [`crate::LockGuard::lost`], and only [`crate::LockGuard::release`] turns it into
+/// [`Error::Lost`].
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The lock name cannot be used (empty, or contains control characters).
+    /// The lock name cannot be used (empty, or contains control characters). Checked before
+    /// anything is sent to the broker; [`crate::name::escape`] turns any non-empty bytes into a
+    /// valid name.
     #[error("invalid lock name {name:?}: {reason}")]
     InvalidName {
         /// The name as given (truncated to 80 characters).
@@ -20,18 +27,29 @@ pub enum Error {
         reason: &'static str,
     },
 
-    /// The broker URL could not be parsed.
+    /// The broker URL list could not be parsed: a URL is malformed or has no host, or the list
+    /// names no URL at all. Returned by [`crate::LockClient::connect`] only.
     #[error("invalid broker URL: {reason}")]
     InvalidUrl {
         /// Why it was refused (never contains the password).
         reason: String,
     },
 
-    /// A configuration value is out of range or inconsistent.
+    /// A configuration value is out of range or inconsistent ([`crate::ClientConfig::validate`]),
+    /// an `amqps://` URL was given to a build without the `rustls` feature, or a TLS file of
+    /// [`crate::TlsConfig`] cannot be read or holds no PEM certificate. The TLS files are read at
+    /// every connection, so a reconnection during an acquisition can return this too.
     #[error("invalid configuration: {0}")]
     Config(String),
 
-    /// No broker address answered.
+    /// The broker could not be reached, or stopped answering.
+    ///
+    /// From a connection attempt: no address of the URL list completed the TCP connect and the
+    /// AMQP handshake (refused, I/O error, no answer within 15 s); with several addresses,
+    /// `detail` lists each one's failure. From [`crate::LockClient::status`] and
+    /// [`crate::LockClient::break_lock`]: the connection failed under them. From
+    /// [`crate::LockGuard::release`]: the release was not answered in time; the lock is released
+    /// by the broker when it reads the close, or when the connection ends.
     #[error("cannot reach the broker at {addr}: {detail}")]
     Unreachable {
         /// Broker address(es) tried.
@@ -51,7 +69,9 @@ pub enum Error {
         detail: String,
     },
 
-    /// The broker refused the credentials.
+    /// The broker refused the login: wrong user name or password (403), or a vhost that does
+    /// not exist or that the user may not use (530). Not retried on another address of the URL
+    /// list, since every address gets the same credentials.
     #[error(
         "the broker at {addr} refused the login of user {user:?} (check the user name, password and vhost permissions)"
     )]
@@ -62,7 +82,10 @@ pub enum Error {
         user: String,
     },
 
-    /// The broker refused an operation for lack of permission (403 ACCESS_REFUSED).
+    /// The broker refused an operation on a lock for lack of permission (403 ACCESS_REFUSED).
+    /// Taking locks needs configure and read permission on the queue prefix and write
+    /// permission on the exchange `amq.default` (every publish goes through it, break requests
+    /// included); docs/security.md has the least-privilege set.
     #[error("the broker at {addr} refused access to lock {name:?}: {detail}")]
     AccessRefused {
         /// Lock name.
@@ -73,7 +96,9 @@ pub enum Error {
         detail: String,
     },
 
-    /// The wait for the lock ended without a grant.
+    /// The wait for the lock ended without a grant: returned only by `lock_timeout`
+    /// ([`crate::LockClient::lock_timeout`], [`crate::Locker::lock_timeout`]), when its deadline
+    /// passed while connecting, waiting in the queue or completing the grant.
     #[error("timed out after {waited:?} waiting for lock {name:?} at {addr}")]
     Timeout {
         /// Lock name.
@@ -84,7 +109,10 @@ pub enum Error {
         waited: Duration,
     },
 
-    /// The lock was lost (by the holder, or while it was being acquired).
+    /// The lock was lost while it was held: returned only by [`crate::LockGuard::release`] of a
+    /// guard whose loss signal had fired or whose lease had run out before the release
+    /// completed, or whose holder task no longer ran (its runtime shut down). An acquisition
+    /// never returns it (an interrupted grant is retried).
     #[error("lock {name:?} was lost: {reason}")]
     Lost {
         /// Lock name.
@@ -93,8 +121,10 @@ pub enum Error {
         reason: LossReason,
     },
 
-    /// The lock's queue exists on the broker with arguments that differ from this client's
-    /// configuration (queue type, idle expiry...). All clients of one lock must agree.
+    /// One of the lock's queues exists on the broker with arguments that differ from this
+    /// client's configuration (queue type, idle expiry, quorum delivery limit), or is a fence
+    /// register or epoch queue declared by mqlock 0.1 (`detail` says how to remove it). All
+    /// clients of one lock must agree.
     #[error(
         "lock {name:?}: queue {queue:?} at {addr} exists with different arguments ({detail}); all clients of a lock must use the same queue type and idle expiry"
     )]
@@ -109,10 +139,15 @@ pub enum Error {
         detail: String,
     },
 
-    /// The broker or the connection did something the protocol does not expect.
+    /// The broker did something the protocol does not expect, or an acquisition gave up: a
+    /// register holds a message that is not a token (or more than 64 values), fencing tokens
+    /// overflowed, the broker refused to store a break request, a held lock's register records
+    /// no holder to break, one acquisition was interrupted 200 times (connection lost, queue
+    /// expired in between...), or the broker or lapin reported an error that no other variant
+    /// covers.
     #[error("protocol error on lock {name:?} at {addr}: {detail}")]
     Protocol {
-        /// Lock name (empty for connection-level errors).
+        /// Lock name.
         name: String,
         /// Broker address.
         addr: String,
@@ -122,6 +157,10 @@ pub enum Error {
 
     /// Two brokers of the URL list are not nodes of one cluster: each has its own lock queues
     /// and registers, so neither mutual exclusion nor fencing would hold across them.
+    ///
+    /// Found when the client reconnects to another address than the first one it used (the
+    /// cluster marks are compared then); the refused connection is closed. `connect` itself
+    /// never returns it.
     #[error(
         "the brokers at {first} and {other} are not one cluster (their cluster marks differ); a URL list must name nodes of one RabbitMQ cluster"
     )]
@@ -132,7 +171,8 @@ pub enum Error {
         other: String,
     },
 
-    /// The client was shut down.
+    /// The client was shut down by [`crate::LockClient::close`] (on this handle or a clone):
+    /// every later acquisition, `status` and `break_lock` returns it.
     #[error("the lock client was closed")]
     Closed,
 }

@@ -40,7 +40,10 @@ impl Add<Duration> for BootInstant {
     }
 }
 
-/// The clock a lease is measured on.
+/// The clock a lease is measured on ([`crate::ClientConfig::clock`]).
+///
+/// It must never go backwards: that a lost lock stays lost ([`crate::LockGuard::is_held`]:
+/// "`false` is final") rests on it.
 pub trait Clock: Send + Sync + fmt::Debug {
     /// The current time.
     fn now(&self) -> BootInstant;
@@ -48,6 +51,10 @@ pub trait Clock: Send + Sync + fmt::Debug {
 
 /// `CLOCK_BOOTTIME`: monotonic, and counting while the host is suspended (Linux, Android).
 /// Elsewhere it falls back to `Instant`, which may not count a suspend.
+///
+/// # Panics
+///
+/// `now` panics if `clock_gettime(CLOCK_BOOTTIME)` fails, which Linux does not do since 2.6.39.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BootClock;
 
@@ -128,7 +135,7 @@ impl Lease {
         self.deadline_nanos.store(0, Ordering::Release);
     }
 
-    /// The current deadline.
+    /// The current deadline; the clock's origin once [`Lease::expire`] was called.
     pub fn deadline(&self) -> BootInstant {
         BootInstant(Duration::from_nanos(
             self.deadline_nanos.load(Ordering::Acquire),
@@ -145,7 +152,16 @@ impl Lease {
         self.now().saturating_duration_since(self.deadline())
     }
 
-    /// Resolves once the lease has run out. Cancel safe.
+    /// Resolves once the lease has run out. Looks at the clock at least every 250 ms, so a
+    /// suspend of the host (which tokio's timers do not count) is noticed at most that late.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it holds no state of its own.
+    ///
+    /// # Panics
+    ///
+    /// If polled outside a tokio runtime with its time driver.
     pub async fn expired(&self) {
         loop {
             let left = self.deadline().saturating_duration_since(self.now());
@@ -161,7 +177,8 @@ fn nanos(t: BootInstant) -> u64 {
     t.0.as_nanos().min(u64::MAX as u128) as u64
 }
 
-/// A clock that moves only when told to: for tests of leases across a suspend or a freeze.
+/// A clock that moves only when told to: for tests of leases across a suspend or a freeze
+/// (set it as [`crate::ClientConfig::clock`]).
 #[derive(Debug, Default)]
 pub struct ManualClock {
     nanos: AtomicU64,

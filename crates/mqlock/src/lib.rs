@@ -26,6 +26,13 @@
 //! What the lock promises, and what it cannot, is in `docs/protocol.md`. In short: the broker
 //! never has two active consumers, but a holder that is cut off or frozen may not know yet that
 //! it lost the lock; the fencing token is what keeps the protected resource safe then.
+//!
+//! [`LockClient`] runs on tokio: its connection, the connection's liveness probe and each held
+//! lock's holder task are tokio tasks. Each method's docs say which [`Error`] variants it
+//! returns, what dropping its future at each await point leaves behind (`# Cancel safety`),
+//! and when it panics.
+
+#![warn(missing_docs)]
 
 mod acquire;
 mod client;

@@ -14,16 +14,27 @@ use crate::name;
 /// Something that grants named, fenced locks: [`crate::LockClient`] (RabbitMQ) or
 /// [`MemoryLocker`] (one process, for tests).
 ///
-/// Every acquire future is cancel safe: dropping it at any await point leaves nothing behind
-/// (no waiter, no grant).
+/// The adapters are written against this trait, so that their logic can be unit-tested on a
+/// [`MemoryLocker`]. Each implementation documents its errors: [`crate::LockClient::lock`] and
+/// the [`MemoryLocker`] type.
+///
+/// # Cancel safety
+///
+/// Every acquire future is cancel safe: dropped at any await point, it never leaves the lock
+/// granted to nobody (a grant that reaches a dropped acquisition is released and handed to the
+/// next waiter). What remains for a moment differs: [`crate::LockClient`] closes the dropped
+/// acquisition's channel from a spawned task (see [`crate::LockClient::lock`]);
+/// [`MemoryLocker`] keeps the dropped waiter's place in its queue until its turn comes, then
+/// skips it.
 pub trait Locker: Send + Sync + 'static {
-    /// Waits (FIFO) until the lock is granted.
+    /// Waits until the lock is granted; waiters are granted in the order they asked.
     fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<LockGuard>>;
 
-    /// Takes the lock if it is free; `Ok(None)` if another client holds it.
+    /// Takes the lock if nobody holds it or waits for it; `Ok(None)` otherwise
+    /// ([`crate::LockClient::try_lock`] also when the broker did not hand it over in time).
     fn try_lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>>>;
 
-    /// Waits up to `timeout`; [`Error::Timeout`] after that.
+    /// Waits up to `timeout` for the lock; [`Error::Timeout`] after that.
     fn lock_timeout<'a>(
         &'a self,
         name: &'a str,
@@ -58,7 +69,17 @@ impl<L: Locker + ?Sized> Locker for Arc<L> {
 
 /// An in-process [`Locker`]: FIFO, fencing tokens, loss signals, and [`MemoryLocker::revoke`]
 /// to simulate a lost lock. It protects nothing across processes; use it to unit-test code
-/// written against [`Locker`].
+/// written against [`Locker`]. Clones share their locks.
+///
+/// What a test may notice against [`crate::LockClient`]: there is no broker, connection or
+/// lease, so a lock is lost only through [`MemoryLocker::revoke`], and
+/// [`LockGuard::release`] always returns `Ok(())`, also for a revoked guard. Tokens count up
+/// from 1 per lock name (a dropped waiter uses one up). The only errors are
+/// [`Error::InvalidName`] and, from `lock_timeout`, [`Error::Timeout`] (its `addr` is
+/// `"memory"`).
+///
+/// `lock` and `try_lock` need no runtime; `lock_timeout` panics if polled outside a tokio
+/// runtime with its time driver.
 #[derive(Clone, Default)]
 pub struct MemoryLocker {
     state: Arc<Mutex<HashMap<String, Entry>>>,
@@ -95,14 +116,14 @@ impl Release for MemoryRelease {
 }
 
 impl MemoryLocker {
-    /// An empty locker.
+    /// A locker with no locks.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Fires the loss signal of the current holder of `name` and grants the lock to the next
-    /// waiter, as the broker would after the holder's connection died. Returns whether there
-    /// was a holder.
+    /// Fires the loss signal of the current holder of `name` ([`LossReason::Revoked`]) and
+    /// grants the lock to the next waiter, as the broker would after the holder's connection
+    /// died. Returns whether there was a holder. The revoked guard's release then does nothing.
     pub fn revoke(&self, name: &str) -> bool {
         let mut state = self.state.lock().unwrap();
         let Some(entry) = state.get_mut(name) else {
@@ -116,7 +137,7 @@ impl MemoryLocker {
         true
     }
 
-    /// Whether `name` is currently held.
+    /// Whether `name` is held now.
     pub fn is_locked(&self, name: &str) -> bool {
         self.state
             .lock()

@@ -65,7 +65,10 @@ fn loss_reason_index(reason: &LossReason) -> usize {
     }
 }
 
-/// Live counters of one client. Cheap to update from many tasks.
+/// The live counters of one client, updated by its acquisitions and holder tasks and shared
+/// by its clones. Read them with [`Metrics::snapshot`] ([`crate::LockClient::metrics`]).
+///
+/// Only the client updates them: a `Metrics::default()` made outside the crate stays at zero.
 #[derive(Debug)]
 pub struct Metrics {
     started: Instant,
@@ -198,7 +201,9 @@ impl Metrics {
         self.renewals.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A consistent-enough copy of the counters for reading or printing.
+    /// A copy of the counters for reading or printing. Each counter and histogram is read on
+    /// its own, so a snapshot taken while locks change hands may be off by the events in
+    /// between (a grant counted in `grants` but not yet in `wait_seconds`, say).
     pub fn snapshot(&self) -> MetricsSnapshot {
         let h = self.wait.lock().unwrap().clone();
         let quantile = |q: f64| -> Duration {
@@ -267,25 +272,31 @@ pub struct HistogramSnapshot {
 pub struct MetricsSnapshot {
     /// Time since the client was created.
     pub elapsed: Duration,
-    /// Acquisitions started (lock, try_lock, lock_timeout).
+    /// Acquisitions started (lock, try_lock, lock_timeout) with a valid lock name.
     pub requests: u64,
     /// Acquisitions that ended with a grant.
     pub grants: u64,
-    /// Grants given back (release or drop).
+    /// Releases that completed without error, by [`crate::LockGuard::release`] or by dropping
+    /// the guard. The release of a lost lock is not counted.
     pub releases: u64,
     /// Timed acquisitions that ran out of time.
     pub timeouts: u64,
-    /// `try_lock` calls that found the lock held.
+    /// `try_lock` calls that returned `Ok(None)`: the lock was held or waited for, or was not
+    /// handed over in time.
     pub busy: u64,
-    /// Grants lost while held.
+    /// Grants lost while held, as their holder tasks recorded them. A lease that runs out is
+    /// normally not counted: the loss signal records that loss itself, before the holder task
+    /// can, so `lease_expired` undercounts (it counts only the locks of a connection whose
+    /// liveness probe went unanswered, and only when the lock's own lease had not run out
+    /// first).
     pub losses: u64,
     /// Grants lost while held, by reason: one entry per label of [`LOSS_REASONS`], in that
     /// order (zeros included); they add up to `losses`.
     pub losses_by_reason: Vec<(&'static str, u64)>,
     /// Locks this client holds now (granted, neither released nor lost yet).
     pub held: u64,
-    /// Lease renewals confirmed by lock queues (one publish, confirm, delivery and ack each;
-    /// docs/protocol.md, "Lease"), the grants' own included.
+    /// Lease renewals that came back to their holder through the lock queue, the grants' own
+    /// included (each costs one publish, one delivery and one ack; docs/protocol.md, "Lease").
     pub renewals: u64,
     /// Mean wait time of grants.
     pub wait_mean: Duration,
@@ -295,7 +306,8 @@ pub struct MetricsSnapshot {
     pub wait_p99: Duration,
     /// Longest wait.
     pub wait_max: Duration,
-    /// Histogram: entry `i` counts waits in `[2^i, 2^(i+1))` µs.
+    /// Histogram: entry `i` counts waits in `[2^i, 2^(i+1))` µs (entry 0 also counts waits
+    /// under 1 µs, the last entry every longer wait).
     pub wait_buckets: Vec<u64>,
     /// Wait time T (request to grant) of every grant, in the buckets of
     /// [`WAIT_BUCKETS_SECONDS`].

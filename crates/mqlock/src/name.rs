@@ -31,7 +31,12 @@ pub struct QueueNames {
     pub epoch: String,
 }
 
-/// Checks `name` and maps it to queue names under `prefix`.
+/// Checks `name` and maps it to queue names under `prefix`, as every client does.
+///
+/// # Errors
+///
+/// [`Error::InvalidName`] for a name [`validate`] refuses; [`Error::Config`] for a prefix too
+/// long to leave room for a name (one that passes [`validate_prefix`] always leaves room).
 pub fn queue_names(prefix: &str, name: &str) -> Result<QueueNames> {
     validate(name)?;
     let budget = MAX_QUEUE_NAME_BYTES
@@ -57,6 +62,10 @@ pub fn queue_names(prefix: &str, name: &str) -> Result<QueueNames> {
 }
 
 /// Checks a lock name without mapping it.
+///
+/// # Errors
+///
+/// [`Error::InvalidName`] for an empty name or one with a control character.
 pub fn validate(name: &str) -> Result<()> {
     let refuse = |reason| Error::InvalidName {
         name: name.chars().take(80).collect(),
@@ -72,6 +81,11 @@ pub fn validate(name: &str) -> Result<()> {
 }
 
 /// Checks a queue-name prefix: printable, and short enough to leave room for names.
+///
+/// # Errors
+///
+/// [`Error::Config`] for a prefix with a control character, one that starts with `amq.`
+/// (reserved by RabbitMQ), or one longer than 208 bytes.
 pub fn validate_prefix(prefix: &str) -> Result<()> {
     if prefix.chars().any(char::is_control) {
         return Err(Error::Config(format!(

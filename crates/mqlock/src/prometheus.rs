@@ -12,10 +12,10 @@
 //! |---|---|---|
 //! | `mqlock_requests_total` | counter | acquisitions started (R) |
 //! | `mqlock_grants_total` | counter | acquisitions that ended with a grant |
-//! | `mqlock_releases_total` | counter | grants given back (S) |
+//! | `mqlock_releases_total` | counter | releases that completed without error (S) |
 //! | `mqlock_timeouts_total` | counter | timed acquisitions that ran out of time |
 //! | `mqlock_busy_total` | counter | `try_lock` calls that found the lock held |
-//! | `mqlock_losses_total{reason}` | counter | grants lost while held, by reason (below) |
+//! | `mqlock_losses_total{reason}` | counter | grants lost while held, by reason (below; see [`crate::MetricsSnapshot::losses`]) |
 //! | `mqlock_lease_renewals_total` | counter | lease renewals that came back from their lock queue |
 //! | `mqlock_held_locks` | gauge | locks held now |
 //! | `mqlock_wait_seconds` | histogram | wait time T, request to grant |
@@ -62,7 +62,10 @@ pub fn register(client: &LockClient, registry: &mut Registry) {
     register_metrics(client.inner.metrics.clone(), registry);
 }
 
-/// Registers `metrics` (a client's live counters) with `registry`, under the prefix `mqlock`.
+/// Registers `metrics` with `registry`, under the prefix `mqlock`.
+///
+/// A client's own [`Metrics`] are not reachable from outside the crate, so this exposes the
+/// names and help texts with zero values; [`register`] exposes a client's.
 pub fn register_metrics(metrics: Arc<Metrics>, registry: &mut Registry) {
     registry
         .sub_registry_with_prefix(PREFIX)
