@@ -316,10 +316,12 @@ impl Holder {
         };
         lease.expire();
         metrics.hold_ended(granted_at.elapsed());
-        if signal.fire(lost.clone()) {
-            metrics.lost(&lost);
-            warn!(lock = %name, broker = %conn.addr, reason = %lost, "lock lost");
-        }
+        // Counted here whoever fired the signal first: a lease that ran out is fired by the
+        // first `lost()` to notice it (a user's watcher, or the branch above), and this task is
+        // the one place that reports each hold's end.
+        signal.fire(lost.clone());
+        metrics.lost(&lost);
+        warn!(lock = %name, broker = %conn.addr, reason = %lost, "lock lost");
         if matches!(lost, LossReason::ConnectionLost(_)) {
             // Other locks on this connection are in the same state; new acquisitions reconnect.
             conn.kill(lost);

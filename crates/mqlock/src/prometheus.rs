@@ -94,7 +94,7 @@ impl Collector for MetricsCollector {
             ),
             (
                 "releases",
-                "Grants given back (release or drop): the release rate S.",
+                "Grants given back by a release that completed: the release rate S.",
                 s.releases,
             ),
             (
