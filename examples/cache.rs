@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mqlock::{ClientConfig, LockClient};
-use mqlock_cache::{BusConfig, InvalidationBus, LockedCache, RedisConfig, RedisStore};
+use mqlock_cache::{
+    BusConfig, CacheConfig, InvalidationBus, LockedCache, NearConfig, RedisConfig, RedisStore,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,11 +25,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let locks = LockClient::connect(&amqp, ClientConfig::default()).await?;
         let bus = InvalidationBus::connect(&amqp, BusConfig::default()).await?;
         let store = RedisStore::connect(&redis, RedisConfig::default()).await?;
-        let cache: LockedCache<String> = LockedCache::builder(locks, namespace.as_str())
-            .near(1_000, Duration::from_secs(30))
-            .redis(store)
-            .invalidations(bus)
-            .build()?;
+        let cache: LockedCache<String> = LockedCache::new(
+            Arc::new(locks),
+            namespace.as_str(),
+            CacheConfig {
+                near: Some(NearConfig {
+                    max_capacity: 1_000,
+                    max_ttl: Duration::from_secs(30),
+                }),
+                redis: Some(store),
+                invalidations: Some(bus),
+                ..CacheConfig::default()
+            },
+        )?;
         nodes.push(cache);
     }
 

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use mqlock::{ClientConfig, LockClient};
 use mqlock_cache::{
-    BusConfig, CacheValue, Error, InvalidationBus, LockedCache, RedisConfig, RedisStore, lock_name,
+    BusConfig, CacheConfig, CacheValue, Error, InvalidationBus, LockedCache, NearConfig,
+    RedisConfig, RedisStore, lock_name,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -32,13 +33,21 @@ async fn node<V: CacheValue>(ns: &str) -> Node<V> {
     let store = RedisStore::connect(&support::redis_url(), RedisConfig::default())
         .await
         .expect("redis");
-    let cache = LockedCache::builder(locks.clone(), ns)
-        .near(10_000, Duration::from_secs(60))
-        .redis(store)
-        .invalidations(bus.clone())
-        .lock_wait(Duration::from_secs(60))
-        .build()
-        .expect("cache");
+    let cache = LockedCache::new(
+        Arc::new(locks.clone()),
+        ns,
+        CacheConfig {
+            near: Some(NearConfig {
+                max_capacity: 10_000,
+                max_ttl: Duration::from_secs(60),
+            }),
+            redis: Some(store),
+            invalidations: Some(bus.clone()),
+            lock_timeout: Duration::from_secs(60),
+            ..CacheConfig::default()
+        },
+    )
+    .expect("cache");
     Node { cache, bus, locks }
 }
 
@@ -318,12 +327,20 @@ async fn a_load_in_flight_during_an_invalidation_is_never_served() {
     )
     .await
     .unwrap();
-    let b: LockedCache<u64> = LockedCache::builder(a.locks.clone(), ns.as_str())
-        .near(100, Duration::from_secs(60))
-        .redis(slow)
-        .invalidations(b_bus)
-        .build()
-        .unwrap();
+    let b: LockedCache<u64> = LockedCache::new(
+        Arc::new(a.locks.clone()),
+        ns.as_str(),
+        CacheConfig {
+            near: Some(NearConfig {
+                max_capacity: 100,
+                max_ttl: Duration::from_secs(60),
+            }),
+            redis: Some(slow),
+            invalidations: Some(b_bus),
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap();
     a.cache.insert("k", 0).await.unwrap();
     for i in 0..5u64 {
         // B's near tier misses (the last insert invalidated it): its read goes to Redis and

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mqlock::{ClientConfig, LockClient};
-use mqlock_cache::{BusConfig, InvalidationBus, LockedCache, RedisConfig, RedisStore};
+use mqlock_cache::{
+    BusConfig, CacheConfig, InvalidationBus, LockedCache, NearConfig, RedisConfig, RedisStore,
+};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -26,12 +28,20 @@ async fn node(amqp: &str, redis: &str, ns: &str) -> LockedCache<String> {
     let store = RedisStore::connect(redis, RedisConfig::default())
         .await
         .expect("redis");
-    LockedCache::builder(locks, ns)
-        .near(100_000, Duration::from_secs(300))
-        .redis(store)
-        .invalidations(bus)
-        .build()
-        .expect("cache")
+    LockedCache::new(
+        Arc::new(locks),
+        ns,
+        CacheConfig {
+            near: Some(NearConfig {
+                max_capacity: 100_000,
+                max_ttl: Duration::from_secs(300),
+            }),
+            redis: Some(store),
+            invalidations: Some(bus),
+            ..CacheConfig::default()
+        },
+    )
+    .expect("cache")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -8,10 +8,13 @@
 //! `INCR COUNTER_KEY`. Prints one `value <v>` line per distinct value received and
 //! `done <n>` with the number of successful callers; exits non-zero on any error.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mqlock::{ClientConfig, LockClient};
-use mqlock_cache::{BusConfig, InvalidationBus, LockedCache, RedisConfig, RedisStore};
+use mqlock_cache::{
+    BusConfig, CacheConfig, InvalidationBus, LockedCache, NearConfig, RedisConfig, RedisStore,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,11 +31,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let locks = LockClient::connect(amqp, ClientConfig::default()).await?;
     let bus = InvalidationBus::connect(amqp, BusConfig::default()).await?;
     let store = RedisStore::connect(redis_url, RedisConfig::default()).await?;
-    let cache: LockedCache<String> = LockedCache::builder(locks, namespace.as_str())
-        .near(1000, Duration::from_secs(60))
-        .redis(store)
-        .invalidations(bus)
-        .build()?;
+    let cache: LockedCache<String> = LockedCache::new(
+        Arc::new(locks),
+        namespace.as_str(),
+        CacheConfig {
+            near: Some(NearConfig {
+                max_capacity: 1000,
+                max_ttl: Duration::from_secs(60),
+            }),
+            redis: Some(store),
+            invalidations: Some(bus),
+            ..CacheConfig::default()
+        },
+    )?;
     let counter_client = redis::Client::open(redis_url.as_str())?;
 
     println!("ready");

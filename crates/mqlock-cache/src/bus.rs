@@ -10,26 +10,30 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use mqlock::ClientConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::error::{Error, Result, redact_url};
+use crate::error::{Error, Result, redact_urls};
 
 /// Settings of an [`InvalidationBus`].
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct BusConfig {
     /// The fanout exchange (default `"mqlock.cache.invalidations"`); every node of a cluster
     /// must use the same one.
     pub exchange: String,
-    /// Bound on connecting and on each publish confirmation (default 5 s).
+    /// Bound on connecting and subscribing, and on each publish confirmation (default 5 s).
     pub timeout: Duration,
-    /// AMQP heartbeat, added to the URL unless it sets one (default 5 s). A node notices a
-    /// silently dead broker link after about twice this, and clears its near caches then.
-    pub heartbeat: Duration,
     /// Longest pause between reconnection attempts (default 5 s).
     pub max_reconnect_delay: Duration,
+    /// How the bus's connection is opened — by [`mqlock::open_connection`], with the lock
+    /// client's rules: [`ClientConfig::heartbeat`] (default 5 s) replaces any heartbeat in the
+    /// URLs, and a node notices a silently dead broker link after about twice it, and clears
+    /// its near caches then; [`ClientConfig::tls`] for `amqps://` URLs;
+    /// [`ClientConfig::connection_name`] (`"mqlock-cache invalidations"` when `None`). Passing
+    /// the lock client's own `ClientConfig` is fine: the fields about lock queues are not used.
+    pub connection: ClientConfig,
 }
 
 impl Default for BusConfig {
@@ -37,8 +41,8 @@ impl Default for BusConfig {
         BusConfig {
             exchange: "mqlock.cache.invalidations".into(),
             timeout: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(5),
+            connection: ClientConfig::default(),
         }
     }
 }
@@ -64,7 +68,8 @@ struct Message {
 }
 
 struct Shared {
-    url: String,
+    urls: String,
+    /// The brokers of `urls`, without credentials.
     addr: String,
     config: BusConfig,
     publisher: Mutex<Option<Channel>>,
@@ -104,14 +109,34 @@ struct Link {
 }
 
 impl InvalidationBus {
-    /// Connects to the broker at `url` and subscribes. Fails (within `config.timeout`) if the
-    /// broker cannot be reached; once connected, losses are handled in the background.
-    pub async fn connect(url: &str, config: BusConfig) -> Result<Self> {
-        let url = with_heartbeat(url, config.heartbeat);
+    /// Connects to the broker and subscribes. `urls` is one AMQP URL or several separated by
+    /// commas, tried in turn (nodes of one cluster), as for [`mqlock::LockClient::connect`];
+    /// reconnections go through the same list. Once connected, losses are handled in the
+    /// background.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Bus`] within `config.timeout` when no broker of the list can be reached, or
+    /// when the connection settings are refused (invalid URL or `config.connection`,
+    /// unreadable TLS files, a refused login: `detail` is the core's message).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropped before it returns, it leaves no connection and no task behind (the
+    /// background task is started only once the subscription is in place).
+    ///
+    /// # Panics
+    ///
+    /// If called outside a Tokio runtime.
+    pub async fn connect(urls: &str, mut config: BusConfig) -> Result<Self> {
+        config
+            .connection
+            .connection_name
+            .get_or_insert_with(|| "mqlock-cache invalidations".into());
         let (stop, stopped) = watch::channel(());
         let shared = Arc::new(Shared {
-            addr: redact_url(&url),
-            url,
+            addr: redact_urls(urls),
+            urls: urls.to_owned(),
             config,
             publisher: Mutex::new(None),
             registrations: Mutex::new(Vec::new()),
@@ -143,6 +168,10 @@ impl InvalidationBus {
     }
 
     /// Waits until the bus is subscribed, at most `timeout`; returns whether it is.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only watches.
     pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
         let mut rx = self.shared.subscribed.subscribe();
         tokio::time::timeout(timeout, rx.wait_for(|s| *s))
@@ -220,75 +249,87 @@ impl Shared {
 
     async fn establish(&self) -> Result<Link> {
         let attempt = async {
-            let conn = Connection::connect(
-                &self.url,
-                ConnectionProperties::default()
-                    .with_connection_name("mqlock-cache invalidations".into()),
-            )
-            .await?;
-            let consume = conn.create_channel().await?;
-            let exchange = self.config.exchange.as_str();
-            consume
-                .exchange_declare(
-                    exchange.into(),
-                    ExchangeKind::Fanout,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            let queue = consume
-                .queue_declare(
-                    "".into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            let queue = queue.name().to_string();
-            consume
-                .queue_bind(
-                    queue.as_str().into(),
-                    exchange.into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            let consumer = consume
-                .basic_consume(
-                    queue.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        exclusive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            let publish = conn.create_channel().await?;
-            publish
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            Ok::<_, lapin::Error>((conn, consumer, publish, queue))
+            let (conn, addr) = mqlock::open_connection(&self.urls, &self.config.connection)
+                .await
+                .map_err(|e| self.bus_err(e.to_string()))?;
+            let (consumer, publish, queue) = self
+                .subscribe(&conn)
+                .await
+                .map_err(|e| self.bus_err(e.to_string()))?;
+            Ok::<_, Error>((conn, addr, consumer, publish, queue))
         };
-        let (conn, consumer, publish, queue) = tokio::time::timeout(self.config.timeout, attempt)
-            .await
-            .map_err(|_| self.bus_err(format!("no connection within {:?}", self.config.timeout)))?
-            .map_err(|e| self.bus_err(e.to_string()))?;
+        let (conn, addr, consumer, publish, queue) =
+            tokio::time::timeout(self.config.timeout, attempt)
+                .await
+                .map_err(|_| {
+                    self.bus_err(format!("no connection within {:?}", self.config.timeout))
+                })??;
         *self.publisher.lock().unwrap() = Some(publish);
         *self.queue.lock().unwrap() = Some(queue.clone());
         // Count first: whoever wakes on `subscribed` must see this subscription counted.
         let n = self.subscriptions.fetch_add(1, Ordering::AcqRel) + 1;
         self.set_subscribed(true);
-        tracing::info!(addr = %self.addr, queue, subscription = n, "invalidation bus subscribed");
+        tracing::info!(%addr, queue, subscription = n, "invalidation bus subscribed");
         Ok(Link { conn, consumer })
+    }
+
+    /// Declares the exchange and this node's queue on `conn`, consumes it, and opens the
+    /// confirmed publishing channel.
+    async fn subscribe(
+        &self,
+        conn: &Connection,
+    ) -> lapin::Result<(lapin::Consumer, Channel, String)> {
+        let consume = conn.create_channel().await?;
+        let exchange = self.config.exchange.as_str();
+        consume
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let queue = consume
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let queue = queue.name().to_string();
+        consume
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let publish = conn.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok((consumer, publish, queue))
     }
 
     fn set_subscribed(&self, subscribed: bool) {
@@ -356,34 +397,5 @@ async fn supervise(shared: Arc<Shared>, mut link: Link, mut stopped: watch::Rece
                 }
             }
         };
-    }
-}
-
-fn with_heartbeat(url: &str, heartbeat: Duration) -> String {
-    if url.contains("heartbeat=") {
-        return url.to_owned();
-    }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={}", heartbeat.as_secs().max(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn heartbeat_is_added_unless_set() {
-        assert_eq!(
-            with_heartbeat("amqp://h/%2f", Duration::from_secs(5)),
-            "amqp://h/%2f?heartbeat=5"
-        );
-        assert_eq!(
-            with_heartbeat("amqp://h/%2f?x=1", Duration::from_secs(3)),
-            "amqp://h/%2f?x=1&heartbeat=3"
-        );
-        assert_eq!(
-            with_heartbeat("amqp://h/?heartbeat=9", Duration::from_secs(3)),
-            "amqp://h/?heartbeat=9"
-        );
     }
 }

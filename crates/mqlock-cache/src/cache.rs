@@ -1,52 +1,28 @@
-//! [`LockedCache`]: the cache wrapper and its builder.
+//! [`LockedCache`]: the cache wrapper.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
+use futures_util::future::BoxFuture;
 use mqlock::Locker;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 use crate::bus::{InvalidationBus, Subscriber};
-use crate::error::{Error, Result};
-use crate::keylock::{HeldKey, KeyLocks};
+use crate::codec::CacheValue;
+use crate::config::CacheConfig;
+#[cfg(doc)]
+use crate::error::Error;
+use crate::error::Result;
+use crate::keylock::KeyLocks;
+use crate::locked::Read;
 use crate::near::Near;
 use crate::redis_store::RedisStore;
-
-/// What a cache can hold: any serde type that can be cloned and shared between tasks.
-pub trait CacheValue: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
-impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> CacheValue for T {}
-
-/// Encodes a value for Redis (JSON).
-pub fn encode<V: Serialize>(key: &str, value: &V) -> Result<Vec<u8>> {
-    serde_json::to_vec(value).map_err(|e| Error::Codec {
-        key: key.to_owned(),
-        op: "encode",
-        detail: e.to_string(),
-    })
-}
-
-/// Decodes a value read from Redis (JSON).
-pub fn decode<V: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<V> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Codec {
-        key: key.to_owned(),
-        op: "decode",
-        detail: e.to_string(),
-    })
-}
-
-type Flight<V> = Shared<BoxFuture<'static, Result<V>>>;
+use crate::single_flight::SingleFlight;
 
 /// A cache whose mutations and loads take the key's distributed lock.
 ///
-/// Tiers, chosen with [`CacheBuilder`]:
+/// Tiers, chosen with [`CacheConfig`]:
 /// - **near** only: a node-local moka cache. Loads and writes of a key are serialised across the
 ///   cluster, but each node computes its own copy (there is nothing shared to read it from).
 ///   With an [`InvalidationBus`], a write on one node drops the key on the others.
@@ -80,119 +56,18 @@ impl<V: CacheValue> std::fmt::Debug for LockedCache<V> {
     }
 }
 
-struct Inner<V: CacheValue> {
+/// The state shared by a cache's clones; its I/O is in `locked.rs`.
+pub(crate) struct Inner<V: CacheValue> {
     /// Identifies this cache as the origin of its invalidations, so it skips its own.
-    id: u64,
-    namespace: String,
-    locks: KeyLocks,
-    near: Option<Arc<Near<V>>>,
-    redis: Option<RedisStore>,
-    bus: Option<InvalidationBus>,
-    redis_ttl: Option<Duration>,
-    lock_wait: Duration,
-    flights: Mutex<HashMap<String, (u64, Flight<V>)>>,
-    next_flight: AtomicU64,
-}
-
-/// Builds a [`LockedCache`]; see its docs for the tiers.
-pub struct CacheBuilder<V> {
-    locker: Arc<dyn Locker>,
-    namespace: String,
-    near: Option<(u64, Duration)>,
-    redis: Option<RedisStore>,
-    bus: Option<InvalidationBus>,
-    redis_ttl: Option<Duration>,
-    lock_wait: Duration,
-    _value: PhantomData<fn() -> V>,
-}
-
-impl<V> std::fmt::Debug for CacheBuilder<V> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CacheBuilder")
-            .field("namespace", &self.namespace)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<V: CacheValue> CacheBuilder<V> {
-    /// Adds the near tier: at most `max_capacity` entries, each kept at most `max_ttl` (the
-    /// bound on staleness when an invalidation cannot reach this node).
-    pub fn near(mut self, max_capacity: u64, max_ttl: Duration) -> Self {
-        self.near = Some((max_capacity, max_ttl));
-        self
-    }
-
-    /// Adds the shared tier.
-    pub fn redis(mut self, store: RedisStore) -> Self {
-        self.redis = Some(store);
-        self
-    }
-
-    /// Publishes and receives invalidations on `bus` (required with both tiers).
-    pub fn invalidations(mut self, bus: InvalidationBus) -> Self {
-        self.bus = Some(bus);
-        self
-    }
-
-    /// Expiry of values written to Redis (default: none).
-    pub fn redis_ttl(mut self, ttl: Duration) -> Self {
-        self.redis_ttl = Some(ttl);
-        self
-    }
-
-    /// Longest wait for a key's lock (default 30 s); then [`Error::LockTimeout`].
-    pub fn lock_wait(mut self, wait: Duration) -> Self {
-        self.lock_wait = wait;
-        self
-    }
-
-    /// Checks the configuration and builds the cache.
-    pub fn build(self) -> Result<LockedCache<V>> {
-        let ns = &self.namespace;
-        if ns.is_empty() || ns.chars().any(|c| c == ':' || c == '/' || c.is_control()) {
-            // ':' and '/' separate the namespace from the key in Redis keys and lock names.
-            return Err(Error::Config(format!(
-                "namespace {ns:?} must be non-empty, without ':', '/' or control characters"
-            )));
-        }
-        if self.near.is_none() && self.redis.is_none() {
-            return Err(Error::Config(
-                "a cache needs a near tier, a Redis tier or both".into(),
-            ));
-        }
-        if self.near.is_some() && self.redis.is_some() && self.bus.is_none() {
-            return Err(Error::Config(
-                "a two-tier cache needs an invalidation bus, or near copies would never be dropped on other nodes".into(),
-            ));
-        }
-        if self.near.is_some_and(|(_, ttl)| ttl.is_zero()) || self.lock_wait.is_zero() {
-            return Err(Error::Config(
-                "max_ttl and lock_wait must be positive".into(),
-            ));
-        }
-        static IDS: AtomicU64 = AtomicU64::new(0);
-        // Unique across processes too: the invalidation exchange is cluster-wide.
-        let id = (u64::from(std::process::id()) << 32)
-            | (IDS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
-        let near = self.near.map(|(cap, ttl)| Arc::new(Near::new(cap, ttl)));
-        let inner = Arc::new(Inner {
-            id,
-            locks: KeyLocks::new(self.locker, self.namespace.clone(), self.lock_wait),
-            namespace: self.namespace,
-            near,
-            redis: self.redis,
-            bus: self.bus,
-            redis_ttl: self.redis_ttl,
-            lock_wait: self.lock_wait,
-            flights: Mutex::new(HashMap::new()),
-            next_flight: AtomicU64::new(0),
-        });
-        if let (Some(bus), Some(near)) = (&inner.bus, &inner.near) {
-            let weak: Weak<Near<V>> = Arc::downgrade(near);
-            bus.register(id, &inner.namespace, weak);
-        }
-        Ok(LockedCache { inner })
-    }
+    pub(crate) id: u64,
+    pub(crate) namespace: String,
+    pub(crate) locks: KeyLocks,
+    pub(crate) near: Option<Arc<Near<V>>>,
+    pub(crate) redis: Option<RedisStore>,
+    pub(crate) bus: Option<InvalidationBus>,
+    pub(crate) redis_ttl: Option<Duration>,
+    pub(crate) lock_timeout: Duration,
+    pub(crate) flights: SingleFlight<V>,
 }
 
 impl<V: CacheValue> Subscriber for Near<V> {
@@ -205,24 +80,57 @@ impl<V: CacheValue> Subscriber for Near<V> {
 }
 
 impl<V: CacheValue> LockedCache<V> {
-    /// Starts a cache of `V` values whose keys are locked on `locker` under `namespace`
-    /// (also the prefix of its Redis keys; every node of the cache must use the same one).
-    pub fn builder(locker: impl Locker, namespace: impl Into<String>) -> CacheBuilder<V> {
-        CacheBuilder {
-            locker: Arc::new(locker),
-            namespace: namespace.into(),
-            near: None,
-            redis: None,
-            bus: None,
-            redis_ttl: None,
-            lock_wait: Duration::from_secs(30),
-            _value: PhantomData,
+    /// A cache of `V` values whose keys are locked on `locker` under `namespace` (also the
+    /// prefix of its Redis keys; every node of the cache must use the same one), with the tiers
+    /// and bounds of `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when the namespace is empty or contains `:`, `/` or a control
+    /// character, when `config` has no tier, has both tiers but no invalidation bus, or a zero
+    /// `max_ttl` or `lock_timeout`.
+    pub fn new(
+        locker: Arc<dyn Locker>,
+        namespace: impl Into<String>,
+        config: CacheConfig,
+    ) -> Result<Self> {
+        let namespace = namespace.into();
+        config.check(&namespace)?;
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        // Unique across processes too: the invalidation exchange is cluster-wide.
+        let id = (u64::from(std::process::id()) << 32)
+            | (IDS.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff);
+        let near = config
+            .near
+            .map(|n| Arc::new(Near::new(n.max_capacity, n.max_ttl)));
+        let inner = Arc::new(Inner {
+            id,
+            locks: KeyLocks::new(locker, namespace.clone(), config.lock_timeout),
+            namespace,
+            near,
+            redis: config.redis,
+            bus: config.invalidations,
+            redis_ttl: config.redis_ttl,
+            lock_timeout: config.lock_timeout,
+            flights: SingleFlight::new(),
+        });
+        if let (Some(bus), Some(near)) = (&inner.bus, &inner.near) {
+            let weak: Weak<Near<V>> = Arc::downgrade(near);
+            bus.register(id, &inner.namespace, weak);
         }
+        Ok(LockedCache { inner })
     }
 
-    /// The value of `key`: near tier, then Redis. Never locks.
+    /// The value of `key`: near tier, then Redis (filling the near tier). Never locks.
     ///
-    /// With Redis down, a near hit is still served and a near miss is [`Error::Redis`].
+    /// # Errors
+    ///
+    /// With Redis down, a near hit is still served and a near miss is [`Error::Redis`];
+    /// [`Error::Codec`] when the stored value is not a `V`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads. Dropped during the Redis read, the near tier is not filled.
     pub async fn get(&self, key: &str) -> Result<Option<V>> {
         let inner = &self.inner;
         if let Some(near) = &inner.near
@@ -233,15 +141,7 @@ impl<V: CacheValue> LockedCache<V> {
         let Some(redis) = &inner.redis else {
             return Ok(None);
         };
-        let generation = inner.near.as_ref().map(|n| n.generation(key));
-        let value = match redis.get(&inner.value_key(key)).await? {
-            Some(bytes) => decode::<V>(key, &bytes)?,
-            None => return Ok(None),
-        };
-        if let (Some(near), Some(g)) = (&inner.near, generation) {
-            near.fill(key, value.clone(), g).await;
-        }
-        Ok(Some(value))
+        Ok(inner.fetch(redis, key, Read::Value).await?.value)
     }
 
     /// The value of `key`, computed by `loader` on a miss — once in the whole cluster.
@@ -253,9 +153,26 @@ impl<V: CacheValue> LockedCache<V> {
     /// for the lock ([`Error::LoadFailedElsewhere`]) — is not cached, and the next call runs a
     /// loader again. The lock is released on every path.
     ///
-    /// The flight runs in its own task: if every caller gives up, the load still completes and
-    /// is stored. With Redis down this fails with [`Error::Redis`] without running the loader;
-    /// with the broker down it fails with [`Error::Lock`] or [`Error::LockTimeout`].
+    /// # Errors
+    ///
+    /// [`Error::Loader`] / [`Error::LoaderPanicked`] (this node's loader failed),
+    /// [`Error::LoadFailedElsewhere`]; [`Error::Redis`] with Redis down (the loader is not
+    /// run: its value could be neither shared nor stored); [`Error::Lock`] when the key's lock
+    /// cannot be taken (broker down, or [`mqlock::Error::Timeout`] after
+    /// [`CacheConfig::lock_timeout`]); [`Error::Fenced`] when the lock was lost before the value
+    /// was stored; [`Error::Codec`]. A failed invalidation publish is logged, not returned: the
+    /// value is right, and other nodes had no copy to drop.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. The flight runs in a task of its own: if every caller is dropped, the load
+    /// still completes, is stored and the lock released; a caller dropped before it joined a
+    /// flight (during the first Redis read) leaves nothing behind.
+    ///
+    /// # Panics
+    ///
+    /// If called outside a Tokio runtime (the flight is spawned). A panicking loader does not
+    /// panic the caller: it is [`Error::LoaderPanicked`].
     pub async fn get_or_compute<F, Fut, E>(&self, key: &str, loader: F) -> Result<V>
     where
         F: FnOnce() -> Fut + Send + 'static,
@@ -268,127 +185,113 @@ impl<V: CacheValue> LockedCache<V> {
         {
             return Ok(v);
         }
-        let generation = inner.near.as_ref().map(|n| n.generation(key));
         // The failure count seen now tells, under the lock, whether a load failed while we waited.
         let failures_seen = match &inner.redis {
             Some(redis) => {
-                let probe = redis
-                    .probe(&inner.value_key(key), &inner.failure_key(key))
-                    .await?;
-                if let Some(bytes) = probe.value {
-                    let value = decode::<V>(key, &bytes)?;
-                    if let (Some(near), Some(g)) = (&inner.near, generation) {
-                        near.fill(key, value.clone(), g).await;
-                    }
+                let fetched = inner.fetch(redis, key, Read::ValueAndFailures).await?;
+                if let Some(value) = fetched.value {
                     return Ok(value);
                 }
-                probe.failures
+                fetched.failures
             }
             None => 0,
         };
-        let flight = {
-            let mut flights = inner.flights.lock().unwrap();
-            match flights.get(key) {
-                Some((_, flight)) => flight.clone(),
-                None => {
-                    let id = inner.next_flight.fetch_add(1, Ordering::Relaxed);
-                    let flight = self.start_flight(key, id, failures_seen, loader);
-                    flights.insert(key.to_owned(), (id, flight.clone()));
-                    flight
-                }
-            }
-        };
+        let flight = inner.flights.join_or_start(key, || {
+            let inner = inner.clone();
+            let key = key.to_owned();
+            async move { inner.load_locked(&key, failures_seen, loader).await }
+        });
         flight.await
     }
 
-    fn start_flight<F, Fut, E>(
-        &self,
-        key: &str,
-        id: u64,
-        failures_seen: u64,
-        loader: F,
-    ) -> Flight<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        /// Removes the flight from the map however the task ends (even by a panic).
-        struct Landing<V: CacheValue> {
-            inner: Arc<Inner<V>>,
-            key: String,
-            id: u64,
-        }
-        impl<V: CacheValue> Drop for Landing<V> {
-            fn drop(&mut self) {
-                let mut flights = self.inner.flights.lock().unwrap();
-                if flights.get(&self.key).is_some_and(|(id, _)| *id == self.id) {
-                    flights.remove(&self.key);
-                }
-            }
-        }
-        let landing = Landing {
-            inner: self.inner.clone(),
-            key: key.to_owned(),
-            id,
-        };
-        let task = tokio::spawn(async move {
-            let landing = landing;
-            landing
-                .inner
-                .load_locked(&landing.key, failures_seen, loader)
-                .await
-        });
-        let key = key.to_owned();
-        async move {
-            task.await.unwrap_or_else(|e| {
-                Err(Error::LoaderPanicked {
-                    key,
-                    message: format!("the load task ended abnormally: {e}"),
-                })
-            })
-        }
-        .boxed()
-        .shared()
-    }
-
-    /// Stores `value` under the key's lock.
+    /// Stores `value` under the key's lock, in every tier, and drops the key from the other
+    /// nodes' near tiers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Lock`] when the key's lock cannot be taken (broker down, or
+    /// [`mqlock::Error::Timeout`] after [`CacheConfig::lock_timeout`]); [`Error::Redis`];
+    /// [`Error::Fenced`] (the lock was lost, or a later holder has written the key: nothing was
+    /// written); [`Error::Codec`]; [`Error::Bus`] when the invalidation could not be published
+    /// (the value *was* stored: other nodes may serve their old near copy until its
+    /// `max_ttl`).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped while waiting for the lock, it leaves nothing behind (no in-process waiter, no
+    /// broker waiter). Once the lock is granted, the write, the invalidation and the release run
+    /// in a task of their own and complete even if the future is dropped: the write is never
+    /// left half done (stored in Redis but not published).
+    ///
+    /// # Panics
+    ///
+    /// If called outside a Tokio runtime, if `V`'s `Serialize` implementation panics, or if the
+    /// runtime shuts down while the write is in flight.
     pub async fn insert(&self, key: &str, value: V) -> Result<()> {
         let held = self.inner.locks.lock(key).await?;
-        let result = self
-            .inner
-            .write_locked(key, &held, Some(&value), true)
-            .await;
-        self.inner.release(key, held).await;
-        result
+        self.inner.commit(key, held, Some(value)).await.map(drop)
     }
 
     /// Removes the key from every tier (and, through the bus, from every node's near tier)
     /// under the key's lock.
+    ///
+    /// # Errors
+    ///
+    /// As [`insert`](Self::insert): [`Error::Lock`], [`Error::Redis`], [`Error::Fenced`],
+    /// [`Error::Bus`] (the key *was* removed from Redis and this node; other nodes may serve
+    /// their old near copy until its `max_ttl`).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`insert`](Self::insert): nothing is left behind while waiting for the lock; once it
+    /// is granted, the removal, the invalidation and the release complete in a task of their own.
+    ///
+    /// # Panics
+    ///
+    /// If called outside a Tokio runtime, or if the runtime shuts down while the removal is in
+    /// flight.
     pub async fn invalidate(&self, key: &str) -> Result<()> {
         let held = self.inner.locks.lock(key).await?;
-        let result = self.inner.write_locked(key, &held, None, true).await;
-        self.inner.release(key, held).await;
-        result
+        self.inner.commit(key, held, None).await.map(drop)
     }
 
     /// Read-modify-write under the key's lock: `f` gets the current value (read from Redis
-    /// under the lock, never from a possibly stale near copy) and returns the new one.
+    /// under the lock, never from a possibly stale near copy) and returns the new one, which is
+    /// stored as by [`insert`](Self::insert) and returned.
+    ///
+    /// # Errors
+    ///
+    /// As [`insert`](Self::insert), plus [`Error::Redis`] / [`Error::Codec`] while reading the
+    /// current value (then `f` is not called and nothing is written).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped while waiting for the lock or while reading the current value, it leaves nothing
+    /// behind and writes nothing (the lock is released in the background). Once `f` has
+    /// returned, the write, the invalidation and the release run in a task of their own and
+    /// complete even if the future is dropped: never stored in Redis without the invalidation
+    /// being published.
+    ///
+    /// # Panics
+    ///
+    /// If `f` panics (the lock is then released in the background and nothing is written), and
+    /// as [`insert`](Self::insert).
     pub async fn update<F>(&self, key: &str, f: F) -> Result<V>
     where
         F: FnOnce(Option<V>) -> V,
     {
         let inner = &self.inner;
         let held = inner.locks.lock(key).await?;
-        let result = async {
-            let current = inner.read_locked(key).await?;
-            let new = f(current);
-            inner.write_locked(key, &held, Some(&new), true).await?;
-            Ok(new)
-        }
-        .await;
-        inner.release(key, held).await;
-        result
+        let current = match inner.read_locked(key).await {
+            Ok(current) => current,
+            Err(e) => {
+                inner.release(key, held).await;
+                return Err(e);
+            }
+        };
+        let new = f(current);
+        let written = inner.commit(key, held, Some(new)).await?;
+        Ok(written.expect("commit returns the value it wrote"))
     }
 
     /// The cache's namespace.
@@ -403,6 +306,10 @@ impl<V: CacheValue> LockedCache<V> {
     }
 
     /// The value of `key` in this node's near tier only (for tests and diagnostics).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads.
     pub async fn near_get(&self, key: &str) -> Option<V> {
         match &self.inner.near {
             Some(near) => near.get(key).await,
@@ -411,196 +318,96 @@ impl<V: CacheValue> LockedCache<V> {
     }
 }
 
-impl<V: CacheValue> Inner<V> {
-    fn value_key(&self, key: &str) -> String {
-        format!("{}:v:{key}", self.namespace)
-    }
-    fn fence_key(&self, key: &str) -> String {
-        format!("{}:t:{key}", self.namespace)
-    }
-    fn failure_key(&self, key: &str) -> String {
-        format!("{}:f:{key}", self.namespace)
-    }
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
 
-    /// The authoritative current value, read while holding the key's lock.
-    async fn read_locked(&self, key: &str) -> Result<Option<V>> {
-        match &self.redis {
-            Some(redis) => match redis.get(&self.value_key(key)).await? {
-                Some(bytes) => Ok(Some(decode(key, &bytes)?)),
-                None => Ok(None),
+    use mqlock::MemoryLocker;
+
+    use super::*;
+    use crate::config::NearConfig;
+    use crate::error::Error;
+
+    fn near_only(locker: &MemoryLocker, lock_timeout: Duration) -> LockedCache<u64> {
+        LockedCache::new(
+            Arc::new(locker.clone()),
+            "ns",
+            CacheConfig {
+                near: Some(NearConfig::default()),
+                lock_timeout,
+                ..CacheConfig::default()
             },
-            None => Ok(self
-                .near
-                .as_ref()
-                .expect("a cache has a tier")
-                .get(key)
-                .await),
-        }
+        )
+        .unwrap()
     }
 
-    async fn load_locked<F, Fut, E>(&self, key: &str, failures_seen: u64, loader: F) -> Result<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let held = self.locks.lock(key).await?;
-        let result = self.load_held(key, &held, failures_seen, loader).await;
-        self.release(key, held).await;
-        result
+    #[tokio::test(start_paused = true)]
+    async fn near_only_loads_once_per_node_and_mutates_under_the_lock() {
+        let memory = MemoryLocker::new();
+        let cache = near_only(&memory, Duration::from_secs(30));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut callers = Vec::new();
+        for _ in 0..5 {
+            let (cache, runs) = (cache.clone(), runs.clone());
+            callers.push(tokio::spawn(async move {
+                cache
+                    .get_or_compute("k", move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        Ok::<_, std::io::Error>(1)
+                    })
+                    .await
+            }));
+        }
+        for c in callers {
+            assert_eq!(c.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.update("k", |v| v.unwrap() + 1).await.unwrap(), 2);
+        assert_eq!(cache.get("k").await.unwrap(), Some(2));
+        cache.invalidate("k").await.unwrap();
+        assert_eq!(cache.get("k").await.unwrap(), None);
+        assert!(!memory.is_locked("cache/ns/k"));
+        assert_eq!(cache.inner.locks.active_keys(), 0);
+        assert_eq!(cache.inner.flights.len(), 0);
     }
 
-    async fn load_held<F, Fut, E>(
-        &self,
-        key: &str,
-        held: &HeldKey,
-        failures_seen: u64,
-        loader: F,
-    ) -> Result<V>
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<V, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        // Re-check under the lock: the holder before us may have stored the value, or failed.
-        match &self.redis {
-            Some(redis) => {
-                let generation = self.near.as_ref().map(|n| n.generation(key));
-                let probe = redis
-                    .probe(&self.value_key(key), &self.failure_key(key))
-                    .await?;
-                if let Some(bytes) = probe.value {
-                    let value = decode::<V>(key, &bytes)?;
-                    if let (Some(near), Some(g)) = (&self.near, generation) {
-                        near.fill(key, value.clone(), g).await;
-                    }
-                    return Ok(value);
-                }
-                if probe.failures > failures_seen {
-                    return Err(Error::LoadFailedElsewhere {
-                        key: key.to_owned(),
-                        message: probe.last_failure.unwrap_or_else(|| "unknown error".into()),
-                    });
-                }
-            }
-            None => {
-                if let Some(v) = self.read_locked(key).await? {
-                    return Ok(v);
-                }
-            }
-        }
-        tracing::debug!(
-            key,
-            token = held.guard.fencing_token(),
-            "running the loader"
-        );
-        // Converted inside the block: the loader's error type need not be `Send`.
-        let outcome = AssertUnwindSafe(async move { loader().await.map_err(Into::into) })
-            .catch_unwind()
+    #[tokio::test(start_paused = true)]
+    async fn loader_errors_are_not_cached_and_lock_waits_end_with_the_cores_timeout() {
+        let memory = MemoryLocker::new();
+        let cache = near_only(&memory, Duration::from_millis(50));
+        let failed = cache
+            .get_or_compute("k", || async {
+                Err::<u64, _>(std::io::Error::other("boom"))
+            })
             .await;
-        let value = match outcome {
-            Ok(Ok(value)) => value,
-            Ok(Err(e)) => {
-                let error = Error::Loader {
-                    key: key.to_owned(),
-                    source: Arc::from(e),
-                };
-                self.record_failure(key, &error).await;
-                return Err(error);
-            }
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".into());
-                let error = Error::LoaderPanicked {
-                    key: key.to_owned(),
-                    message,
-                };
-                self.record_failure(key, &error).await;
-                return Err(error);
-            }
-        };
-        self.write_locked(key, held, Some(&value), false).await?;
-        Ok(value)
-    }
-
-    async fn record_failure(&self, key: &str, error: &Error) {
-        tracing::warn!(key, %error, "load failed; not cached");
-        if let Some(redis) = &self.redis {
-            // Kept for longer than any wait for the lock, so every waiter of this wave sees it.
-            let ttl = self.lock_wait + Duration::from_secs(60);
-            if let Err(e) = redis
-                .record_failure(&self.failure_key(key), &error.to_string(), ttl)
+        assert!(matches!(failed, Err(Error::Loader { .. })), "{failed:?}");
+        let panicked = cache
+            .get_or_compute("k", || async {
+                panic!("loader panic");
+                #[allow(unreachable_code)]
+                Ok::<u64, std::io::Error>(0)
+            })
+            .await;
+        assert!(
+            matches!(&panicked, Err(Error::LoaderPanicked { message, .. }) if message == "loader panic"),
+            "{panicked:?}"
+        );
+        assert_eq!(
+            cache
+                .get_or_compute("k", || async { Ok::<_, std::io::Error>(3) })
                 .await
-            {
-                tracing::warn!(key, error = %e, "could not record the failed load; waiters on other nodes will retry it");
-            }
-        }
-    }
+                .unwrap(),
+            3
+        );
 
-    /// Writes (or, with `None`, deletes) the key in every tier while holding its lock, then
-    /// tells the other nodes. `strict`: a failed publish is an error (explicit mutations);
-    /// otherwise it is logged (loads: the value is right, only remote near copies may lag,
-    /// bounded by their max TTL).
-    async fn write_locked(
-        &self,
-        key: &str,
-        held: &HeldKey,
-        value: Option<&V>,
-        strict: bool,
-    ) -> Result<()> {
-        let token = held.guard.fencing_token();
-        if !held.guard.is_held() {
-            return Err(Error::Fenced {
-                key: key.to_owned(),
-                token,
-            });
-        }
-        if let Some(redis) = &self.redis {
-            let bytes = value.map(|v| encode(key, v)).transpose()?;
-            // The fence outlives any zombie holder by far; it is only a few bytes per key.
-            let fence_ttl = Duration::from_secs(24 * 3600).max(self.redis_ttl.unwrap_or_default());
-            let written = redis
-                .fenced_write(
-                    &self.value_key(key),
-                    &self.fence_key(key),
-                    token,
-                    bytes.as_deref(),
-                    self.redis_ttl,
-                    fence_ttl,
-                )
-                .await?;
-            if !written {
-                return Err(Error::Fenced {
-                    key: key.to_owned(),
-                    token,
-                });
-            }
-        }
-        if let Some(near) = &self.near {
-            near.invalidate(key).await;
-            if let Some(v) = value {
-                near.fill(key, v.clone(), near.generation(key)).await;
-            }
-        }
-        if let Some(bus) = &self.bus
-            && let Err(e) = bus.publish(self.id, &self.namespace, key).await
-        {
-            if strict {
-                return Err(e);
-            }
-            tracing::warn!(key, error = %e, "stored, but the invalidation was not published");
-        }
-        Ok(())
-    }
-
-    async fn release(&self, key: &str, held: HeldKey) {
-        let HeldKey { guard, local } = held;
-        if let Err(e) = guard.release().await {
-            tracing::warn!(key, error = %e, "releasing the key's lock failed; the broker frees it when the channel closes");
-        }
-        drop(local);
+        let outside = mqlock::Locker::lock(&memory, "cache/ns/k").await.unwrap();
+        let err = cache.insert("k", 4).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Lock(mqlock::Error::Timeout { name, .. }) if name == "cache/ns/k"),
+            "{err:?}"
+        );
+        drop(outside);
+        assert_eq!(cache.get("k").await.unwrap(), Some(3));
     }
 }

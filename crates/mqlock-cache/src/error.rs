@@ -1,7 +1,6 @@
 //! Typed errors of the cache wrappers.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Errors returned by the cache wrappers.
 ///
@@ -10,24 +9,16 @@ use std::time::Duration;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The key's distributed lock could not be taken (broker unreachable, lock lost...).
-    #[error("cannot lock cache key {key:?}: {source}")]
-    Lock {
-        /// The cache key.
-        key: String,
-        /// The lock client's error.
-        #[source]
-        source: mqlock::Error,
-    },
-
-    /// The key's lock was not granted within the configured wait.
-    #[error("timed out after {waited:?} waiting for the lock of cache key {key:?}")]
-    LockTimeout {
-        /// The cache key.
-        key: String,
-        /// How long the caller waited.
-        waited: Duration,
-    },
+    /// The key's distributed lock could not be taken: the core's error, as it is.
+    ///
+    /// The lock is named `cache/{namespace}/{key}` ([`crate::lock_name`]), so every variant that
+    /// names the lock names the key. [`mqlock::Error::Timeout`] when the key's lock was not
+    /// granted within [`CacheConfig::lock_timeout`](crate::CacheConfig::lock_timeout) (its
+    /// `addr` is the broker's, `"memory"` for a [`mqlock::MemoryLocker`], or says that the wait
+    /// ended in this process's queue for the key, behind another task mutating it);
+    /// [`mqlock::Error::Unreachable`] and the other connection errors when the broker is down.
+    #[error(transparent)]
+    Lock(#[from] mqlock::Error),
 
     /// The lock was lost while the write was being prepared, or Redis refused the write because
     /// a later lock holder (with a higher fencing token) has written the key since.
@@ -90,9 +81,10 @@ pub enum Error {
         detail: String,
     },
 
-    /// The invalidation bus is unreachable or could not publish. For a mutation, the shared tier
-    /// has already been written: other nodes may serve their old near-cache copy until its
-    /// maximum TTL.
+    /// The invalidation bus is unreachable (or its connection settings were refused: `detail` is
+    /// then the core's message), or it could not publish. For a mutation, the shared tier has
+    /// already been written: other nodes may serve their old near-cache copy until its maximum
+    /// TTL.
     #[error("invalidation bus at {addr}: {detail}")]
     Bus {
         /// Broker address (`host:port/vhost`, never the credentials).
@@ -109,26 +101,21 @@ pub enum Error {
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl Error {
-    pub(crate) fn from_lock(key: &str, source: mqlock::Error) -> Self {
-        match source {
-            mqlock::Error::Timeout { waited, .. } => Error::LockTimeout {
-                key: key.to_owned(),
-                waited,
-            },
-            source => Error::Lock {
-                key: key.to_owned(),
-                source,
-            },
-        }
-    }
-}
-
 /// The part of a URL after the credentials: `amqp://u:p@host:5672/%2f` → `host:5672/%2f`.
 pub(crate) fn redact_url(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     rest.split('?').next().unwrap_or(rest).to_owned()
+}
+
+/// [`redact_url`] of each URL of a comma-separated list, joined with `", "`.
+pub(crate) fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(redact_url)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -143,5 +130,9 @@ mod tests {
         );
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "h:6379/0");
         assert_eq!(redact_url("redis://h:6379/"), "h:6379/");
+        assert_eq!(
+            redact_urls("amqp://u:secret@h1:5672/%2f, amqp://u:secret@h2/v,"),
+            "h1:5672/%2f, h2/v"
+        );
     }
 }

@@ -6,10 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mqlock::{LockGuard, Locker};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 
@@ -17,35 +18,27 @@ const GRACE: Duration = Duration::from_millis(500);
 
 type Slots = Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>;
 
-/// Lock name of `key` in `namespace`.
+/// Lock name of `key` in `namespace`: `cache/{namespace}/{key}`, the key escaped with
+/// [`mqlock::name::escape`].
 ///
 /// The core refuses control characters in lock names, while cache keys may contain anything, so
 /// `%` and control characters are percent-encoded (an injective mapping: two keys never share
 /// a lock). The core hashes names that are too long for a queue name.
 pub fn lock_name(namespace: &str, key: &str) -> String {
-    let mut name = String::with_capacity(namespace.len() + key.len() + 8);
-    name.push_str("cache/");
-    name.push_str(namespace);
-    name.push('/');
-    for c in key.chars() {
-        if c == '%' || c.is_control() {
-            let mut buf = [0u8; 4];
-            for b in c.encode_utf8(&mut buf).bytes() {
-                name.push_str(&format!("%{b:02X}"));
-            }
-        } else {
-            name.push(c);
-        }
-    }
-    name
+    format!("cache/{namespace}/{}", mqlock::name::escape(key.as_bytes()))
 }
+
+/// The `addr` of the [`mqlock::Error::Timeout`] of a wait that ended in this process's queue.
+const LOCAL_QUEUE: &str = "this process (queued behind another task of the node)";
+/// The `addr` of the [`mqlock::Error::Timeout`] of a locker that did not report its own timeout.
+const SILENT_LOCKER: &str = "the locker (it did not report its own timeout)";
 
 /// Takes keys' locks: in-process queue, then the distributed lock.
 pub(crate) struct KeyLocks {
     locker: Arc<dyn Locker>,
     namespace: String,
     slots: Slots,
-    wait: Duration,
+    lock_timeout: Duration,
 }
 
 /// A key's lock: the in-process slot and the distributed grant.
@@ -81,21 +74,28 @@ impl Drop for Slot {
 }
 
 impl KeyLocks {
-    pub(crate) fn new(locker: Arc<dyn Locker>, namespace: String, wait: Duration) -> Self {
+    pub(crate) fn new(locker: Arc<dyn Locker>, namespace: String, lock_timeout: Duration) -> Self {
         KeyLocks {
             locker,
             namespace,
             slots: Slots::default(),
-            wait,
+            lock_timeout,
         }
     }
 
-    /// Waits (at most the configured lock wait, in total) for `key`'s lock.
+    /// Waits (at most the configured lock timeout, in total) for `key`'s lock.
+    ///
+    /// Cancel safe: dropped at any await point, it leaves no in-process waiter, no slot and no
+    /// broker waiter behind (the locker's acquire futures are cancel safe).
     pub(crate) async fn lock(&self, key: &str) -> Result<HeldKey> {
         let started = Instant::now();
-        let timeout = || Error::LockTimeout {
-            key: key.to_owned(),
-            waited: started.elapsed(),
+        let name = lock_name(&self.namespace, key);
+        let timeout = |addr: &str| {
+            Error::Lock(mqlock::Error::Timeout {
+                name: name.clone(),
+                addr: addr.to_owned(),
+                waited: started.elapsed(),
+            })
         };
         let slot = {
             let mut slots = self.slots.lock().unwrap();
@@ -106,18 +106,17 @@ impl KeyLocks {
                 mutex,
             }
         };
-        let local = tokio::time::timeout(self.wait, slot.mutex.clone().lock_owned())
+        let local = tokio::time::timeout(self.lock_timeout, slot.mutex.clone().lock_owned())
             .await
-            .map_err(|_| timeout())?;
+            .map_err(|_| timeout(LOCAL_QUEUE))?;
         let local = LocalGuard {
             _guard: local,
             _slot: slot,
         };
-        let remaining = self.wait.saturating_sub(started.elapsed());
+        let remaining = self.lock_timeout.saturating_sub(started.elapsed());
         if remaining.is_zero() {
-            return Err(timeout());
+            return Err(timeout(LOCAL_QUEUE));
         }
-        let name = lock_name(&self.namespace, key);
         // Bounded here as well, not only by the locker: "never hang" is this crate's promise.
         // The grace lets the locker report its own timeout (or error) first.
         let guard = tokio::time::timeout(
@@ -125,8 +124,7 @@ impl KeyLocks {
             self.locker.lock_timeout(&name, remaining),
         )
         .await
-        .map_err(|_| timeout())?
-        .map_err(|e| Error::from_lock(key, e))?;
+        .map_err(|_| timeout(SILENT_LOCKER))??;
         tracing::trace!(key, token = guard.fencing_token(), "cache key locked");
         Ok(HeldKey { guard, local })
     }
@@ -154,7 +152,41 @@ mod tests {
         assert!(mqlock::name::validate(&lock_name("ns", "")).is_ok());
     }
 
-    #[tokio::test]
+    /// The names built before `mqlock::name::escape` existed: locks taken by nodes running the
+    /// previous version must stay the same locks.
+    #[test]
+    fn lock_names_are_byte_identical_to_the_previous_escaping() {
+        fn previous(namespace: &str, key: &str) -> String {
+            let mut name = format!("cache/{namespace}/");
+            for c in key.chars() {
+                if c == '%' || c.is_control() {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        name.push_str(&format!("%{b:02X}"));
+                    }
+                } else {
+                    name.push(c);
+                }
+            }
+            name
+        }
+        for key in [
+            "",
+            "k",
+            "a%0Ab",
+            "a\nb",
+            "100%",
+            "\u{0}\u{1f}\u{7f}\u{85}\u{9f}",
+            "é/ü:x y",
+            "日本\t語",
+            "%%",
+            "\u{a0}\u{2028}",
+        ] {
+            assert_eq!(lock_name("ns", key), previous("ns", key), "{key:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn local_queue_then_distributed_lock_and_clean_up() {
         let memory = MemoryLocker::new();
         let locks = Arc::new(KeyLocks::new(
@@ -177,7 +209,7 @@ mod tests {
         assert!(!memory.is_locked("cache/ns/k"));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waits_are_bounded_and_cancelled_waiters_leave_nothing() {
         let memory = MemoryLocker::new();
         let locks = KeyLocks::new(
@@ -186,16 +218,18 @@ mod tests {
             Duration::from_millis(50),
         );
         let outside = memory.lock("cache/ns/k").await.unwrap();
+        // Behind another process: the locker's own timeout.
         assert!(matches!(
             locks.lock("k").await,
-            Err(Error::LockTimeout { .. })
+            Err(Error::Lock(mqlock::Error::Timeout { .. }))
         ));
         assert_eq!(locks.active_keys(), 0);
         drop(outside);
         let held = locks.lock("k").await.unwrap();
+        // Behind another task of this process: the in-process queue's timeout, same error.
         assert!(matches!(
             locks.lock("k").await,
-            Err(Error::LockTimeout { .. })
+            Err(Error::Lock(mqlock::Error::Timeout { .. }))
         ));
         drop(held);
         assert_eq!(locks.active_keys(), 0);

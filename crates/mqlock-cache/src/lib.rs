@@ -20,19 +20,27 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
 //! use std::time::Duration;
 //! use mqlock::{ClientConfig, LockClient};
-//! use mqlock_cache::{BusConfig, InvalidationBus, LockedCache, RedisConfig, RedisStore};
+//! use mqlock_cache::{
+//!     BusConfig, CacheConfig, InvalidationBus, LockedCache, NearConfig, RedisConfig, RedisStore,
+//! };
 //!
 //! let amqp = "amqp://guest:guest@127.0.0.1:5672/%2f";
 //! let locks = LockClient::connect(amqp, ClientConfig::default()).await?;
 //! let bus = InvalidationBus::connect(amqp, BusConfig::default()).await?;
 //! let redis = RedisStore::connect("redis://127.0.0.1:6379/", RedisConfig::default()).await?;
-//! let cache: LockedCache<String> = LockedCache::builder(locks, "reports")
-//!     .near(10_000, Duration::from_secs(30))
-//!     .redis(redis)
-//!     .invalidations(bus)
-//!     .build()?;
+//! let cache: LockedCache<String> = LockedCache::new(
+//!     Arc::new(locks),
+//!     "reports",
+//!     CacheConfig {
+//!         near: Some(NearConfig { max_capacity: 10_000, max_ttl: Duration::from_secs(30) }),
+//!         redis: Some(redis),
+//!         invalidations: Some(bus),
+//!         ..CacheConfig::default()
+//!     },
+//! )?;
 //! let report = cache
 //!     .get_or_compute("daily", || async { Ok::<_, std::io::Error>("expensive".to_string()) })
 //!     .await?;
@@ -43,18 +51,24 @@
 //! Failure policy (details in `docs/cache.md`): nothing waits unboundedly. Redis down → near
 //! hits are served, everything else fails with [`Error::Redis`] (loaders are not run: their
 //! result could be neither shared nor stored). Broker down → reads work, locked operations fail
-//! with [`Error::Lock`] / [`Error::LockTimeout`], and near tiers are bypassed until the bus has
-//! resubscribed.
+//! with [`Error::Lock`] (the core's error: `Unreachable`..., or `Timeout` after
+//! [`CacheConfig::lock_timeout`]), and near tiers are bypassed until the bus has resubscribed.
 
 mod bus;
 mod cache;
+mod codec;
+mod config;
 mod error;
 mod keylock;
+mod locked;
 mod near;
 mod redis_store;
+mod single_flight;
 
 pub use bus::{BusConfig, InvalidationBus};
-pub use cache::{CacheBuilder, CacheValue, LockedCache, decode, encode};
+pub use cache::LockedCache;
+pub use codec::{CacheValue, decode, encode};
+pub use config::{CacheConfig, NearConfig};
 pub use error::{Error, Result};
 pub use keylock::lock_name;
 pub use redis_store::{RedisConfig, RedisStore};

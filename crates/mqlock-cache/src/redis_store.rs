@@ -10,7 +10,6 @@ use crate::error::{Error, Result, redact_url};
 
 /// Timeouts and reconnection of a [`RedisStore`].
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct RedisConfig {
     /// Bound on establishing a connection (default 2 s).
     pub connect_timeout: Duration,
@@ -79,6 +78,15 @@ return 1
 
 impl RedisStore {
     /// Connects to `url` (`redis://[:password@]host:port/db`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Redis`] when `url` is invalid, or when no connection is established within
+    /// `connect_timeout × (reconnect_retries + 2)`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a connection being established is dropped with the future.
     pub async fn connect(url: &str, config: RedisConfig) -> Result<Self> {
         let addr: Arc<str> = redact_url(url).into();
         let err = |e: RedisError| Error::Redis {

@@ -97,33 +97,106 @@ impl Drop for Conn {
     }
 }
 
+/// Opens a bare AMQP connection exactly as [`crate::LockClient::connect`] opens its own: `urls`
+/// is one broker URL or several separated by commas, tried in turn (a refused login stops the
+/// round); [`ClientConfig::heartbeat`] replaces any heartbeat in the URLs; `amqps://` URLs use
+/// [`ClientConfig::tls`]; the broker shows [`ClientConfig::connection_name`] (default
+/// `mqlock pid N`); failures are mapped to the same errors. For the adapters' own connections
+/// (the cache's invalidation bus), so that every connection of a process follows one set of rules.
+/// Unlike `LockClient::connect` it opens no probe channel and reads no cluster mark.
+///
+/// Returns the connection and the address (`host:port[/vhost]`) of the broker that answered.
+///
+/// # Errors
+///
+/// [`Error::Config`] (an invalid `config`, unreadable TLS files, `amqps://` without the `rustls`
+/// feature), [`Error::InvalidUrl`], [`Error::Unreachable`], [`Error::Tls`],
+/// [`Error::AuthRefused`].
+///
+/// # Cancel safety
+///
+/// Cancel safe: a connection being opened when the future is dropped is dropped with it.
+pub async fn open_connection(
+    urls: &str,
+    config: &ClientConfig,
+) -> Result<(Connection, String), Error> {
+    config.validate()?;
+    let uris = parse_urls(urls, config)?;
+    first_answering(&uris, |uri, addr| async move {
+        let (connection, _name) = connect(uri, &addr, config).await?;
+        Ok((connection, addr))
+    })
+    .await
+}
+
+/// Tries `open` on each address in turn and returns the first success; a refused login ends
+/// the round (credentials are the same everywhere).
+async fn first_answering<'a, T, F, Fut>(uris: &'a [AMQPUri], open: F) -> Result<T, Error>
+where
+    F: Fn(&'a AMQPUri, String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut failures = Vec::new();
+    for uri in uris {
+        let addr = display_addr(uri);
+        match open(uri, addr.clone()).await {
+            Ok(c) => return Ok(c),
+            // Credentials are the same everywhere; a refusal will not get better elsewhere.
+            Err(e @ Error::AuthRefused { .. }) => return Err(e),
+            Err(e) => {
+                debug!(%addr, error = %e, "broker address failed");
+                failures.push(e);
+            }
+        }
+    }
+    match failures.len() {
+        1 => Err(failures.pop().expect("one failure")),
+        _ => Err(Error::Unreachable {
+            addr: uris.iter().map(display_addr).collect::<Vec<_>>().join(", "),
+            detail: failures
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
+    }
+}
+
+/// The AMQP connection to one address, and the connection name the broker shows.
+async fn connect(
+    uri: &AMQPUri,
+    addr: &str,
+    config: &ClientConfig,
+) -> Result<(Connection, String), Error> {
+    let name = config
+        .connection_name
+        .clone()
+        .unwrap_or_else(|| format!("mqlock pid {}", std::process::id()));
+    let props = ConnectionProperties::default().with_connection_name(name.clone().into());
+    let tls = tls_config(uri, config)?;
+    let runtime = lapin::runtime::default_runtime().map_err(|e| Error::Unreachable {
+        addr: addr.into(),
+        detail: format!("no async runtime: {e}"),
+    })?;
+    let connect = Connection::connect_uri_with_config(uri.clone(), props, tls, runtime);
+    // The URL's connection_timeout bounds the TCP connect; this bounds the AMQP handshake too.
+    match tokio::time::timeout(Duration::from_secs(15), connect).await {
+        Err(_) => Err(Error::Unreachable {
+            addr: addr.into(),
+            detail: "no answer to the AMQP handshake within 15 s".into(),
+        }),
+        Ok(Err(e)) => Err(connect_error(&e, uri, addr)),
+        Ok(Ok(c)) => Ok((c, name)),
+    }
+}
+
 impl Conn {
     /// Opens a connection to the first address that answers.
     pub(crate) async fn open(uris: &[AMQPUri], config: &ClientConfig) -> Result<Arc<Conn>, Error> {
-        let mut failures = Vec::new();
-        for uri in uris {
-            let addr = display_addr(uri);
-            match Self::open_one(uri, &addr, config).await {
-                Ok(c) => return Ok(c),
-                // Credentials are the same everywhere; a refusal will not get better elsewhere.
-                Err(e @ Error::AuthRefused { .. }) => return Err(e),
-                Err(e) => {
-                    debug!(%addr, error = %e, "broker address failed");
-                    failures.push(e);
-                }
-            }
-        }
-        match failures.len() {
-            1 => Err(failures.pop().expect("one failure")),
-            _ => Err(Error::Unreachable {
-                addr: uris.iter().map(display_addr).collect::<Vec<_>>().join(", "),
-                detail: failures
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            }),
-        }
+        first_answering(uris, |uri, addr| async move {
+            Self::open_one(uri, &addr, config).await
+        })
+        .await
     }
 
     async fn open_one(
@@ -131,28 +204,7 @@ impl Conn {
         addr: &str,
         config: &ClientConfig,
     ) -> Result<Arc<Conn>, Error> {
-        let name = config
-            .connection_name
-            .clone()
-            .unwrap_or_else(|| format!("mqlock pid {}", std::process::id()));
-        let props = ConnectionProperties::default().with_connection_name(name.clone().into());
-        let tls = tls_config(uri, config)?;
-        let runtime = lapin::runtime::default_runtime().map_err(|e| Error::Unreachable {
-            addr: addr.into(),
-            detail: format!("no async runtime: {e}"),
-        })?;
-        let connect = Connection::connect_uri_with_config(uri.clone(), props, tls, runtime);
-        // The URL's connection_timeout bounds the TCP connect; this bounds the AMQP handshake too.
-        let connection = match tokio::time::timeout(Duration::from_secs(15), connect).await {
-            Err(_) => {
-                return Err(Error::Unreachable {
-                    addr: addr.into(),
-                    detail: "no answer to the AMQP handshake within 15 s".into(),
-                });
-            }
-            Ok(Err(e)) => return Err(connect_error(&e, uri, addr)),
-            Ok(Ok(c)) => c,
-        };
+        let (connection, name) = connect(uri, addr, config).await?;
         let probe = connection
             .create_channel()
             .await

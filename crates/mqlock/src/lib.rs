@@ -56,6 +56,7 @@ mod table;
 
 pub use client::{BreakOutcome, LockClient, LockStatus};
 pub use config::{ClientConfig, DEFAULT_QUORUM_DELIVERY_LIMIT, QueueType, TlsConfig};
+pub use connection::open_connection;
 pub use error::{Error, Result};
 pub use guard::{BoxFuture, LockGuard, LossReason, LossSignal, Release};
 pub use identity::HolderInfo;
