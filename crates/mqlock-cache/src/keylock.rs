@@ -4,19 +4,16 @@
 //! the distributed lock. So the broker sees at most one waiter per node and key, however many
 //! tasks of that node mutate the key at once, and tasks of one node are served in FIFO order.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use mqlock::{LockGuard, Locker};
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
-use tokio::time::Instant;
+use mqlock::{LockTable, Locker, TableGuard};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
-const GRACE: Duration = Duration::from_millis(500);
-
-type Slots = Arc<Mutex<HashMap<String, Arc<AsyncMutex<()>>>>>;
+/// A key's lock: this node's slot for the key and the distributed grant
+/// ([`TableGuard::guard`]).
+pub(crate) type HeldKey = TableGuard;
 
 /// Lock name of `key` in `namespace`: `cache/{namespace}/{key}`, the key escaped with
 /// [`mqlock::name::escape`].
@@ -28,57 +25,19 @@ pub fn lock_name(namespace: &str, key: &str) -> String {
     format!("cache/{namespace}/{}", mqlock::name::escape(key.as_bytes()))
 }
 
-/// The `addr` of the [`mqlock::Error::Timeout`] of a wait that ended in this process's queue.
-const LOCAL_QUEUE: &str = "this process (queued behind another task of the node)";
-/// The `addr` of the [`mqlock::Error::Timeout`] of a locker that did not report its own timeout.
-const SILENT_LOCKER: &str = "the locker (it did not report its own timeout)";
-
-/// Takes keys' locks: in-process queue, then the distributed lock.
+/// Takes keys' locks through the core's per-process [`LockTable`]: the in-process queue, then
+/// the distributed lock.
 pub(crate) struct KeyLocks {
-    locker: Arc<dyn Locker>,
+    table: LockTable,
     namespace: String,
-    slots: Slots,
     lock_timeout: Duration,
-}
-
-/// A key's lock: the in-process slot and the distributed grant.
-///
-/// Field order matters: the distributed guard is released first, then the in-process mutex, so
-/// the next task of this node starts its distributed wait only after our release was sent.
-pub(crate) struct HeldKey {
-    pub(crate) guard: LockGuard,
-    pub(crate) local: LocalGuard,
-}
-
-pub(crate) struct LocalGuard {
-    _guard: OwnedMutexGuard<()>,
-    _slot: Slot,
-}
-
-/// A reference to a key's in-process mutex that removes the map entry when it is the last one,
-/// including when a waiter is cancelled.
-struct Slot {
-    slots: Slots,
-    key: String,
-    mutex: Arc<AsyncMutex<()>>,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut slots = self.slots.lock().unwrap();
-        // The map's reference plus ours: nobody else holds or waits for this key.
-        if Arc::strong_count(&self.mutex) == 2 {
-            slots.remove(&self.key);
-        }
-    }
 }
 
 impl KeyLocks {
     pub(crate) fn new(locker: Arc<dyn Locker>, namespace: String, lock_timeout: Duration) -> Self {
         KeyLocks {
-            locker,
+            table: LockTable::new(locker),
             namespace,
-            slots: Slots::default(),
             lock_timeout,
         }
     }
@@ -88,57 +47,27 @@ impl KeyLocks {
     /// Cancel safe: dropped at any await point, it leaves no in-process waiter, no slot and no
     /// broker waiter behind (the locker's acquire futures are cancel safe).
     pub(crate) async fn lock(&self, key: &str) -> Result<HeldKey> {
-        let started = Instant::now();
         let name = lock_name(&self.namespace, key);
-        let timeout = |addr: &str| {
-            Error::Lock(mqlock::Error::Timeout {
-                name: name.clone(),
-                addr: addr.to_owned(),
-                waited: started.elapsed(),
-            })
-        };
-        let slot = {
-            let mut slots = self.slots.lock().unwrap();
-            let mutex = slots.entry(key.to_owned()).or_default().clone();
-            Slot {
-                slots: self.slots.clone(),
-                key: key.to_owned(),
-                mutex,
-            }
-        };
-        let local = tokio::time::timeout(self.lock_timeout, slot.mutex.clone().lock_owned())
-            .await
-            .map_err(|_| timeout(LOCAL_QUEUE))?;
-        let local = LocalGuard {
-            _guard: local,
-            _slot: slot,
-        };
-        let remaining = self.lock_timeout.saturating_sub(started.elapsed());
-        if remaining.is_zero() {
-            return Err(timeout(LOCAL_QUEUE));
-        }
-        // Bounded here as well, not only by the locker: "never hang" is this crate's promise.
-        // The grace lets the locker report its own timeout (or error) first.
-        let guard = tokio::time::timeout(
-            remaining + GRACE,
-            self.locker.lock_timeout(&name, remaining),
-        )
-        .await
-        .map_err(|_| timeout(SILENT_LOCKER))??;
-        tracing::trace!(key, token = guard.fencing_token(), "cache key locked");
-        Ok(HeldKey { guard, local })
+        let held = self.table.lock(&name, self.lock_timeout).await?;
+        tracing::trace!(
+            key,
+            token = held.guard().fencing_token(),
+            "cache key locked"
+        );
+        Ok(held)
     }
 
     /// Number of keys with an in-process holder or waiter (for tests of the clean-up).
     #[cfg(test)]
     pub(crate) fn active_keys(&self) -> usize {
-        self.slots.lock().unwrap().len()
+        self.table.names_in_use()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Error;
     use mqlock::MemoryLocker;
 
     #[test]
@@ -199,10 +128,10 @@ mod tests {
         // A second task of the node queues in process: still one distributed holder.
         let l2 = locks.clone();
         let waiter =
-            tokio::spawn(async move { l2.lock("k").await.map(|h| h.guard.fencing_token()) });
+            tokio::spawn(async move { l2.lock("k").await.map(|h| h.guard().fencing_token()) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
-        let first = held.guard.fencing_token();
+        let first = held.guard().fencing_token();
         drop(held);
         assert!(waiter.await.unwrap().unwrap() > first);
         assert_eq!(locks.active_keys(), 0);

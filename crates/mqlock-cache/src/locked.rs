@@ -148,7 +148,7 @@ impl<V: CacheValue> Inner<V> {
         }
         tracing::debug!(
             key,
-            token = held.guard.fencing_token(),
+            token = held.guard().fencing_token(),
             "running the loader"
         );
         // Converted inside the block: the loader's error type need not be `Send`.
@@ -236,8 +236,8 @@ impl<V: CacheValue> Inner<V> {
         value: Option<&V>,
         strict: bool,
     ) -> Result<()> {
-        let token = held.guard.fencing_token();
-        if !held.guard.is_held() {
+        let token = held.guard().fencing_token();
+        if !held.guard().is_held() {
             return Err(Error::Fenced {
                 key: key.to_owned(),
                 token,
@@ -283,10 +283,9 @@ impl<V: CacheValue> Inner<V> {
 
     /// Releases the key's lock: the distributed grant first, then the in-process slot.
     pub(crate) async fn release(&self, key: &str, held: HeldKey) {
-        let HeldKey { guard, local } = held;
-        if let Err(e) = guard.release().await {
+        // The table releases the distributed grant first, then hands the slot on.
+        if let Err(e) = held.release().await {
             tracing::warn!(key, error = %e, "releasing the key's lock failed; the broker frees it when the channel closes");
         }
-        drop(local);
     }
 }

@@ -20,7 +20,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{Mutex as AsyncMutex, Notify, OwnedMutexGuard};
 use tokio::task::JoinHandle;
@@ -28,6 +30,9 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::guard::{LockGuard, LossSignal};
 use crate::locker::Locker;
+
+/// How long past its own timeout a locker may take to report it before the table gives up.
+const LOCKER_GRACE: Duration = Duration::from_millis(500);
 
 /// The grant a slot holds for its sharers.
 struct Held {
@@ -242,6 +247,15 @@ impl LockTable {
         }
     }
 
+    /// The locker's wait, bounded here as well: "never hang" is the table's promise even for a
+    /// locker that does not keep its own timeout. The grace lets the locker report its own
+    /// timeout (or error) first.
+    async fn bounded(&self, name: &str, left: Duration, started: Instant) -> Result<LockGuard> {
+        tokio::time::timeout(left + LOCKER_GRACE, self.locker.lock_timeout(name, left))
+            .await
+            .map_err(|_| self.timeout(name, started))?
+    }
+
     /// Waits, first behind this process's other tasks (FIFO), then for the distributed lock,
     /// at most `timeout` in all.
     ///
@@ -286,7 +300,7 @@ impl LockTable {
             return Err(self.timeout(name, started));
         }
         let waiting = Waiting::start(&slot.entry.waiting);
-        let guard = self.locker.lock_timeout(name, left).await;
+        let guard = self.bounded(name, left, started).await;
         drop(waiting);
         Ok(TableGuard {
             guard: Some(guard?),
@@ -317,7 +331,7 @@ impl LockTable {
         }
         let left = timeout.saturating_sub(started.elapsed());
         let waiting = Waiting::start(&slot.entry.waiting);
-        let guard = self.locker.lock_timeout(name, left).await;
+        let guard = self.bounded(name, left, started).await;
         drop(waiting);
         Ok(self.start(&mut state, guard?))
     }
@@ -525,7 +539,7 @@ mod tests {
         let memory = MemoryLocker::new();
         let other = memory.lock("f").await.unwrap();
         let t = table(&memory);
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         assert!(
             t.try_share("f", Duration::from_millis(200))
                 .await
@@ -570,7 +584,7 @@ mod tests {
         let waiter =
             tokio::spawn(async move { t3.share("g", Duration::from_secs(2)).await.is_ok() });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         assert!(
             t.try_share("g", Duration::from_secs(2))
                 .await
