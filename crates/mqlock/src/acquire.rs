@@ -22,7 +22,8 @@ use crate::client::{LockClient, Spare};
 use crate::connection::Conn;
 use crate::error::{Error, Result};
 use crate::fence;
-use crate::guard::{LockGuard, LossReason};
+use crate::guard::LockGuard;
+use crate::loss::LossReason;
 use crate::name::{QueueNames, queue_names};
 use crate::protocol::{
     Fault, PREFETCH, break_request, classify, lock_queue_args, stamp, wake_properties,

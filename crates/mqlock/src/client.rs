@@ -13,14 +13,16 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::acquire::{Wait, to_error};
+use crate::broker_url::{display_addr, parse_urls};
 use crate::cluster_mark;
 use crate::config::ClientConfig;
-use crate::connection::{Conn, display_addr, parse_urls};
+use crate::connection::Conn;
 use crate::error::{Error, Result};
 use crate::fence;
-use crate::guard::{BoxFuture, LockGuard, LossReason};
+use crate::guard::{BoxFuture, LockGuard};
 use crate::identity::HolderInfo;
 use crate::locker::Locker;
+use crate::loss::LossReason;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::name::queue_names;
 use crate::protocol::{Fault, break_properties, classify};

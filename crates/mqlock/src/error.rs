@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::guard::LossReason;
+use crate::loss::LossReason;
 
 /// Errors returned by mqlock.
 ///

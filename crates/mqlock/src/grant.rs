@@ -16,10 +16,11 @@ use crate::client::LockClient;
 use crate::connection::Conn;
 use crate::error::Error;
 use crate::fence::{self, FenceError};
-use crate::guard::{LockGuard, LossSignal};
+use crate::guard::LockGuard;
 use crate::hold::{Holder, publish_renewal, renewal_id, renewal_prefix};
 use crate::identity::HolderInfo;
 use crate::lease::Lease;
+use crate::loss::LossSignal;
 use crate::name::QueueNames;
 use crate::protocol::stamp;
 

@@ -17,8 +17,9 @@ use tracing::{debug, warn};
 use crate::connection::Conn;
 use crate::error::{Error, Result};
 use crate::fence;
-use crate::guard::{BoxFuture, LossReason, LossSignal, Release};
+use crate::guard::{BoxFuture, Release};
 use crate::lease::{BootInstant, Lease};
+use crate::loss::{LossReason, LossSignal};
 use crate::metrics::Metrics;
 use crate::protocol::{break_request, loss_reason, renewal_properties, stamp};
 

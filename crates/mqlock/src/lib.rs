@@ -35,6 +35,7 @@
 #![warn(missing_docs)]
 
 mod acquire;
+mod broker_url;
 mod client;
 mod cluster_mark;
 mod config;
@@ -47,6 +48,7 @@ mod hold;
 mod identity;
 mod lease;
 mod locker;
+mod loss;
 mod metrics;
 pub mod name;
 #[cfg(feature = "prometheus")]
@@ -58,10 +60,11 @@ pub use client::{BreakOutcome, LockClient, LockStatus};
 pub use config::{ClientConfig, DEFAULT_QUORUM_DELIVERY_LIMIT, QueueType, TlsConfig};
 pub use connection::open_connection;
 pub use error::{Error, Result};
-pub use guard::{BoxFuture, LockGuard, LossReason, LossSignal, Release};
+pub use guard::{BoxFuture, LockGuard, Release};
 pub use identity::HolderInfo;
 pub use lease::{BootClock, BootInstant, Clock, Lease, ManualClock};
 pub use locker::{Locker, MemoryLocker};
+pub use loss::{LossReason, LossSignal};
 pub use metrics::{
     HOLD_BUCKETS_SECONDS, HistogramSnapshot, LOSS_REASONS, Metrics, MetricsSnapshot,
     WAIT_BUCKETS_SECONDS, loss_reason_label,

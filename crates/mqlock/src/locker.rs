@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::guard::{BoxFuture, LockGuard, LossReason, LossSignal, Release};
+use crate::guard::{BoxFuture, LockGuard, Release};
+use crate::loss::{LossReason, LossSignal};
 use crate::name;
 
 /// Something that grants named, fenced locks: [`crate::LockClient`] (RabbitMQ) or

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::guard::LossReason;
+use crate::loss::LossReason;
 
 /// Wait-time buckets: bucket `i` counts waits in `[2^i, 2^(i+1))` microseconds.
 const BUCKETS: usize = 40;

@@ -174,7 +174,7 @@ fn encode_histogram(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guard::LossReason;
+    use crate::loss::LossReason;
     use std::time::Duration;
 
     #[test]

@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, ErrorKind};
 
 use crate::config::{ClientConfig, QueueType};
-use crate::guard::LossReason;
+use crate::loss::LossReason;
 
 /// Prefetch of a lock consumer. The holder keeps one delivery unacknowledged (its token) and
 /// needs room for one more, so that wake-ups published by later waiters reach it and are acked

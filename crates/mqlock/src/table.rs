@@ -28,8 +28,9 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::guard::{LockGuard, LossSignal};
+use crate::guard::LockGuard;
 use crate::locker::Locker;
+use crate::loss::LossSignal;
 
 /// How long past its own timeout a locker may take to report it before the table gives up.
 const LOCKER_GRACE: Duration = Duration::from_millis(500);
