@@ -36,7 +36,8 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 /// keeps it safe then.
 ///
 /// Exit codes of mqlock itself: 124 the wait timed out (or --nonblock found the lock held);
-/// 123 the lock was lost while CMD ran (CMD got SIGTERM, then SIGKILL after --grace);
+/// 123 the lock was lost while CMD ran (CMD got SIGTERM, then SIGKILL after --grace; also
+/// when CMD had exited by the time a frozen mqlock resumed and found its lease over);
 /// 122 mqlock failed (bad arguments, broker unreachable, login refused); 126 CMD cannot be
 /// executed; 127 CMD not found; 130 interrupted while waiting.
 ///
@@ -218,7 +219,21 @@ async fn supervise(args: &ExecArgs, guard: &LockGuard) -> u8 {
         }
     };
     let lost = tokio::select! {
-        status = child.wait() => return exit_code(status),
+        status = child.wait() => {
+            // A frozen client (SIGSTOP, a suspended host) resumes with its command: the command
+            // may finish before the loss is noticed, and its work then ran partly without the
+            // lock. The lease tells: a loss that took effect by now is reported, never exit 0.
+            if let Some(reason) = guard.loss_reason() {
+                eprintln!(
+                    "mqlock: lock {:?} was lost while the command ran (fencing token {}): {reason}; the command had already exited ({})",
+                    args.name,
+                    guard.fencing_token(),
+                    exit_code(status)
+                );
+                return EXIT_LOST;
+            }
+            return exit_code(status);
+        }
         _ = forward => unreachable!("signal forwarding loops forever"),
         reason = guard.lost() => reason,
     };
