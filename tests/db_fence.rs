@@ -6,10 +6,11 @@ mod support;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqlock::{ClientConfig, LockClient};
-use mqlock_db::{FencedDatabase, TxGuard};
+use mqlock_db::{FencedDatabase, TxConfig, TxRunner};
 use sqlx::{PgPool, Pool, SqlitePool};
 
 async fn client() -> LockClient {
@@ -29,10 +30,13 @@ async fn increments<DB: FencedDatabase>(
     for pool in pools {
         let lock = lock.to_owned();
         tasks.push(tokio::spawn(async move {
-            let guard =
-                TxGuard::new(client().await, pool).with_wait_timeout(Duration::from_secs(60));
+            let config = TxConfig {
+                lock_timeout: Some(Duration::from_secs(60)),
+                ..TxConfig::default()
+            };
+            let runner = TxRunner::new(Arc::new(client().await), pool, config).unwrap();
             for _ in 0..20 {
-                guard.run(&lock, bump).await.unwrap();
+                runner.run(&lock, bump).await.unwrap();
             }
         }));
     }
@@ -188,7 +192,7 @@ async fn holder_frozen_past_its_lease_is_fenced_off() {
 
     // B waits for the broker to give up on the frozen A (missed heartbeats), then commits.
     let b = client().await;
-    let guard = TxGuard::new(b.clone(), db.clone());
+    let runner = TxRunner::new(Arc::new(b.clone()), db.clone(), TxConfig::default()).unwrap();
     let start = Instant::now();
     let held = mqlock::Locker::lock_timeout(&b, &lock, Duration::from_secs(60))
         .await
@@ -196,7 +200,7 @@ async fn holder_frozen_past_its_lease_is_fenced_off() {
     let takeover = start.elapsed();
     let token_b = held.fencing_token();
     assert!(token_b > token_a);
-    guard
+    runner
         .run_with_guard(&held, move |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO fenced_log VALUES ('B', $1)")
