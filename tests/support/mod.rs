@@ -162,6 +162,27 @@ pub fn mqlock_bin() -> PathBuf {
     fixture_bin("mqlock-cli", Fixture::Bin("mqlock"))
 }
 
+/// Polls `check` (every 10 ms, real time) until it returns `true`; panics — failing the test
+/// with "timed out after … waiting for `what`" — once `within` has passed. Every poll loop of the
+/// tests has such a deadline, so a condition that never comes fails instead of hanging.
+pub async fn wait_until<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Installs a tracing subscriber once (RUST_LOG controls it).
 pub fn init_tracing() {
     static INIT: OnceLock<()> = OnceLock::new();
