@@ -1,4 +1,4 @@
-//! A service's start-up with mqlock-db: every replica calls the migration guard, exactly one
+//! A service's start-up with mqlock-db: every replica calls the migration runner, exactly one
 //! applies the pending migrations while the others wait and then find nothing to do; then the
 //! service "serves" by doing fenced writes.
 //!
@@ -10,10 +10,11 @@
 //! Start several at once to watch one apply and the others wait.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mqlock::{ClientConfig, LockClient};
-use mqlock_db::{MigrationGuard, TxGuard};
+use mqlock_db::{MigrationConfig, MigrationRunner, TxConfig, TxRunner};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -32,11 +33,15 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| "migrations".into()),
     );
 
-    let locker = LockClient::connect(&amqp, ClientConfig::default()).await?;
+    let client = LockClient::connect(&amqp, ClientConfig::default()).await?;
+    let locker = Arc::new(client.clone());
 
     // 1. Migrations: one replica applies, the rest wait (bounded) and continue.
-    let report = MigrationGuard::new(locker.clone())
-        .wait_timeout(Duration::from_secs(120))
+    let migrations = MigrationConfig {
+        lock_timeout: Some(Duration::from_secs(120)),
+        ..MigrationConfig::default()
+    };
+    let report = MigrationRunner::new(locker.clone(), migrations)
         .run_dir(&db_url, &dir)
         .await?;
     println!(
@@ -52,7 +57,11 @@ async fn main() -> anyhow::Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS example_hits (n BIGINT NOT NULL)")
         .execute(&pool)
         .await?;
-    let tx = TxGuard::new(locker.clone(), pool).with_wait_timeout(Duration::from_secs(30));
+    let fenced = TxConfig {
+        lock_timeout: Some(Duration::from_secs(30)),
+        ..TxConfig::default()
+    };
+    let tx = TxRunner::new(locker, pool, fenced)?;
     for _ in 0..3 {
         let total: i64 = tx
             .run("example/hits", |c| {
@@ -69,6 +78,6 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         println!("served; {total} hits so far");
     }
-    locker.close().await;
+    client.close().await;
     Ok(())
 }

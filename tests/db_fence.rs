@@ -4,13 +4,16 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqlock::{ClientConfig, LockClient};
-use mqlock_db::{FencedDatabase, TxGuard};
-use sqlx::{PgPool, Pool, SqlitePool};
+use mqlock::{BoxFuture, ClientConfig, LockClient};
+use mqlock_db::{FencedDatabase, TxConfig, TxRunner};
+use sqlx::postgres::Postgres;
+use sqlx::sqlite::Sqlite;
+use sqlx::{PgPool, Pool};
+use support::Fixture;
 
 async fn client() -> LockClient {
     LockClient::connect(&support::amqp_url(), ClientConfig::default())
@@ -18,47 +21,41 @@ async fn client() -> LockClient {
         .expect("RabbitMQ must be up")
 }
 
-/// 8 clients (own broker connection, own pool) each add 1 twenty times with a read-then-write
-/// that loses updates unless the transactions are serialised.
-async fn increments<DB: FencedDatabase>(
-    pools: Vec<Pool<DB>>,
-    lock: &str,
-    bump: fn(&mut DB::Connection) -> mqlock::BoxFuture<'_, mqlock_db::Result<()>>,
-) {
-    let mut tasks = Vec::new();
-    for pool in pools {
-        let lock = lock.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let guard =
-                TxGuard::new(client().await, pool).with_wait_timeout(Duration::from_secs(60));
-            for _ in 0..20 {
-                guard.run(&lock, bump).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+/// What the increment test needs of a database, in its own SQL dialect; the test body is
+/// [`eight_clients_increment_exactly`], one for both.
+trait CounterDb: FencedDatabase {
+    /// A fresh database with a table `counter (id, n)` holding the row (1, 0): its URL, and
+    /// the temporary directory that must outlive it (SQLite).
+    async fn fresh() -> (String, Option<tempfile::TempDir>);
+
+    /// Adds 1 to the counter with a read, a 1 ms pause and a write: an update is lost unless
+    /// the transactions are serialised.
+    fn bump(conn: &mut Self::Connection) -> BoxFuture<'_, mqlock_db::Result<()>>;
+
+    /// The counter's value.
+    async fn count(pool: &Pool<Self>) -> i64;
+
+    /// How many fence rows record `lock`, and the greatest token among them.
+    async fn fence_row(pool: &Pool<Self>, lock: &str) -> (i64, i64);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_clients_increment_exactly_postgres() {
-    let url = support::fresh_pg_database("mqlockdb").await;
-    let setup = PgPool::connect(&url).await.unwrap();
-    sqlx::query("CREATE TABLE counter (id INT PRIMARY KEY, n BIGINT NOT NULL)")
-        .execute(&setup)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO counter VALUES (1, 0)")
-        .execute(&setup)
-        .await
-        .unwrap();
-    let mut pools = Vec::new();
-    for _ in 0..8 {
-        pools.push(PgPool::connect(&url).await.unwrap());
+impl CounterDb for Postgres {
+    async fn fresh() -> (String, Option<tempfile::TempDir>) {
+        let url = support::fresh_pg_database("mqlockdb").await;
+        let setup = PgPool::connect(&url).await.unwrap();
+        sqlx::query("CREATE TABLE counter (id INT PRIMARY KEY, n BIGINT NOT NULL)")
+            .execute(&setup)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO counter VALUES (1, 0)")
+            .execute(&setup)
+            .await
+            .unwrap();
+        setup.close().await;
+        (url, None)
     }
-    let lock = support::unique("db-incr-pg");
-    increments(pools, &lock, |c| {
+
+    fn bump(c: &mut Self::Connection) -> BoxFuture<'_, mqlock_db::Result<()>> {
         Box::pin(async move {
             let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
                 .fetch_one(&mut *c)
@@ -70,43 +67,43 @@ async fn eight_clients_increment_exactly_postgres() {
                 .await?;
             Ok(())
         })
-    })
-    .await;
-    let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
-        .fetch_one(&setup)
-        .await
-        .unwrap();
-    assert_eq!(n, 160);
-    // The fence table recorded the lock's latest grant.
-    let (rows, token): (i64, i64) =
-        sqlx::query_as("SELECT COUNT(*), MAX(token) FROM mqlock_fence WHERE resource = $1")
-            .bind(&lock)
-            .fetch_one(&setup)
+    }
+
+    async fn count(pool: &Pool<Self>) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
+            .fetch_one(pool)
             .await
             .unwrap();
-    assert_eq!(rows, 1);
-    assert!(token > 0);
+        n
+    }
+
+    async fn fence_row(pool: &Pool<Self>, lock: &str) -> (i64, i64) {
+        sqlx::query_as("SELECT COUNT(*), MAX(token) FROM mqlock_fence WHERE resource = $1")
+            .bind(lock)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_clients_increment_exactly_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
-    let setup = SqlitePool::connect(&url).await.unwrap();
-    sqlx::query("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
-        .execute(&setup)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO counter VALUES (1, 0)")
-        .execute(&setup)
-        .await
-        .unwrap();
-    let mut pools = Vec::new();
-    for _ in 0..8 {
-        pools.push(SqlitePool::connect(&url).await.unwrap());
+impl CounterDb for Sqlite {
+    async fn fresh() -> (String, Option<tempfile::TempDir>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("c.db").display());
+        let setup = sqlx::SqlitePool::connect(&url).await.unwrap();
+        sqlx::query("CREATE TABLE counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+            .execute(&setup)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO counter VALUES (1, 0)")
+            .execute(&setup)
+            .await
+            .unwrap();
+        setup.close().await;
+        (url, Some(dir))
     }
-    let lock = support::unique("db-incr-sqlite");
-    increments(pools, &lock, |c| {
+
+    fn bump(c: &mut Self::Connection) -> BoxFuture<'_, mqlock_db::Result<()>> {
         Box::pin(async move {
             let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
                 .fetch_one(&mut *c)
@@ -118,13 +115,65 @@ async fn eight_clients_increment_exactly_sqlite() {
                 .await?;
             Ok(())
         })
-    })
-    .await;
-    let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
-        .fetch_one(&setup)
-        .await
-        .unwrap();
-    assert_eq!(n, 160);
+    }
+
+    async fn count(pool: &Pool<Self>) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT n FROM counter WHERE id = 1")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        n
+    }
+
+    async fn fence_row(pool: &Pool<Self>, lock: &str) -> (i64, i64) {
+        sqlx::query_as("SELECT COUNT(*), MAX(token) FROM mqlock_fence WHERE resource = ?1")
+            .bind(lock)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// 8 clients (own broker connection, own pool) each add 1 twenty times with a read-then-write
+/// that loses updates unless the transactions are serialised: the count is exact, and the
+/// fence table holds one row for the lock, with its latest grant's token.
+async fn eight_clients_increment_exactly<DB: CounterDb>(lock_prefix: &str) {
+    let (url, _dir) = DB::fresh().await;
+    let setup = Pool::<DB>::connect(&url).await.unwrap();
+    let lock = support::unique(lock_prefix);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let pool = Pool::<DB>::connect(&url).await.unwrap();
+        let lock = lock.clone();
+        tasks.push(tokio::spawn(async move {
+            let config = TxConfig {
+                lock_timeout: Some(Duration::from_secs(60)),
+                ..TxConfig::default()
+            };
+            let runner = TxRunner::new(Arc::new(client().await), pool, config).unwrap();
+            for _ in 0..20 {
+                runner.run(&lock, DB::bump).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(DB::count(&setup).await, 160);
+    // The fence table recorded the lock's latest grant.
+    let (rows, token) = DB::fence_row(&setup, &lock).await;
+    assert_eq!(rows, 1);
+    assert!(token > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_clients_increment_exactly_postgres() {
+    eight_clients_increment_exactly::<Postgres>("db-incr-pg").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_clients_increment_exactly_sqlite() {
+    eight_clients_increment_exactly::<Sqlite>("db-incr-sqlite").await;
 }
 
 /// Kills the helper on drop, so a failing test does not leave a stopped process behind.
@@ -136,29 +185,9 @@ impl Drop for Reap {
     }
 }
 
-fn fence_holder_bin() -> PathBuf {
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "mqlock-db",
-            "--example",
-            "fence_holder",
-        ])
-        .current_dir(support::root())
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the fence_holder example failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| support::root().join("target"));
-    target.join("debug/examples/fence_holder")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holder_frozen_past_its_lease_is_fenced_off() {
-    let bin = fence_holder_bin();
+    let bin = support::fixture_bin("mqlock-db", Fixture::Example("fence_holder"));
     let url = support::fresh_pg_database("mqlockdb").await;
     let db = PgPool::connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE fenced_log (who TEXT NOT NULL, token BIGINT NOT NULL)")
@@ -188,7 +217,7 @@ async fn holder_frozen_past_its_lease_is_fenced_off() {
 
     // B waits for the broker to give up on the frozen A (missed heartbeats), then commits.
     let b = client().await;
-    let guard = TxGuard::new(b.clone(), db.clone());
+    let runner = TxRunner::new(Arc::new(b.clone()), db.clone(), TxConfig::default()).unwrap();
     let start = Instant::now();
     let held = mqlock::Locker::lock_timeout(&b, &lock, Duration::from_secs(60))
         .await
@@ -196,7 +225,7 @@ async fn holder_frozen_past_its_lease_is_fenced_off() {
     let takeover = start.elapsed();
     let token_b = held.fencing_token();
     assert!(token_b > token_a);
-    guard
+    runner
         .run_with_guard(&held, move |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO fenced_log VALUES ('B', $1)")

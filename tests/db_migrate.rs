@@ -281,7 +281,8 @@ async fn bad_input_gives_clear_errors_and_applies_nothing() {
     );
     assert!(!sqlite_file.exists());
 
-    // Broker down: exit 4, nothing applied (PostgreSQL: no migrations table).
+    // Broker down: exit 122 as in every subcommand, nothing applied (PostgreSQL: no migrations
+    // table).
     let url = support::fresh_pg_database("mqlockmig").await;
     let o = Command::new(support::mqlock_bin())
         .args([
@@ -295,7 +296,7 @@ async fn bad_input_gives_clear_errors_and_applies_nothing() {
         .arg(&ok)
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(122), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("cannot reach the broker"),
         "{}",
@@ -329,22 +330,28 @@ async fn bad_input_gives_clear_errors_and_applies_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn library_errors_are_typed() {
-    use mqlock_db::{Error, MigrationGuard};
+    use mqlock_db::{Error, MigrationConfig, MigrationRunner};
     let client = LockClient::connect(&support::amqp_url(), ClientConfig::default())
         .await
         .unwrap();
-    let guard = MigrationGuard::new(client).wait_timeout(Duration::from_secs(5));
-    let err = guard
+    let runner = MigrationRunner::new(
+        std::sync::Arc::new(client),
+        MigrationConfig {
+            lock_timeout: Some(Duration::from_secs(5)),
+            ..MigrationConfig::default()
+        },
+    );
+    let err = runner
         .run_dir("postgres://mqlock:pw@127.0.0.1:1/x", &data("ok"))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
-    let err = guard
+    let err = runner
         .run_dir("postgres://u:p@h:notaport/db", &data("ok"))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidUrl { .. }), "{err:?}");
-    let err = guard
+    let err = runner
         .run_dir(&support::database_url(), Path::new("/no/such/dir"))
         .await
         .unwrap_err();

@@ -106,7 +106,14 @@ async fn amqps_with_the_ca_locks_and_releases() {
         let name = name.clone();
         async move { b.lock(&name).await.map(|g| g.fencing_token()) }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The hand-off is to a waiter the broker has registered (instead of a fixed pause).
+    let (probe, n) = (&a, &name);
+    support::wait_until(
+        "the broker to count the waiter over TLS",
+        Duration::from_secs(20),
+        move || async move { probe.status(n).await.unwrap().waiters() == 1 },
+    )
+    .await;
     g.release().await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
@@ -125,7 +132,10 @@ async fn amqps_with_the_ca_locks_and_releases() {
     }
     let (p, t) = (median(t_plain), median(t_tls));
     eprintln!("connect median over 9: amqp {p:?}, amqps {t:?}");
-    assert!(t < Duration::from_secs(2), "TLS connect took {t:?}");
+    // Real time: real TCP and TLS handshakes, which tokio's paused clock cannot measure. The
+    // bound only catches a handshake that stalls or retries (seconds each); the figure itself is
+    // printed above for docs/security.md, so the bound is generous for a loaded machine.
+    assert!(t < Duration::from_secs(5), "TLS connect took {t:?}");
 }
 
 #[tokio::test]
@@ -223,7 +233,14 @@ async fn amqps_with_a_wrong_ca_is_a_tls_error_naming_the_broker_not_the_password
     assert!(matches!(err, Error::Tls { .. }), "{err:?}");
     assert!(err.to_string().contains("127.0.0.1:5671"), "{err}");
     assert_hides(&err, "s3cr3t");
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // Real time (a real handshake with the broker). A refused certificate fails the first
+    // handshake at once; the generous bound catches a client that retries or waits for a
+    // timeout instead of reporting it.
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "a refused certificate took {:?} to report",
+        t0.elapsed()
+    );
     eprintln!("wrong CA: {err}");
 
     // No CA at all: the system's trust store does not know the test CA either.
@@ -570,7 +587,13 @@ async fn least_privilege_user_can_lock_and_nothing_else() {
             let name = name.clone();
             async move { other.lock(&name).await.map(|g| g.fencing_token()) }
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (probe, n) = (&app, &name);
+        support::wait_until(
+            "the broker to count the waiter",
+            Duration::from_secs(20),
+            move || async move { probe.status(n).await.unwrap().waiters() == 1 },
+        )
+        .await;
         let held = g.fencing_token();
         drop(g);
         let next = tokio::time::timeout(Duration::from_secs(5), waiter)
@@ -644,6 +667,9 @@ async fn a_refused_or_incompatible_queue_does_not_cost_the_client_its_other_lock
     let err = quorum.lock(&name).await.unwrap_err();
     assert!(matches!(err, Error::IncompatibleQueue { .. }), "{err:?}");
 
+    // Real time, real broker: this checks that nothing happens (no loss follows the channel
+    // error), which only waiting shows; half a second covers the broker's channel close and
+    // the client's handling of it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(held.is_held(), "an unrelated channel error cost the lock");
     assert!(held_q.is_held(), "an unrelated 406 cost the quorum lock");

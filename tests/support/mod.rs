@@ -111,22 +111,76 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A program of the workspace that tests run as a separate process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fixture {
+    /// A `[[bin]]` target: `cargo build --bin NAME`.
+    Bin(&'static str),
+    /// An example: `cargo build --example NAME`.
+    Example(&'static str),
+}
+
+/// Builds `fixture` of `package` (debug profile, once per test binary) with the cargo that runs
+/// the tests, and returns the path of the executable; panics, failing the test, if the build
+/// fails.
+pub fn fixture_bin(package: &'static str, fixture: Fixture) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static BUILT: Mutex<Option<HashMap<(&str, Fixture), PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(path) = built.get(&(package, fixture)) {
+        return path.clone();
+    }
+    let (flag, name, dir) = match fixture {
+        Fixture::Bin(name) => ("--bin", name, "debug"),
+        Fixture::Example(name) => ("--example", name, "debug/examples"),
+    };
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "-p", package, flag, name])
+        .current_dir(root())
+        .status()
+        .expect("cannot run cargo build");
+    assert!(
+        status.success(),
+        "building {package}'s {flag} {name} failed (cargo build -p {package} {flag} {name})"
+    );
+    let path = target_dir().join(dir).join(name);
+    built.insert((package, fixture), path.clone());
+    path
+}
+
+/// The cargo target directory the tests were built in (`CARGO_TARGET_DIR`, or `target/`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
 /// Path of the `mqlock` binary, built on demand (release builds are not needed here).
 pub fn mqlock_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "mqlock-cli", "--bin", "mqlock"])
-            .current_dir(root())
-            .status()
-            .expect("cannot run cargo build");
-        assert!(status.success(), "building the mqlock binary failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root().join("target"));
-        target.join("debug/mqlock")
-    })
-    .clone()
+    fixture_bin("mqlock-cli", Fixture::Bin("mqlock"))
+}
+
+/// Polls `check` (every 10 ms, real time) until it returns `true`; panics — failing the test
+/// with "timed out after … waiting for `what`" — once `within` has passed. Every poll loop of the
+/// tests has such a deadline, so a condition that never comes fails instead of hanging.
+pub async fn wait_until<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Installs a tracing subscriber once (RUST_LOG controls it).

@@ -6,7 +6,7 @@ use clap::Args;
 use mqlock::BreakOutcome;
 
 use crate::connect::ConnectArgs;
-use crate::exec::EXIT_INTERNAL;
+use crate::exit_code::{OK, lock_error};
 
 /// Ask the holder of a lock to give it up (break-glass release).
 ///
@@ -16,8 +16,8 @@ use crate::exec::EXIT_INTERNAL;
 /// in the queue. A holder whose process does not run (frozen, hung) cannot act on it; the broker
 /// releases that one when its heartbeats stop.
 ///
-/// Needs write permission on the default exchange (amq.default). Exit status: 0 when the request was sent or there
-/// was nothing to break (the message says which), 122 on error.
+/// Needs write permission on the default exchange (amq.default). Exits 0 when the request was
+/// sent or there was nothing to break (the message says which).
 ///
 /// Example: mqlock break deploy/prod
 #[derive(Args, Debug)]
@@ -35,7 +35,7 @@ pub async fn run(args: BreakArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mqlock: {e}");
-            return ExitCode::from(EXIT_INTERNAL);
+            return ExitCode::from(lock_error(&e));
         }
     };
     let outcome = client.break_lock(&args.name).await;
@@ -46,7 +46,7 @@ pub async fn run(args: BreakArgs) -> ExitCode {
                 "{}: asked the holder to give the lock up: {holder}",
                 args.name
             );
-            ExitCode::SUCCESS
+            ExitCode::from(OK)
         }
         Ok(BreakOutcome::Free { last }) => {
             println!(
@@ -55,22 +55,22 @@ pub async fn run(args: BreakArgs) -> ExitCode {
                 last.map(|h| format!(" (last held by {h})"))
                     .unwrap_or_default()
             );
-            ExitCode::SUCCESS
+            ExitCode::from(OK)
         }
         Ok(BreakOutcome::Unknown) => {
             println!(
                 "{}: no such lock (never used, or expired), nothing to break",
                 args.name
             );
-            ExitCode::SUCCESS
+            ExitCode::from(OK)
         }
         Ok(other) => {
             println!("{}: {other:?}", args.name);
-            ExitCode::SUCCESS
+            ExitCode::from(OK)
         }
         Err(e) => {
             eprintln!("mqlock: {e}");
-            ExitCode::from(EXIT_INTERNAL)
+            ExitCode::from(lock_error(&e))
         }
     }
 }

@@ -9,18 +9,10 @@ use mqlock::{Error, LockGuard};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::connect::ConnectArgs;
+use crate::exit_code::{
+    CANNOT_EXEC, FAILURE, INTERRUPTED, LOST, NOT_FOUND, TERMINATED, TIMEOUT, lock_error,
+};
 use crate::metrics_server::MetricsArgs;
-
-/// The lock wait timed out, or `--nonblock` found the lock held.
-pub const EXIT_TIMEOUT: u8 = 124;
-/// The lock was lost while the command ran; the command was terminated.
-pub const EXIT_LOST: u8 = 123;
-/// mqlock itself failed (bad arguments, broker unreachable, login refused...).
-pub const EXIT_INTERNAL: u8 = 122;
-/// The command could not be executed.
-pub const EXIT_CANNOT_EXEC: u8 = 126;
-/// The command was not found.
-pub const EXIT_NOT_FOUND: u8 = 127;
 
 /// Run CMD while holding the lock NAME.
 ///
@@ -34,12 +26,6 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 /// as mqlock itself is frozen (SIGSTOP, a paused VM) while the broker hands the lock on. Give
 /// CMD's writes MQLOCK_FENCING_TOKEN and let the resource refuse older tokens; that is what
 /// keeps it safe then.
-///
-/// Exit codes of mqlock itself: 124 the wait timed out (or --nonblock found the lock held);
-/// 123 the lock was lost while CMD ran (CMD got SIGTERM, then SIGKILL after --grace; also
-/// when CMD had exited by the time a frozen mqlock resumed and found its lease over);
-/// 122 mqlock failed (bad arguments, broker unreachable, login refused); 126 CMD cannot be
-/// executed; 127 CMD not found; 130 interrupted while waiting.
 ///
 /// Example: mqlock exec nightly-report --timeout 10m -- ./report.sh --full
 /// Metrics for Prometheus while it waits and runs (http://127.0.0.1:9464/metrics):
@@ -91,14 +77,14 @@ async fn run_inner(args: &ExecArgs) -> u8 {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mqlock: {e}");
-            return EXIT_INTERNAL;
+            return lock_error(&e);
         }
     };
     // Listening before the lock is requested: a scrape during the wait sees it.
     if let Err(e) = args.metrics.serve(&client).await {
         eprintln!("mqlock: {e}");
         client.close().await;
-        return EXIT_INTERNAL;
+        return FAILURE;
     }
     let started = Instant::now();
     let acquire = async {
@@ -114,8 +100,8 @@ async fn run_inner(args: &ExecArgs) -> u8 {
     let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let guard = tokio::select! {
         r = acquire => r,
-        _ = sigint.recv() => { eprintln!("mqlock: interrupted while waiting for lock {:?}", args.name); return 130; }
-        _ = sigterm.recv() => { eprintln!("mqlock: terminated while waiting for lock {:?}", args.name); return 143; }
+        _ = sigint.recv() => { eprintln!("mqlock: interrupted while waiting for lock {:?}", args.name); return INTERRUPTED; }
+        _ = sigterm.recv() => { eprintln!("mqlock: terminated while waiting for lock {:?}", args.name); return TERMINATED; }
     };
     let guard = match guard {
         Ok(Some(g)) => g,
@@ -125,15 +111,17 @@ async fn run_inner(args: &ExecArgs) -> u8 {
                 args.name,
                 held_by(&client, &args.name).await
             );
-            return EXIT_TIMEOUT;
+            return TIMEOUT;
         }
         Err(e @ Error::Timeout { .. }) => {
             eprintln!("mqlock: {e}{}", held_by(&client, &args.name).await);
-            return EXIT_TIMEOUT;
+            return TIMEOUT;
         }
         Err(e) => {
+            // A lock lost while it was being acquired is a failure too: CMD never ran, and
+            // LOST means that CMD was terminated.
             eprintln!("mqlock: {e}");
-            return EXIT_INTERNAL;
+            return FAILURE;
         }
     };
     if args.verbose {
@@ -151,7 +139,7 @@ async fn run_inner(args: &ExecArgs) -> u8 {
             eprintln!("mqlock: released {:?} (fencing token {token})", args.name)
         }
         Ok(()) => {}
-        Err(e) if code != EXIT_LOST => {
+        Err(e) if code != LOST => {
             eprintln!("mqlock: {e}");
         }
         Err(_) => {}
@@ -180,7 +168,7 @@ async fn supervise(args: &ExecArgs, guard: &LockGuard) -> u8 {
             }
             // mqlock may have died between fork and prctl.
             if libc::getppid() != parent {
-                libc::_exit(EXIT_LOST as i32);
+                libc::_exit(LOST as i32);
             }
             Ok(())
         });
@@ -190,9 +178,9 @@ async fn supervise(args: &ExecArgs, guard: &LockGuard) -> u8 {
         Err(e) => {
             eprintln!("mqlock: cannot run {:?}: {e}", args.command[0]);
             return if e.kind() == std::io::ErrorKind::NotFound {
-                EXIT_NOT_FOUND
+                NOT_FOUND
             } else {
-                EXIT_CANNOT_EXEC
+                CANNOT_EXEC
             };
         }
     };
@@ -230,7 +218,7 @@ async fn supervise(args: &ExecArgs, guard: &LockGuard) -> u8 {
                     guard.fencing_token(),
                     exit_code(status)
                 );
-                return EXIT_LOST;
+                return LOST;
             }
             return exit_code(status);
         }
@@ -254,7 +242,7 @@ async fn supervise(args: &ExecArgs, guard: &LockGuard) -> u8 {
         send(libc::SIGKILL);
         let _ = child.wait().await;
     }
-    EXIT_LOST
+    LOST
 }
 
 fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> u8 {
@@ -262,11 +250,11 @@ fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> u8 {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(c), _) => c as u8,
             (None, Some(sig)) => 128u8.saturating_add(sig as u8),
-            _ => EXIT_INTERNAL,
+            _ => FAILURE,
         },
         Err(e) => {
             eprintln!("mqlock: waiting for the command failed: {e}");
-            EXIT_INTERNAL
+            FAILURE
         }
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory};
 use clap_complete::Shell;
 
-use crate::exec::EXIT_INTERNAL;
+use crate::exit_code::{FAILURE, OK};
 
 /// Print a shell completion script.
 ///
@@ -29,7 +29,7 @@ pub struct ManArgs {}
 pub fn completions(args: CompletionsArgs) -> ExitCode {
     let mut cmd = crate::Cli::command();
     clap_complete::generate(args.shell, &mut cmd, "mqlock", &mut std::io::stdout());
-    ExitCode::SUCCESS
+    ExitCode::from(OK)
 }
 
 pub fn man(_: ManArgs) -> ExitCode {
@@ -50,10 +50,10 @@ pub fn man(_: ManArgs) -> ExitCode {
             std::io::stdout().write_all(&page)
         });
     match rendered {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(OK),
         Err(e) => {
             eprintln!("mqlock: cannot write the man page: {e}");
-            ExitCode::from(EXIT_INTERNAL)
+            ExitCode::from(FAILURE)
         }
     }
 }

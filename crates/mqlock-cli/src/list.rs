@@ -11,14 +11,14 @@ use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::connect::ConnectArgs;
-use crate::exec::EXIT_INTERNAL;
+use crate::exit_code::{FAILURE, OK};
 use crate::status::status_json;
 
 /// List every lock (under --prefix) with its state, holder, waiters and age, sorted by name.
 ///
 /// Needs the broker's management API (the rabbitmq_management plugin) to find the locks: by
 /// default at http://HOST:15672 of the first --url, with that URL's user and password; the
-/// user needs the "monitoring" (or "management") tag. Exit status: 0, or 122 on error.
+/// user needs the "monitoring" (or "management") tag.
 ///
 /// Examples:
 ///   mqlock list
@@ -45,10 +45,10 @@ pub struct ListArgs {
 
 pub async fn run(args: ListArgs) -> ExitCode {
     match list(&args).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(OK),
         Err(e) => {
             eprintln!("mqlock: {e}");
-            ExitCode::from(EXIT_INTERNAL)
+            ExitCode::from(FAILURE)
         }
     }
 }

@@ -4,6 +4,7 @@
 mod break_lock;
 mod connect;
 mod exec;
+mod exit_code;
 mod generate;
 mod list;
 mod metrics_server;
@@ -25,7 +26,8 @@ use clap::{Parser, Subcommand};
     name = "mqlock",
     version,
     propagate_version = true,
-    max_term_width = 100
+    max_term_width = 100,
+    after_help = exit_code::help(None)
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -35,20 +37,28 @@ pub(crate) struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a command while holding a lock (like flock(1), across machines).
+    #[command(after_help = exit_code::help(Some("exec")))]
     Exec(exec::ExecArgs),
     /// Show whether a lock is held, by whom, and how many clients wait for it.
+    #[command(after_help = exit_code::help(Some("status")))]
     Status(status::StatusArgs),
     /// List every lock with its state, holder, waiters and age (needs the management API).
+    #[command(after_help = exit_code::help(Some("list")))]
     List(list::ListArgs),
     /// Ask a lock's holder to give it up (break-glass release).
+    #[command(after_help = exit_code::help(Some("break")))]
     Break(break_lock::BreakArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = exit_code::help(Some("completions")))]
     Completions(generate::CompletionsArgs),
     /// Print the man page.
+    #[command(after_help = exit_code::help(Some("man")))]
     Man(generate::ManArgs),
     /// Mount a directory through a FUSE filesystem that locks files opened for writing.
+    #[command(after_help = exit_code::help(Some("mount")))]
     Mount(mount::MountArgs),
     /// Apply database migrations under a lock, so that exactly one replica runs them.
+    #[command(after_help = exit_code::help(Some("migrate")))]
     Migrate(migrate::MigrateArgs),
 }
 
@@ -75,7 +85,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mqlock: cannot start the async runtime: {e}");
-            return ExitCode::from(exec::EXIT_INTERNAL);
+            return ExitCode::from(exit_code::FAILURE);
         }
     };
     runtime.block_on(async move {

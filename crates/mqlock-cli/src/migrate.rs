@@ -3,46 +3,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mqlock_db::{Error, MigrationGuard, load_migrations, validate_database_url};
+use mqlock_db::{Error, MigrationConfig, MigrationRunner, load_migrations, validate_database_url};
 
 use crate::connect::ConnectArgs;
+use crate::exit_code::{OK, db_error};
 
-/// The schema is up to date (applied by this process or by another one).
-const EXIT_OK: u8 = 0;
-/// A migration failed; it was rolled back as far as the database allows and the lock released.
-const EXIT_MIGRATION_FAILED: u8 = 1;
-/// Bad input: malformed or unsupported database URL, missing migrations directory, bad lock name.
-const EXIT_BAD_INPUT: u8 = 2;
-/// The database could not be reached, or a database statement outside the migrations failed.
-const EXIT_DATABASE: u8 = 3;
-/// The broker could not be reached or refused us.
-const EXIT_BROKER: u8 = 4;
-/// The migration history in the database does not match the directory (edited, removed or
-/// half-applied migrations).
-const EXIT_HISTORY: u8 = 5;
-/// The lock was lost during the run; the remaining migrations were not started.
-const EXIT_LOST: u8 = crate::exec::EXIT_LOST;
-/// Gave up waiting for the lock (--wait-timeout).
-const EXIT_TIMEOUT: u8 = crate::exec::EXIT_TIMEOUT;
-
-/// Options of `mqlock migrate`.
+/// Options of `mqlock migrate`. Its exit codes are those of the table in `exit_code.rs`
+/// (shown by `--help`).
 #[derive(Args, Debug)]
-#[command(after_help = "\
-Exit codes:
-    0    the schema is up to date (applied by this process or by another replica)
-    1    a migration failed: it was rolled back (as far as the database's transactional DDL
-         allows), the lock was released, and the failing version and error are printed
-    2    bad input: malformed or unsupported database URL, missing migrations directory,
-         invalid lock name
-    3    the database is unreachable or refused the connection
-    4    the broker is unreachable or refused the connection
-    5    the migration history does not match the directory (a migration applied earlier was
-         edited or removed, or a previous run left it half applied)
-    123  the lock was lost during the run; later migrations were not started
-    124  timed out waiting for the lock (--wait-timeout)")]
 pub struct MigrateArgs {
     /// Database URL: postgres://user:pass@host/db or sqlite:path/to/file.db (the SQLite file
     /// is created if missing).
@@ -69,10 +41,10 @@ pub struct MigrateArgs {
 /// Runs `mqlock migrate`.
 pub async fn run(args: MigrateArgs) -> ExitCode {
     ExitCode::from(match migrate(args).await {
-        Ok(()) => EXIT_OK,
+        Ok(()) => OK,
         Err(e) => {
             eprintln!("mqlock migrate: {}", render(&e));
-            exit_code(&e)
+            db_error(&e)
         }
     })
 }
@@ -86,14 +58,14 @@ async fn migrate(args: MigrateArgs) -> Result<(), Error> {
         mqlock::name::validate(name)?;
     }
     let client = args.connect.connect().await?;
-    let mut guard = MigrationGuard::new(client);
-    if let Some(name) = args.lock {
-        guard = guard.lock_name(name);
-    }
-    if let Some(t) = args.wait_timeout {
-        guard = guard.wait_timeout(t);
-    }
-    let report = guard.run(&args.database_url, &migrator).await?;
+    let runner = MigrationRunner::new(
+        Arc::new(client),
+        MigrationConfig {
+            lock_name: args.lock,
+            lock_timeout: args.wait_timeout,
+        },
+    );
+    let report = runner.run(&args.database_url, &migrator).await?;
     if report.applied.is_empty() {
         println!(
             "up to date: {} migration(s) already applied (lock {:?}, waited {:.3}s)",
@@ -135,23 +107,4 @@ fn render(e: &Error) -> String {
         source = s.source();
     }
     out
-}
-
-fn exit_code(e: &Error) -> u8 {
-    match e {
-        Error::MigrationFailed { .. } => EXIT_MIGRATION_FAILED,
-        Error::InvalidUrl { .. } | Error::MigrationSource { .. } => EXIT_BAD_INPUT,
-        Error::Connect { .. } | Error::Database { .. } => EXIT_DATABASE,
-        Error::MigrationHistory(_) => EXIT_HISTORY,
-        Error::LockLost { .. } => EXIT_LOST,
-        Error::Lock(l) => match l {
-            mqlock::Error::Timeout { .. } => EXIT_TIMEOUT,
-            mqlock::Error::Lost { .. } => EXIT_LOST,
-            mqlock::Error::InvalidName { .. }
-            | mqlock::Error::InvalidUrl { .. }
-            | mqlock::Error::Config(_) => EXIT_BAD_INPUT,
-            _ => EXIT_BROKER,
-        },
-        _ => EXIT_DATABASE,
-    }
 }

@@ -72,8 +72,8 @@ pub struct MountArgs {
     pub attr_timeout: Duration,
 }
 
-/// Exit code when the mount cannot be set up (bad paths, broker unreachable, mount refused).
-const EXIT_SETUP: u8 = 1;
+/// Exit code when the mount cannot be set up (bad paths, metrics address, mount refused).
+const EXIT_SETUP: u8 = crate::exit_code::MOUNT_SETUP;
 
 pub async fn run(args: MountArgs) -> ExitCode {
     // Refuse bad paths before spending a broker connection on them.
@@ -85,7 +85,7 @@ pub async fn run(args: MountArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mqlock mount: {e}");
-            return ExitCode::from(EXIT_SETUP);
+            return ExitCode::from(crate::exit_code::lock_error(&e));
         }
     };
     if let Err(e) = args.metrics.serve(&client).await {
@@ -107,7 +107,7 @@ pub async fn run(args: MountArgs) -> ExitCode {
         (Ok(a), Ok(b)) => (a, b),
         _ => {
             eprintln!("mqlock mount: cannot install signal handlers");
-            return ExitCode::from(crate::exec::EXIT_INTERNAL);
+            return ExitCode::from(crate::exit_code::FAILURE);
         }
     };
     let mut mounted =

@@ -5,12 +5,12 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::connect::ConnectArgs;
-use crate::exec::EXIT_INTERNAL;
+use crate::exit_code::{HELD, OK, lock_error};
 
 /// Show whether a lock is held, by whom (host, pid, client, fencing token, since when), and how
 /// many clients wait for it.
 ///
-/// Exit status: 0 if the lock is free, 1 if it is held, 122 on error — so scripts can test it.
+/// The exit code says whether the lock is held (see below), so scripts can test it.
 ///
 /// Example: mqlock status billing/nightly
 #[derive(Args, Debug)]
@@ -32,14 +32,14 @@ pub async fn run(args: StatusArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("mqlock: {e}");
-            return ExitCode::from(EXIT_INTERNAL);
+            return ExitCode::from(lock_error(&e));
         }
     };
     let status = match client.status(&args.name).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mqlock: {e}");
-            return ExitCode::from(EXIT_INTERNAL);
+            return ExitCode::from(lock_error(&e));
         }
     };
     client.close().await;
@@ -76,7 +76,7 @@ pub async fn run(args: StatusArgs) -> ExitCode {
             client.broker_addr()
         );
     }
-    ExitCode::from(u8::from(status.is_held()))
+    ExitCode::from(if status.is_held() { HELD } else { OK })
 }
 
 /// The `--json` form of a status. Field names are stable (docs/operating.md): `name`, `queue`,

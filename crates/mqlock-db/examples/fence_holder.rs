@@ -8,10 +8,11 @@
 //! `RESULT lost <reason>`, `RESULT error <message>`.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mqlock::{ClientConfig, LockClient};
-use mqlock_db::{Error, TxGuard};
+use mqlock_db::{Error, TxConfig, TxRunner};
 
 #[tokio::main]
 async fn main() {
@@ -27,8 +28,9 @@ async fn main() {
     };
     let client = LockClient::connect(amqp, config).await.expect("broker");
     let pool = sqlx::PgPool::connect(db).await.expect("database");
-    let guard = TxGuard::new(client.clone(), pool);
-    guard.ensure_fence_table().await.expect("fence table");
+    let runner = TxRunner::new(Arc::new(client.clone()), pool, TxConfig::default())
+        .expect("fence table name");
+    runner.ensure_fence_table().await.expect("fence table");
 
     let held = client.lock(lock).await.expect("lock");
     println!("TOKEN {}", held.fencing_token());
@@ -44,7 +46,7 @@ async fn main() {
 
     let tag = tag.clone();
     let token = held.fencing_token() as i64;
-    let outcome = guard
+    let outcome = runner
         .run_with_guard(&held, move |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO fenced_log (who, token) VALUES ($1, $2)")
@@ -59,7 +61,7 @@ async fn main() {
     match outcome {
         Ok(()) => println!("RESULT ok"),
         Err(Error::StaleFence { recorded, .. }) => println!("RESULT stale {recorded}"),
-        Err(Error::LockLost { reason, .. }) => println!("RESULT lost {reason}"),
+        Err(Error::LostBeforeCommit { reason, .. }) => println!("RESULT lost {reason}"),
         Err(e) => println!("RESULT error {e}"),
     }
     std::io::stdout().flush().unwrap();

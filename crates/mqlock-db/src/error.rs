@@ -10,8 +10,10 @@ use mqlock::LossReason;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Taking or holding the distributed lock failed (broker unreachable, wait timed out,
-    /// invalid lock name...).
+    /// Taking or holding the distributed lock failed: broker unreachable, wait timed out
+    /// ([`mqlock::Error::Timeout`] after the configured `lock_timeout`), invalid lock name, or
+    /// the lock lost ([`mqlock::Error::Lost`]) while it was being acquired or during a
+    /// migration run. Every adapter of mqlock wraps the core's errors this way.
     #[error(transparent)]
     Lock(#[from] mqlock::Error),
 
@@ -29,9 +31,17 @@ pub enum Error {
         recorded: i64,
     },
 
-    /// The lock was lost before the work was committed; nothing was committed.
+    /// A fenced transaction's lock was lost after the transaction began and before it was
+    /// committed; the transaction was rolled back and nothing of it was committed.
+    ///
+    /// Why this is not [`Error::Lock`] with [`mqlock::Error::Lost`]: the core's variant says
+    /// only that a lock was lost, which [`TxRunner::run`](crate::TxRunner::run) also returns
+    /// (as `Lock(Lost)`) when the lock is lost while it is being acquired, before any
+    /// transaction exists. This one says more: the transaction had begun (its work may have run)
+    /// and was rolled back. The migration runner, which has no such transaction to report,
+    /// returns the core's `Lock(Lost)`.
     #[error("lock {name:?} was lost before commit ({reason}); the transaction was rolled back")]
-    LockLost {
+    LostBeforeCommit {
         /// Lock name.
         name: String,
         /// Why the lock was lost.

@@ -188,75 +188,97 @@ where
 {
 }
 
+/// Configuration of a [`TxRunner`]: build it with struct syntax over
+/// `..TxConfig::default()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxConfig {
+    /// Name of the fence table (a plain SQL identifier: letters, digits and `_`, not starting
+    /// with a digit, at most 63 characters), created on first use. Every client of a resource
+    /// must use the same table. Default: [`DEFAULT_FENCE_TABLE`].
+    pub fence_table: String,
+    /// How long [`TxRunner::run`] waits for the lock before giving up with
+    /// [`mqlock::Error::Timeout`] (wrapped in [`Error::Lock`]). Default: `None`, wait as long as
+    /// it takes.
+    pub lock_timeout: Option<Duration>,
+}
+
+impl Default for TxConfig {
+    fn default() -> Self {
+        TxConfig {
+            fence_table: DEFAULT_FENCE_TABLE.to_owned(),
+            lock_timeout: None,
+        }
+    }
+}
+
 /// Runs closures in database transactions under a distributed lock, fenced.
 ///
-/// For each [`TxGuard::run`]: take the lock, begin a transaction, record the grant's fencing
+/// A runner, not a guard: it holds no lock itself; each [`TxRunner::run`] takes the lock, runs
+/// the closure and releases the lock before it returns.
+///
+/// For each [`TxRunner::run`]: take the lock, begin a transaction, record the grant's fencing
 /// token in the fence table as the transaction's first statement (a token lower than the one
 /// recorded there aborts with [`Error::StaleFence`]), run the closure, commit only if the lock
-/// is still held, release the lock. If the lock is lost at any point before the commit, the
-/// transaction is rolled back and [`Error::LockLost`] returned.
+/// is still held, release the lock. If the lock is lost at any point after the transaction
+/// began and before the commit, the transaction is rolled back and
+/// [`Error::LostBeforeCommit`] returned.
 ///
 /// The fence row is keyed by the lock name; its row lock is held until the transaction ends,
 /// so a holder that stalls after its check cannot interleave its writes with a newer holder's:
 /// the newer holder's fence statement waits for the stale transaction to finish.
 ///
 /// A token *equal* to the recorded one is accepted: it is the same grant (tokens are unique per
-/// grant), which lets one guard run several transactions through [`TxGuard::run_with_guard`].
-pub struct TxGuard<DB: FencedDatabase, L> {
-    locker: L,
+/// grant), which lets one grant run several transactions through [`TxRunner::run_with_guard`].
+pub struct TxRunner<DB: FencedDatabase> {
+    locker: Arc<dyn Locker>,
     pool: Pool<DB>,
     table: Arc<str>,
-    wait_timeout: Option<Duration>,
+    lock_timeout: Option<Duration>,
     table_ready: Arc<OnceCell<()>>,
 }
 
-impl<DB: FencedDatabase, L: Clone> Clone for TxGuard<DB, L> {
+impl<DB: FencedDatabase> Clone for TxRunner<DB> {
     fn clone(&self) -> Self {
-        TxGuard {
+        TxRunner {
             locker: self.locker.clone(),
             pool: self.pool.clone(),
             table: self.table.clone(),
-            wait_timeout: self.wait_timeout,
+            lock_timeout: self.lock_timeout,
             table_ready: self.table_ready.clone(),
         }
     }
 }
 
-impl<DB: FencedDatabase, L> std::fmt::Debug for TxGuard<DB, L> {
+impl<DB: FencedDatabase> std::fmt::Debug for TxRunner<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TxGuard")
+        f.debug_struct("TxRunner")
             .field("fence_table", &self.table)
-            .field("wait_timeout", &self.wait_timeout)
+            .field("lock_timeout", &self.lock_timeout)
             .finish_non_exhaustive()
     }
 }
 
-impl<DB: FencedDatabase, L: Locker> TxGuard<DB, L> {
-    /// A guard taking locks from `locker` and running transactions on `pool`, with the fence
-    /// table [`DEFAULT_FENCE_TABLE`] (created on first use) and no wait timeout.
-    pub fn new(locker: L, pool: Pool<DB>) -> Self {
-        TxGuard {
+impl<DB: FencedDatabase> TxRunner<DB> {
+    /// A runner taking locks from `locker` and running transactions on `pool`, as `config`
+    /// says (`TxConfig::default()`: the fence table [`DEFAULT_FENCE_TABLE`], no lock timeout).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidTableName`] if `config.fence_table` is not a plain SQL identifier.
+    /// Nothing is connected or created here; the fence table is created on first use.
+    pub fn new(locker: Arc<dyn Locker>, pool: Pool<DB>, config: TxConfig) -> Result<Self> {
+        let TxConfig {
+            fence_table,
+            lock_timeout,
+        } = config;
+        validate_table(&fence_table)?;
+        Ok(TxRunner {
             locker,
             pool,
-            table: DEFAULT_FENCE_TABLE.into(),
-            wait_timeout: None,
+            table: fence_table.into(),
+            lock_timeout,
             table_ready: Arc::new(OnceCell::new()),
-        }
-    }
-
-    /// Uses another fence table (a plain identifier, optionally schema-less). Every client of
-    /// a resource must use the same table.
-    pub fn with_fence_table(mut self, table: &str) -> Result<Self> {
-        validate_table(table)?;
-        self.table = table.into();
-        self.table_ready = Arc::new(OnceCell::new());
-        Ok(self)
-    }
-
-    /// Gives up waiting for the lock after `timeout` ([`mqlock::Error::Timeout`]).
-    pub fn with_wait_timeout(mut self, timeout: Duration) -> Self {
-        self.wait_timeout = Some(timeout);
-        self
+        })
     }
 
     /// The pool the transactions run on.
@@ -269,7 +291,18 @@ impl<DB: FencedDatabase, L: Locker> TxGuard<DB, L> {
         &self.table
     }
 
-    /// Creates the fence table if it does not exist (done automatically on first use).
+    /// Creates the fence table if it does not exist (done automatically on first use; once per
+    /// runner and its clones).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the table cannot be created (after two retries of a failed
+    /// `CREATE TABLE IF NOT EXISTS`, which two first users may race on).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe. Dropped before it completes, it leaves the table created or not (the
+    /// statement is idempotent) and the runner not marked ready: the next call tries again.
     pub async fn ensure_fence_table(&self) -> Result<()> {
         self.table_ready
             .get_or_try_init(|| async {
@@ -295,7 +328,47 @@ impl<DB: FencedDatabase, L: Locker> TxGuard<DB, L> {
 
     /// Takes the lock `lock`, runs `work` in a fenced transaction and releases the lock.
     ///
-    /// The lock name is also the fenced resource's key in the fence table.
+    /// The lock name is also the fenced resource's key in the fence table. The fence table is
+    /// prepared before the lock is requested, so a bad database does not make the other
+    /// waiters wait behind this one.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the error, nothing of `work` was committed, except for
+    /// [`Error::Database`] while committing, whose outcome the database did not report.
+    ///
+    /// - [`Error::Lock`]: the lock could not be taken — broker unreachable, invalid name,
+    ///   [`mqlock::Error::Timeout`] after [`TxConfig::lock_timeout`], [`mqlock::Error::Lost`]
+    ///   while being acquired; no transaction was begun.
+    /// - [`Error::StaleFence`]: a newer holder's token is recorded; rolled back.
+    /// - [`Error::LostBeforeCommit`]: the lock was lost during `work` or before the commit;
+    ///   rolled back (`work` is dropped at its next await when the loss fires).
+    /// - [`Error::Work`], or any error `work` returned: rolled back.
+    /// - [`Error::Database`]: creating the fence table, beginning, fencing or committing failed.
+    /// - [`Error::TokenOutOfRange`]: the grant's token does not fit a `BIGINT`.
+    ///
+    /// A failed release of the lock afterwards is logged, not returned: the transaction's
+    /// outcome is already decided, and the broker drops the grant when it notices.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe in the sense that a drop can leave a commit's outcome unknown. What a
+    /// drop at each await leaves behind:
+    ///
+    /// - preparing the fence table or waiting for the lock: nothing (both are cancel safe; no
+    ///   waiter is left queued);
+    /// - during the transaction (beginning, fencing, `work`): nothing committed. sqlx queues a
+    ///   `ROLLBACK` on the dropped transaction's connection, which a background task sends when
+    ///   it returns the connection to the pool (a broken connection is closed instead, and the
+    ///   server rolls back); until then the fence row (PostgreSQL) or the write lock (SQLite)
+    ///   stays taken. The lock guard is dropped, so the lock is released in the background;
+    /// - during the commit: the transaction may or may not be committed;
+    /// - during the release: the work is committed; the lock is released in the background.
+    ///
+    /// # Panics
+    ///
+    /// Does not panic itself. If `work` panics, the panic propagates; the transaction and the
+    /// lock are then dropped as above (rolled back, released in the background).
     pub async fn run<T, F>(&self, lock: &str, work: F) -> Result<T>
     where
         T: Send,
@@ -304,7 +377,7 @@ impl<DB: FencedDatabase, L: Locker> TxGuard<DB, L> {
         // Validate and prepare before queueing for the lock, so a bad database does not make
         // every other waiter wait behind us.
         self.ensure_fence_table().await?;
-        let guard = match self.wait_timeout {
+        let guard = match self.lock_timeout {
             Some(t) => self.locker.lock_timeout(lock, t).await?,
             None => self.locker.lock(lock).await?,
         };
@@ -323,7 +396,23 @@ impl<DB: FencedDatabase, L: Locker> TxGuard<DB, L> {
     }
 
     /// Runs `work` in a fenced transaction under an already held `guard` (fence key: the lock
-    /// name). Does not release the guard.
+    /// name). Does not release the guard; several transactions may run under one grant.
+    ///
+    /// # Errors
+    ///
+    /// As [`TxRunner::run`], without the lock acquisition's [`Error::Lock`]. A `guard` whose
+    /// lock is already lost fails with [`Error::LostBeforeCommit`] (or [`Error::StaleFence`]
+    /// if a newer holder has written already), with nothing committed.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`TxRunner::run`]: a drop before the commit leaves nothing committed (the rollback is
+    /// sent in the background), a drop during the commit leaves its outcome unknown. The
+    /// `guard` is untouched either way.
+    ///
+    /// # Panics
+    ///
+    /// If `work` panics, the panic propagates and the transaction is rolled back as above.
     pub async fn run_with_guard<T, F>(&self, guard: &LockGuard, work: F) -> Result<T>
     where
         T: Send,
@@ -359,7 +448,7 @@ impl<DB: FencedDatabase, L: Locker> TxGuard<DB, L> {
         // would be refused anyway.
         let outcome = tokio::select! {
             biased;
-            reason = guard.lost() => Err(Error::LockLost { name: name.to_owned(), reason }),
+            reason = guard.lost() => Err(Error::LostBeforeCommit { name: name.to_owned(), reason }),
             out = work(&mut tx) => out,
         };
         let value = match outcome {
@@ -374,7 +463,7 @@ impl<DB: FencedDatabase, L: Locker> TxGuard<DB, L> {
         if let Some(reason) = guard.loss_reason() {
             rollback(tx, name).await;
             tracing::warn!(lock = name, token, %reason, "lock lost before commit; transaction rolled back");
-            return Err(Error::LockLost {
+            return Err(Error::LostBeforeCommit {
                 name: name.to_owned(),
                 reason,
             });

@@ -1,7 +1,8 @@
-//! The migration guard: sqlx migrations applied under a distributed lock.
+//! The migration runner: sqlx migrations applied under a distributed lock.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqlock::{LockGuard, Locker};
@@ -13,8 +14,16 @@ use crate::error::{Error, Result};
 
 /// Reads a directory of sqlx migrations (`<version>_<description>.sql`, or `.up.sql`/`.down.sql`).
 ///
-/// A missing or unreadable directory is an [`Error::MigrationSource`]; an empty directory is
-/// accepted (nothing to apply).
+/// An empty directory is accepted (nothing to apply).
+///
+/// # Errors
+///
+/// [`Error::MigrationSource`] if the directory is missing, is not a directory, cannot be read,
+/// or holds a file sqlx cannot parse as a migration.
+///
+/// # Cancel safety
+///
+/// Cancel safe: it only reads files.
 pub async fn load_migrations(dir: &Path) -> Result<Migrator> {
     let meta = tokio::fs::metadata(dir)
         .await
@@ -47,7 +56,7 @@ pub struct AppliedMigration {
     pub elapsed: Duration,
 }
 
-/// What a guarded migration run did.
+/// What a migration run did.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct MigrationReport {
@@ -63,48 +72,63 @@ pub struct MigrationReport {
     pub already_applied: usize,
 }
 
+/// Configuration of a [`MigrationRunner`]: build it with struct syntax over
+/// `..MigrationConfig::default()`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationConfig {
+    /// The lock's name. Replicas of one service must agree on it. Default (`None`): derived
+    /// from the database, `migrate/postgres/<current_database()>` or
+    /// `migrate/sqlite/<canonical file path>`, so replicas that spell the URL differently still
+    /// share one lock.
+    pub lock_name: Option<String>,
+    /// How long a run waits for the lock before giving up with [`mqlock::Error::Timeout`]
+    /// (wrapped in [`Error::Lock`]). Default: `None`, wait as long as it takes.
+    pub lock_timeout: Option<Duration>,
+}
+
 /// Runs sqlx migrations under a distributed lock, so that of many replicas starting at once
 /// exactly one applies them while the others wait, then find nothing pending.
+///
+/// A runner, not a guard: it holds no lock itself; each run takes the lock and releases it
+/// before it returns.
 ///
 /// Each run opens its own connection (never a pooled one, so no session state outlives the
 /// run), disables sqlx's database lock, takes the distributed lock, applies what is pending,
 /// then releases the lock and closes the connection — on failure too, so a failed migration
 /// never leaves a lock behind. The lock is checked before each migration; if it was lost, the
-/// run stops with [`Error::LockLost`] before starting the next one.
-#[derive(Debug, Clone)]
-pub struct MigrationGuard<L> {
-    locker: L,
-    lock_name: Option<String>,
-    wait_timeout: Option<Duration>,
+/// run stops with [`mqlock::Error::Lost`] (in [`Error::Lock`]) before starting the next one.
+#[derive(Clone)]
+pub struct MigrationRunner {
+    locker: Arc<dyn Locker>,
+    config: MigrationConfig,
 }
 
-impl<L: Locker> MigrationGuard<L> {
-    /// A guard taking its lock from `locker`, with the default lock name (see
-    /// [`MigrationGuard::lock_name`]) and no wait timeout.
-    pub fn new(locker: L) -> Self {
-        MigrationGuard {
-            locker,
-            lock_name: None,
-            wait_timeout: None,
-        }
+impl std::fmt::Debug for MigrationRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationRunner")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
+}
 
-    /// Uses the lock `name`. By default the name is derived from the database:
-    /// `migrate/postgres/<current_database()>` or `migrate/sqlite/<canonical file path>`, so
-    /// replicas that spell the URL differently still share one lock. Replicas of one service
-    /// must agree on the name.
-    pub fn lock_name(mut self, name: impl Into<String>) -> Self {
-        self.lock_name = Some(name.into());
-        self
-    }
-
-    /// Gives up waiting for the lock after `timeout` ([`mqlock::Error::Timeout`]).
-    pub fn wait_timeout(mut self, timeout: Duration) -> Self {
-        self.wait_timeout = Some(timeout);
-        self
+impl MigrationRunner {
+    /// A runner taking its lock from `locker`, as `config` says
+    /// (`MigrationConfig::default()`: the lock name derived from the database, no lock
+    /// timeout). The lock name, if given, is checked when a run takes the lock.
+    pub fn new(locker: Arc<dyn Locker>, config: MigrationConfig) -> Self {
+        MigrationRunner { locker, config }
     }
 
     /// Reads the migrations in `dir` and applies them to `database_url` under the lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MigrationSource`] if `dir` cannot be read (checked before anything is
+    /// contacted); otherwise as [`MigrationRunner::run`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`MigrationRunner::run`]; a drop while the directory is read leaves nothing behind.
     pub async fn run_dir(&self, database_url: &str, dir: &Path) -> Result<MigrationReport> {
         let migrator = load_migrations(dir).await?;
         self.run(database_url, &migrator).await
@@ -114,6 +138,36 @@ impl<L: Locker> MigrationGuard<L> {
     ///
     /// `postgres://` / `postgresql://` and `sqlite:` URLs are supported; a SQLite file is
     /// created if missing.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidUrl`]: malformed or unsupported URL (checked before connecting);
+    /// - [`Error::Connect`]: the database cannot be reached; [`Error::Database`]: reading the
+    ///   database's name for the default lock name failed;
+    /// - [`Error::Lock`]: the lock could not be taken (broker unreachable, invalid lock name,
+    ///   [`mqlock::Error::Timeout`] after [`MigrationConfig::lock_timeout`]), or
+    ///   [`mqlock::Error::Lost`]: the lock was lost during the run — the migrations applied
+    ///   before stay applied, the next one was not started;
+    /// - [`Error::MigrationHistory`]: the database's history does not match `migrator`
+    ///   (edited, removed or dirty migrations); nothing applied;
+    /// - [`Error::MigrationFailed`]: a migration failed; it was rolled back as far as the
+    ///   database's transactional DDL allows, the earlier ones stay applied.
+    ///
+    /// The lock is released and the connection closed on every path; a failed release is
+    /// logged, not returned.
+    ///
+    /// # Cancel safety
+    ///
+    /// What a drop at each await leaves behind:
+    ///
+    /// - connecting, or reading the database's name: nothing (the connection is closed);
+    /// - waiting for the lock: nothing (acquisitions are cancel safe);
+    /// - while a migration is applied: the connection is dropped, which closes it, so the
+    ///   server rolls back the migration's transaction; migrations applied before stay applied.
+    ///   A `-- no-transaction` migration may stay partly applied and unrecorded. The lock guard
+    ///   is dropped and the lock released in the background;
+    /// - during the release: the migrations are applied; the lock is released in the
+    ///   background.
     pub async fn run(&self, database_url: &str, migrator: &Migrator) -> Result<MigrationReport> {
         let options = DbOptions::parse(database_url)?;
         let shown = redact(database_url);
@@ -125,7 +179,7 @@ impl<L: Locker> MigrationGuard<L> {
             DbOptions::Postgres(o) => {
                 let mut conn: PgConnection = o.connect().await.map_err(connect_err)?;
                 let result = async {
-                    let name = match &self.lock_name {
+                    let name = match &self.config.lock_name {
                         Some(n) => n.clone(),
                         None => {
                             let (db,): (String,) = sqlx::query_as("SELECT current_database()")
@@ -148,7 +202,7 @@ impl<L: Locker> MigrationGuard<L> {
                     .connect()
                     .await
                     .map_err(connect_err)?;
-                let name = match &self.lock_name {
+                let name = match &self.config.lock_name {
                     Some(n) => n.clone(),
                     None => {
                         let canon = std::fs::canonicalize(&path).unwrap_or(path);
@@ -172,7 +226,7 @@ impl<L: Locker> MigrationGuard<L> {
         C: Migrate + Send,
     {
         let start = Instant::now();
-        let guard = match self.wait_timeout {
+        let guard = match self.config.lock_timeout {
             Some(t) => self.locker.lock_timeout(name, t).await?,
             None => self.locker.lock(name).await?,
         };
@@ -245,10 +299,10 @@ where
             continue;
         }
         if let Some(reason) = guard.loss_reason() {
-            return Err(Error::LockLost {
+            return Err(Error::Lock(mqlock::Error::Lost {
                 name: guard.name().to_owned(),
                 reason,
-            });
+            }));
         }
         tracing::info!(version = migration.version, description = %migration.description, "applying migration");
         match conn.apply(table, migration).await {

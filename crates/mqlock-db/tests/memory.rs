@@ -3,10 +3,11 @@
 //! `tests/db_*.rs`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mqlock::{Locker, MemoryLocker};
-use mqlock_db::{Error, MigrationGuard, TxGuard};
+use mqlock_db::{Error, MigrationConfig, MigrationRunner, TxConfig, TxRunner};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 
 fn data(dir: &str) -> PathBuf {
@@ -39,6 +40,21 @@ async fn sqlite_pool(dir: &tempfile::TempDir) -> SqlitePool {
     pool
 }
 
+fn tx_runner(locker: MemoryLocker, pool: &SqlitePool) -> TxRunner<sqlx::Sqlite> {
+    TxRunner::new(Arc::new(locker), pool.clone(), TxConfig::default()).unwrap()
+}
+
+/// A migration runner on the lock "m".
+fn migration_runner(locker: &MemoryLocker) -> MigrationRunner {
+    MigrationRunner::new(
+        Arc::new(locker.clone()),
+        MigrationConfig {
+            lock_name: Some("m".into()),
+            ..MigrationConfig::default()
+        },
+    )
+}
+
 async fn count(pool: &SqlitePool, sql: &'static str) -> i64 {
     sqlx::query_as::<_, (i64,)>(sql)
         .fetch_one(pool)
@@ -51,13 +67,13 @@ async fn count(pool: &SqlitePool, sql: &'static str) -> i64 {
 async fn concurrent_increments_are_exact() {
     let dir = tempfile::tempdir().unwrap();
     let pool = sqlite_pool(&dir).await;
-    let guard = TxGuard::new(MemoryLocker::new(), pool.clone());
+    let runner = tx_runner(MemoryLocker::new(), &pool);
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let guard = guard.clone();
+        let runner = runner.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..25 {
-                guard
+                runner
                     .run("counter", |c| {
                         Box::pin(async move {
                             // Read, then write in a second statement: lost updates would show
@@ -92,7 +108,7 @@ async fn stale_holder_is_fenced_off() {
     let dir = tempfile::tempdir().unwrap();
     let pool = sqlite_pool(&dir).await;
     let locker = MemoryLocker::new();
-    let guard = TxGuard::new(locker.clone(), pool.clone());
+    let runner = tx_runner(locker.clone(), &pool);
 
     let old = locker.lock("res").await.unwrap();
     // The old holder is "frozen": the lock is taken away and granted to a new holder, who
@@ -105,7 +121,7 @@ async fn stale_holder_is_fenced_off() {
     assert!(locker.revoke("res"));
     let new = waiter.await.unwrap();
     assert!(new.fencing_token() > old.fencing_token());
-    guard
+    runner
         .run_with_guard(&new, |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO log VALUES ('new')")
@@ -117,7 +133,7 @@ async fn stale_holder_is_fenced_off() {
         .await
         .unwrap();
 
-    let err = guard
+    let err = runner
         .run_with_guard(&old, |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO log VALUES ('old')")
@@ -149,7 +165,7 @@ async fn stale_holder_is_fenced_off() {
         1
     );
     // The same grant may run a second transaction.
-    guard
+    runner
         .run_with_guard(&new, |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO log VALUES ('new')")
@@ -171,9 +187,9 @@ async fn lock_lost_during_work_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
     let pool = sqlite_pool(&dir).await;
     let locker = MemoryLocker::new();
-    let guard = TxGuard::new(locker.clone(), pool.clone());
+    let runner = tx_runner(locker.clone(), &pool);
     let l2 = locker.clone();
-    let err = guard
+    let err = runner
         .run("res", move |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO log VALUES ('doomed')")
@@ -187,7 +203,7 @@ async fn lock_lost_during_work_rolls_back() {
         })
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::LockLost { .. }), "{err:?}");
+    assert!(matches!(err, Error::LostBeforeCommit { .. }), "{err:?}");
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM log").await, 0);
 }
 
@@ -196,9 +212,9 @@ async fn lock_lost_after_work_refuses_commit() {
     let dir = tempfile::tempdir().unwrap();
     let pool = sqlite_pool(&dir).await;
     let locker = MemoryLocker::new();
-    let guard = TxGuard::new(locker.clone(), pool.clone());
+    let runner = tx_runner(locker.clone(), &pool);
     let held = locker.lock("res").await.unwrap();
-    let err = guard
+    let err = runner
         .run_with_guard(&held, |c| {
             let locker = locker.clone();
             Box::pin(async move {
@@ -213,7 +229,7 @@ async fn lock_lost_after_work_refuses_commit() {
         })
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::LockLost { .. }), "{err:?}");
+    assert!(matches!(err, Error::LostBeforeCommit { .. }), "{err:?}");
     assert_eq!(count(&pool, "SELECT COUNT(*) FROM log").await, 0);
 }
 
@@ -222,8 +238,8 @@ async fn work_error_rolls_back_and_releases() {
     let dir = tempfile::tempdir().unwrap();
     let pool = sqlite_pool(&dir).await;
     let locker = MemoryLocker::new();
-    let guard = TxGuard::new(locker.clone(), pool.clone());
-    let err = guard
+    let runner = tx_runner(locker.clone(), &pool);
+    let err = runner
         .run("res", |c| {
             Box::pin(async move {
                 sqlx::query("INSERT INTO log VALUES ('x')")
@@ -240,18 +256,32 @@ async fn work_error_rolls_back_and_releases() {
 }
 
 #[tokio::test]
-async fn wait_timeout_and_bad_table_name() {
+async fn lock_timeout_and_bad_table_name() {
     let dir = tempfile::tempdir().unwrap();
     let pool = sqlite_pool(&dir).await;
     let locker = MemoryLocker::new();
     assert!(matches!(
-        TxGuard::new(locker.clone(), pool.clone()).with_fence_table("x; DROP TABLE log"),
+        TxRunner::new(
+            Arc::new(locker.clone()),
+            pool.clone(),
+            TxConfig {
+                fence_table: "x; DROP TABLE log".into(),
+                ..TxConfig::default()
+            }
+        ),
         Err(Error::InvalidTableName(_))
     ));
     let _held = locker.lock("res").await.unwrap();
-    let guard =
-        TxGuard::new(locker.clone(), pool.clone()).with_wait_timeout(Duration::from_millis(50));
-    let err = guard
+    let runner = TxRunner::new(
+        Arc::new(locker.clone()),
+        pool.clone(),
+        TxConfig {
+            lock_timeout: Some(Duration::from_millis(50)),
+            ..TxConfig::default()
+        },
+    )
+    .unwrap();
+    let err = runner
         .run("res", |_| Box::pin(async { Ok(()) }))
         .await
         .unwrap_err();
@@ -266,21 +296,21 @@ async fn migrations_apply_once_and_failures_release_the_lock() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("m.db").display());
     let locker = MemoryLocker::new();
-    let guard = MigrationGuard::new(locker.clone()).lock_name("m");
+    let runner = migration_runner(&locker);
 
-    let first = guard.run_dir(&url, &data("ok")).await.unwrap();
+    let first = runner.run_dir(&url, &data("ok")).await.unwrap();
     assert_eq!(
         first.applied.iter().map(|m| m.version).collect::<Vec<_>>(),
         [1, 2, 3]
     );
-    let second = guard.run_dir(&url, &data("ok")).await.unwrap();
+    let second = runner.run_dir(&url, &data("ok")).await.unwrap();
     assert!(second.applied.is_empty());
     assert_eq!(second.already_applied, 3);
     assert!(second.fencing_token > first.fencing_token);
     assert!(!locker.is_locked("m"));
 
     let url2 = format!("sqlite://{}", dir.path().join("f.db").display());
-    let err = guard.run_dir(&url2, &data("failing")).await.unwrap_err();
+    let err = runner.run_dir(&url2, &data("failing")).await.unwrap_err();
     match &err {
         Error::MigrationFailed {
             version,
@@ -299,7 +329,7 @@ async fn migrations_apply_once_and_failures_release_the_lock() {
         !locker.is_locked("m"),
         "a failed migration must release the lock"
     );
-    let fixed = guard.run_dir(&url2, &data("fixed")).await.unwrap();
+    let fixed = runner.run_dir(&url2, &data("fixed")).await.unwrap();
     assert_eq!(
         fixed.applied.iter().map(|m| m.version).collect::<Vec<_>>(),
         [2]
@@ -309,19 +339,19 @@ async fn migrations_apply_once_and_failures_release_the_lock() {
 #[tokio::test]
 async fn migration_bad_input() {
     let locker = MemoryLocker::new();
-    let guard = MigrationGuard::new(locker.clone()).lock_name("m");
+    let runner = migration_runner(&locker);
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("m.db").display());
     assert!(matches!(
-        guard.run_dir(&url, &dir.path().join("nope")).await,
+        runner.run_dir(&url, &dir.path().join("nope")).await,
         Err(Error::MigrationSource { .. })
     ));
     assert!(matches!(
-        guard.run_dir("mysql://u:pw@h/db", &data("ok")).await,
+        runner.run_dir("mysql://u:pw@h/db", &data("ok")).await,
         Err(Error::InvalidUrl { .. })
     ));
     // A directory that cannot hold the file.
-    let err = guard
+    let err = runner
         .run_dir("sqlite:///nonexistent-dir-mqlock/x.db", &data("ok"))
         .await
         .unwrap_err();
