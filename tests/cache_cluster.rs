@@ -63,26 +63,6 @@ async fn redis_conn() -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-fn node_bin() -> std::path::PathBuf {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "mqlock-cache",
-            "--example",
-            "cache_node",
-        ])
-        .current_dir(support::root())
-        .status()
-        .expect("cargo build");
-    assert!(status.success(), "building the cache_node example failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| support::root().join("target"));
-    target.join("debug/examples/cache_node")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stampede_four_nodes_fifty_callers_loader_runs_once() {
     support::init_tracing();
@@ -93,21 +73,24 @@ async fn stampede_four_nodes_fifty_callers_loader_runs_once() {
     const LOADER_MS: u64 = 500;
 
     // Node 4 is a separate process.
-    let mut child = tokio::process::Command::new(node_bin())
-        .args([
-            &support::amqp_url(),
-            &support::redis_url(),
-            &ns,
-            key,
-            &CALLERS.to_string(),
-            &LOADER_MS.to_string(),
-            &counter,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn cache_node");
+    let mut child = tokio::process::Command::new(support::fixture_bin(
+        "mqlock-cache",
+        support::Fixture::Example("cache_node"),
+    ))
+    .args([
+        &support::amqp_url(),
+        &support::redis_url(),
+        &ns,
+        key,
+        &CALLERS.to_string(),
+        &LOADER_MS.to_string(),
+        &counter,
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("spawn cache_node");
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(out.next_line().await.unwrap().as_deref(), Some("ready"));
 

@@ -245,4 +245,19 @@ async fn a_holder_resumed_after_a_suspend_knows_its_lease_ended() {
         .unwrap();
     assert!(next.fencing_token() > g.fencing_token());
     next.release().await.unwrap();
+    // The loss is counted once, under its reason, although the user's lost() fired the signal
+    // before the holder task saw it.
+    support::wait_until(
+        "the suspended client's metrics to count the lease loss",
+        Duration::from_secs(10),
+        || async { suspended.metrics().losses > 0 },
+    )
+    .await;
+    let m = suspended.metrics();
+    assert_eq!(m.losses, 1, "{m:?}");
+    assert!(
+        m.losses_by_reason.contains(&("lease_expired", 1)),
+        "{:?}",
+        m.losses_by_reason
+    );
 }

@@ -247,6 +247,49 @@ async fn paused_holder_is_replaced_and_learns_of_the_loss_when_resumed() {
     );
 }
 
+/// A frozen `mqlock exec` whose command finishes while mqlock is stopped: on SIGCONT the
+/// child's exit and the lease's end are both there to see. The lock was lost while the command
+/// ran, so the exit code must say so (123), never the command's 0. (The cluster suite's
+/// `pause-client` scenario found the race.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_ends_while_mqlock_is_frozen_past_its_lease_exits_123() {
+    let url = support::amqp_url();
+    let name = support::unique("frozen-done");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut holder, token) = exec_holder(
+        &url,
+        &name,
+        dir.path(),
+        &["--heartbeat", "2s", "--grace", "1s"],
+        "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; while [ ! -e \"$D/go\" ]; do sleep 0.05; done; exit 0",
+        Stdio::piped(),
+    );
+    let pid = holder.id() as i32;
+    // Only mqlock is stopped: its command keeps running.
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let c = client(&url, ClientConfig::default()).await;
+    let g = c
+        .lock_timeout(&name, Duration::from_secs(30))
+        .await
+        .expect("the broker hands the lock on");
+    assert!(g.fencing_token() > token);
+    // The command finishes (exit 0) while mqlock is still frozen.
+    std::fs::write(dir.path().join("go"), b"").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let status = holder.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(holder.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(123),
+        "exit code for a lock lost while the command ran; stderr: {err}"
+    );
+    assert!(err.contains("lost"), "{err}");
+    g.release().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousands_of_dropped_acquisitions_leave_nothing_behind() {
     let url = support::amqp_url();
