@@ -15,39 +15,7 @@ use tokio::task::JoinHandle;
 // tokio's clock (the same as std's outside tests) so that the timeout tests run on paused time.
 use tokio::time::Instant;
 
-/// Why a file lock could not be taken.
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    /// Another node holds the lock and the open asked not to wait (`O_NONBLOCK`).
-    #[error("lock {name:?} is held elsewhere")]
-    Busy {
-        /// Lock name.
-        name: String,
-    },
-    /// The wait ran out.
-    #[error("timed out after {waited:?} waiting for lock {name:?}")]
-    Timeout {
-        /// Lock name.
-        name: String,
-        /// How long the open waited.
-        waited: Duration,
-    },
-    /// The lock service failed (broker unreachable, invalid name...).
-    #[error(transparent)]
-    Lock(#[from] mqlock::Error),
-}
-
-impl LockError {
-    /// The errno a file operation fails with: `EWOULDBLOCK` (= `EAGAIN`) for a busy lock under
-    /// `O_NONBLOCK`, `ETIMEDOUT` when the wait ran out, `EIO` when the lock service failed.
-    pub fn errno(&self) -> i32 {
-        match self {
-            LockError::Busy { .. } => libc::EWOULDBLOCK,
-            LockError::Timeout { .. } => libc::ETIMEDOUT,
-            LockError::Lock(_) => libc::EIO,
-        }
-    }
-}
+use crate::error::LockError;
 
 /// One handle's share of a node-held lock.
 #[derive(Debug, Clone)]
