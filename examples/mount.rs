@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqlock::{ClientConfig, LockClient};
-use mqlock_fuse::{MountOptions, mount};
+use mqlock_fuse::{MountConfig, mount};
 
 fn main() -> anyhow::Result<()> {
     let url = std::env::var("MQLOCK_AMQP_URL")
@@ -22,10 +22,17 @@ fn main() -> anyhow::Result<()> {
     // Two clients = two nodes: each has its own broker connection, as two machines would.
     let node_a = rt.block_on(LockClient::connect(&url, ClientConfig::default()))?;
     let node_b = rt.block_on(LockClient::connect(&url, ClientConfig::default()))?;
-    let mut opts = MountOptions::default();
-    opts.lock_prefix = format!("example-{}", std::process::id());
-    let a = mount(shared.path(), mnt_a.path(), Arc::new(node_a), opts.clone())?;
-    let b = mount(shared.path(), mnt_b.path(), Arc::new(node_b), opts)?;
+    let config = MountConfig {
+        lock_prefix: format!("example-{}", std::process::id()),
+        ..MountConfig::default()
+    };
+    let a = mount(
+        shared.path(),
+        mnt_a.path(),
+        Arc::new(node_a),
+        config.clone(),
+    )?;
+    let b = mount(shared.path(), mnt_b.path(), Arc::new(node_b), config)?;
 
     let mut w = OpenOptions::new()
         .write(true)

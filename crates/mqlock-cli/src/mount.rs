@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use mqlock_fuse::MountOptions;
+use mqlock_fuse::MountConfig;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::connect::ConnectArgs;
@@ -92,14 +92,15 @@ pub async fn run(args: MountArgs) -> ExitCode {
         eprintln!("mqlock mount: {e}");
         return ExitCode::from(EXIT_SETUP);
     }
-    let mut opts = MountOptions::default();
-    opts.lock_timeout = args.lock_timeout;
-    opts.lock_prefix = args.lock_prefix;
-    opts.allow_other = args.allow_other;
-    opts.passthrough = args.passthrough;
-    opts.read_passthrough = !args.no_read_passthrough;
-    opts.threads = args.threads;
-    opts.attr_timeout = args.attr_timeout;
+    let config = MountConfig {
+        lock_timeout: args.lock_timeout,
+        lock_prefix: args.lock_prefix,
+        allow_other: args.allow_other,
+        passthrough: args.passthrough,
+        read_passthrough: !args.no_read_passthrough,
+        threads: args.threads,
+        attr_timeout: args.attr_timeout,
+    };
     let (mut sigint, mut sigterm) = match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
@@ -111,7 +112,7 @@ pub async fn run(args: MountArgs) -> ExitCode {
         }
     };
     let mut mounted =
-        match mqlock_fuse::mount(&args.backing, &args.mountpoint, Arc::new(client), opts) {
+        match mqlock_fuse::mount(&args.backing, &args.mountpoint, Arc::new(client), config) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("mqlock mount: {e}");

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqlock::{ClientConfig, LockClient, Locker, MemoryLocker};
-use mqlock_fuse::{MountOptions, mount};
+use mqlock_fuse::{MountConfig, mount};
 
 const CHUNK: usize = 1 << 20;
 const SMALL_FILES: usize = 500;
@@ -199,11 +199,13 @@ fn main() {
     let mut split = Vec::new();
     for passthrough in [false, true] {
         let mnt = tempfile::tempdir_in(&base).unwrap();
-        let mut opts = MountOptions::default();
-        opts.passthrough = passthrough;
+        let config = MountConfig {
+            passthrough,
+            ..MountConfig::default()
+        };
         let _g = rt.enter();
         let mut m =
-            mount(backing.path(), mnt.path(), Arc::new(client.clone()), opts).expect("mount");
+            mount(backing.path(), mnt.path(), Arc::new(client.clone()), config).expect("mount");
         let r = measure(mnt.path(), backing.path(), mb);
         let read_open = open_latency(&mnt.path().join("open-me"), false);
         m.unmount().unwrap();
@@ -234,7 +236,7 @@ fn main() {
         let _g = rt.enter();
         let memory: Arc<dyn Locker> = Arc::new(MemoryLocker::new());
         let mut m =
-            mount(backing.path(), mnt.path(), memory, MountOptions::default()).expect("mount");
+            mount(backing.path(), mnt.path(), memory, MountConfig::default()).expect("mount");
         let p = mnt.path().join("open-me");
         let write_open = open_latency(&p, true);
         let read_open = open_latency(&p, false);

@@ -8,44 +8,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mqlock::{LockGuard, Locker, LossSignal};
 use tokio::task::JoinHandle;
+// tokio's clock (the same as std's outside tests) so that the timeout tests run on paused time.
+use tokio::time::Instant;
 
-/// Why a file lock could not be taken.
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    /// Another node holds the lock and the open asked not to wait (`O_NONBLOCK`).
-    #[error("lock {name:?} is held elsewhere")]
-    Busy {
-        /// Lock name.
-        name: String,
-    },
-    /// The wait ran out.
-    #[error("timed out after {waited:?} waiting for lock {name:?}")]
-    Timeout {
-        /// Lock name.
-        name: String,
-        /// How long the open waited.
-        waited: Duration,
-    },
-    /// The lock service failed (broker unreachable, invalid name...).
-    #[error(transparent)]
-    Lock(#[from] mqlock::Error),
-}
-
-impl LockError {
-    /// The errno a file operation fails with: `EWOULDBLOCK` (= `EAGAIN`) for a busy lock under
-    /// `O_NONBLOCK`, `ETIMEDOUT` when the wait ran out, `EIO` when the lock service failed.
-    pub fn errno(&self) -> i32 {
-        match self {
-            LockError::Busy { .. } => libc::EWOULDBLOCK,
-            LockError::Timeout { .. } => libc::ETIMEDOUT,
-            LockError::Lock(_) => libc::EIO,
-        }
-    }
-}
+use crate::error::LockError;
 
 /// One handle's share of a node-held lock.
 #[derive(Debug, Clone)]
@@ -111,6 +81,11 @@ impl LockTable {
 
     /// Joins this node's hold of `name`, acquiring it from the lock service if the node does
     /// not hold it. Waits at most the configured timeout; with `nonblock`, not at all.
+    ///
+    /// Cancel safety: a drop while waiting leaves no share and no grant behind (the lock
+    /// service's wait is dropped with it) but may leave the name's empty slot in the table
+    /// until the name's next acquire or release collects it. The mount never drops it: every
+    /// acquisition runs to its end in its own task.
     pub(crate) async fn acquire(&self, name: &str, nonblock: bool) -> Result<Share, LockError> {
         let started = Instant::now();
         let slot = self.slot(name);
@@ -217,6 +192,10 @@ impl LockTable {
     }
 
     /// Leaves this node's hold; the last share out releases the lock.
+    ///
+    /// Cancel safety: a drop while waiting for the slot leaves the share counted, so the lock
+    /// stays held until the connection closes; a drop during the release itself still releases
+    /// it, in the background (the guard's drop). The mount runs every release in its own task.
     pub(crate) async fn release(&self, share: &Share) {
         let Some(slot) = self.slots.lock().unwrap().get(&*share.name).cloned() else {
             return;
@@ -291,7 +270,9 @@ mod tests {
         assert_eq!(t.slots(), 0);
     }
 
-    #[tokio::test]
+    // Paused clock: the bounds are checked on tokio's virtual time, so a loaded machine cannot
+    // fail them and the 200 ms timeout costs no real time.
+    #[tokio::test(start_paused = true)]
     async fn nonblocking_fails_at_once_and_blocking_times_out() {
         let l = MemoryLocker::new();
         let other = l.lock("f").await.unwrap();
@@ -307,7 +288,7 @@ mod tests {
         assert!(t.acquire("f", false).await.is_ok());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_nonblocking_opener_waits_out_a_release_in_flight_but_not_a_waiter() {
         let l = MemoryLocker::new();
         let t = Arc::new(table(&l, Duration::from_secs(2)));

@@ -1,35 +1,15 @@
 //! Lock names of files: the path relative to the mount root, so that every node that mounts the
 //! same shared directory derives the same name for the same file.
 
-use std::fmt::Write as _;
-
 /// The lock name of the file at `rel` (relative to the mount root, `/`-separated, no leading
 /// slash) in the namespace `prefix`: `fs:{prefix}/{rel}`.
 ///
 /// File names may contain bytes that a lock name may not (control characters, invalid UTF-8);
-/// those bytes, and `%` itself so that the mapping stays one-to-one, are written as `%XX`.
-/// Long names are fine: the core hashes names that would not fit in a queue name.
+/// [`mqlock::name::escape`] writes those, and `%` itself so that the mapping stays one-to-one,
+/// as `%XX`. Long names are fine: the core hashes names that would not fit in a queue name.
+/// `prefix` is taken as it is: the mount checks it once, when it starts.
 pub fn lock_name(prefix: &str, rel: &[u8]) -> String {
-    let mut out = String::with_capacity(4 + prefix.len() + rel.len());
-    out.push_str("fs:");
-    out.push_str(prefix);
-    out.push('/');
-    for chunk in rel.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() || c == '%' {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    let _ = write!(out, "%{b:02X}");
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    format!("fs:{prefix}/{}", mqlock::name::escape(rel))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqlock::{Locker, MemoryLocker};
-use mqlock_fuse::{MountOptions, Mounted, mount};
+use mqlock_fuse::{MountConfig, Mounted, mount};
 
 /// A mount that is unmounted on every exit path, including a failing assertion.
 struct TestMount {
@@ -35,12 +35,13 @@ impl Drop for TestMount {
 fn mount_with(
     rt: &tokio::runtime::Runtime,
     locker: &MemoryLocker,
-    opts: MountOptions,
+    config: MountConfig,
 ) -> TestMount {
     let backing = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
     let _g = rt.enter();
-    let mounted = mount(backing.path(), mnt.path(), Arc::new(locker.clone()), opts).expect("mount");
+    let mounted =
+        mount(backing.path(), mnt.path(), Arc::new(locker.clone()), config).expect("mount");
     TestMount {
         mounted: Some(mounted),
         path: mnt.path().to_owned(),
@@ -68,19 +69,19 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn opts(timeout_ms: u64) -> MountOptions {
-    let mut o = MountOptions::default();
-    o.lock_timeout = Duration::from_millis(timeout_ms);
-    o
+fn config(timeout_ms: u64) -> MountConfig {
+    MountConfig {
+        lock_timeout: Duration::from_millis(timeout_ms),
+        ..MountConfig::default()
+    }
 }
 
 /// The modes whose writes the daemon checks: kernel passthrough for reads (the default) and
 /// the page cache for everything.
-fn checked_modes(timeout_ms: u64) -> [MountOptions; 2] {
-    [true, false].map(|read_passthrough| {
-        let mut o = opts(timeout_ms);
-        o.read_passthrough = read_passthrough;
-        o
+fn checked_modes(timeout_ms: u64) -> [MountConfig; 2] {
+    [true, false].map(|read_passthrough| MountConfig {
+        read_passthrough,
+        ..config(timeout_ms)
     })
 }
 
@@ -93,7 +94,7 @@ fn write_file(p: &Path, data: &[u8]) {
 fn write_open_holds_the_lock_until_the_last_handle_closes() {
     let rt = rt();
     let l = MemoryLocker::new();
-    let m = mount_with(&rt, &l, opts(2000));
+    let m = mount_with(&rt, &l, config(2000));
     let p = m.path.join("a.txt");
     let mut f1 = File::create(&p).unwrap();
     assert!(l.is_locked("fs:/a.txt"), "create must take the file's lock");
@@ -119,7 +120,7 @@ fn write_open_holds_the_lock_until_the_last_handle_closes() {
 fn nonblocking_open_fails_at_once_and_blocking_open_times_out() {
     let rt = rt();
     let l = MemoryLocker::new();
-    let m = mount_with(&rt, &l, opts(300));
+    let m = mount_with(&rt, &l, config(300));
     let p = m.path.join("b");
     write_file(&p, b"x");
     wait_until("unlocked", || !l.is_locked("fs:/b"));
@@ -150,7 +151,7 @@ fn nonblocking_open_fails_at_once_and_blocking_open_times_out() {
 fn a_waiting_open_does_not_stall_other_files() {
     let rt = rt();
     let l = MemoryLocker::new();
-    let m = mount_with(&rt, &l, opts(3000));
+    let m = mount_with(&rt, &l, config(3000));
     let p = m.path.join("held");
     write_file(&p, b"x");
     wait_until("unlocked", || !l.is_locked("fs:/held"));
@@ -206,7 +207,7 @@ fn lost_lock_makes_writes_and_close_fail_with_eio() {
 fn truncate_unlink_and_rename_take_the_locks() {
     let rt = rt();
     let l = MemoryLocker::new();
-    let m = mount_with(&rt, &l, opts(300));
+    let m = mount_with(&rt, &l, config(300));
     let a = m.path.join("a");
     let b = m.path.join("b");
     write_file(&a, b"hello");
@@ -326,10 +327,12 @@ fn fallocate_is_covered_by_the_handles_lock_in_every_mode() {
     for (passthrough, read_passthrough) in [(false, true), (false, false), (true, false)] {
         let rt = rt();
         let l = MemoryLocker::new();
-        let mut o = opts(2000);
-        o.passthrough = passthrough;
-        o.read_passthrough = read_passthrough;
-        let m = mount_with(&rt, &l, o);
+        let config = MountConfig {
+            passthrough,
+            read_passthrough,
+            ..config(2000)
+        };
+        let m = mount_with(&rt, &l, config);
         let p = m.path.join("g");
         let backing = m.backing.join("g");
         let f = File::create(&p).unwrap();

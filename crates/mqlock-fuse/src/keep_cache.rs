@@ -1,5 +1,5 @@
 //! When the kernel may keep its page cache of a file across opens, in the page-cache mode
-//! (`MountOptions::read_passthrough` off or unavailable; with read passthrough no handle of a
+//! (`MountConfig::read_passthrough` off or unavailable; with read passthrough no handle of a
 //! regular file uses the FUSE page cache, so there is nothing to keep).
 //!
 //! Without `FOPEN_KEEP_CACHE` the kernel drops a file's page cache at every open, so every
