@@ -54,7 +54,7 @@ impl Version {
 }
 
 /// A lock grant: the lock name and its fencing token.
-pub(crate) type Grant<'a> = (&'a Arc<str>, u64);
+pub(crate) type Grant<'a> = (&'a str, u64);
 
 struct Baseline {
     version: Version,
@@ -78,12 +78,12 @@ impl CacheBaselines {
             (Some(b), Some((name, token))) => {
                 b.version == now
                     && b.grant.as_ref().is_some_and(|(n, t)| {
-                        n == name && (token == *t || token == t.saturating_add(1))
+                        &**n == name && (token == *t || token == t.saturating_add(1))
                     })
             }
             (None, _) => false,
         };
-        let owned = grant.map(|(n, t)| (n.clone(), t));
+        let owned = grant.map(|(n, t)| (Arc::<str>::from(n), t));
         match map.get_mut(&ino) {
             Some(b) if keep => {
                 if owned.is_some() {
@@ -110,7 +110,7 @@ impl CacheBaselines {
         if let Some(b) = map.get_mut(&ino)
             && b.grant
                 .as_ref()
-                .is_some_and(|(n, t)| n == grant.0 && *t == grant.1)
+                .is_some_and(|(n, t)| &**n == grant.0 && *t == grant.1)
         {
             b.version = now;
         }

@@ -33,7 +33,7 @@ impl OpenFile {
     pub(super) fn check_lock(&self) -> Result<(), Errno> {
         match &self.lock {
             Some(share) if share.is_lost() => {
-                tracing::warn!(lock = %share.name, fencing_token = share.token, "write refused: the file's lock was lost");
+                tracing::warn!(lock = %share.name(), fencing_token = share.fencing_token(), "write refused: the file's lock was lost");
                 Err(Errno::EIO)
             }
             _ => Ok(()),
@@ -143,7 +143,7 @@ impl Inner {
     fn cache_flags(&self, ino: u64, file: &File, lock: Option<&Share>) -> FopenFlags {
         match fstat(file.as_fd()) {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => {
-                let grant = lock.map(|s| (&s.name, s.token));
+                let grant = lock.map(|s| (s.name(), s.fencing_token()));
                 if self.cache.open(ino, Version::of(&st), grant) {
                     FopenFlags::FOPEN_KEEP_CACHE
                 } else {
@@ -173,8 +173,11 @@ impl Inner {
         };
         match fstat(f.file.as_fd()) {
             Ok(st) if !share.is_lost() && append_end.is_none_or(|end| end == st.st_size as u64) => {
-                self.cache
-                    .wrote(f.ino, Version::of(&st), (&share.name, share.token))
+                self.cache.wrote(
+                    f.ino,
+                    Version::of(&st),
+                    (share.name(), share.fencing_token()),
+                )
             }
             _ => self.cache.forget(f.ino),
         }
