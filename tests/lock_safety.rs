@@ -133,6 +133,27 @@ fn exec_holder(
     (holder, token)
 }
 
+/// An `mqlock exec` holder (2 s heartbeat, 1 s grace, stderr piped) running `script`, granted
+/// and then frozen with SIGSTOP (mqlock only, not its command).
+fn frozen_exec_holder(
+    url: &str,
+    name: &str,
+    dir: &Path,
+    script: &str,
+) -> (std::process::Child, u64) {
+    let (holder, token) = exec_holder(
+        url,
+        name,
+        dir,
+        &["--heartbeat", "2s", "--grace", "1s"],
+        script,
+        Stdio::piped(),
+    );
+    // SAFETY: plain signal to our own child.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGSTOP) };
+    (holder, token)
+}
+
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(pid, 0) == 0 }
@@ -198,17 +219,13 @@ async fn paused_holder_is_replaced_and_learns_of_the_loss_when_resumed() {
     let url = support::amqp_url();
     let name = support::unique("pause");
     let dir = tempfile::tempdir().unwrap();
-    let (mut holder, token) = exec_holder(
+    let (mut holder, token) = frozen_exec_holder(
         &url,
         &name,
         dir.path(),
-        &["--heartbeat", "2s", "--grace", "1s"],
         "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; exec sleep 600",
-        Stdio::piped(),
     );
     let pid = holder.id() as i32;
-    // SAFETY: plain signal to our own child.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
     let stopped = Instant::now();
     let c = client(&url, ClientConfig::default()).await;
     let g = c
@@ -256,18 +273,14 @@ async fn a_command_that_ends_while_mqlock_is_frozen_past_its_lease_exits_123() {
     let url = support::amqp_url();
     let name = support::unique("frozen-done");
     let dir = tempfile::tempdir().unwrap();
-    let (mut holder, token) = exec_holder(
+    // Only mqlock is stopped: its command keeps running.
+    let (mut holder, token) = frozen_exec_holder(
         &url,
         &name,
         dir.path(),
-        &["--heartbeat", "2s", "--grace", "1s"],
         "echo $MQLOCK_FENCING_TOKEN > \"$D/token\"; while [ ! -e \"$D/go\" ]; do sleep 0.05; done; exit 0",
-        Stdio::piped(),
     );
     let pid = holder.id() as i32;
-    // Only mqlock is stopped: its command keeps running.
-    // SAFETY: plain signal to our own child.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
     let c = client(&url, ClientConfig::default()).await;
     let g = c
         .lock_timeout(&name, Duration::from_secs(30))
