@@ -1,6 +1,6 @@
-//! The task that keeps a granted lock (docs/protocol.md, "Hold" and "Release"): it renews the
-//! lock's lease through the lock queue, keeps the newest renewal as its token, tells extra
-//! wake-ups from signs that the broker took the lock away, and performs the release.
+//! The task that keeps a granted lock (docs/protocol.md, "Hold"): it renews the lock's lease
+//! through the lock queue, keeps the newest renewal as its token, tells extra wake-ups from
+//! signs that the broker took the lock away, and runs the release (`release.rs`) when asked.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,17 +11,17 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::connection::Conn;
-use crate::error::{Error, Result};
+
 use crate::fence;
-use crate::guard::{BoxFuture, Release};
 use crate::lease::{BootInstant, Lease};
 use crate::loss::{LossReason, LossSignal};
 use crate::metrics::Metrics;
 use crate::protocol::{break_request, loss_reason, renewal_properties, stamp};
+use crate::release::{Command, HolderHandle, release};
 
 /// Publishes a lease renewal (`v2::Renew` in docs/model.md) and returns the moment it was sent.
 ///
@@ -86,53 +86,6 @@ pub(crate) struct Holder {
     pub(crate) metrics: Arc<Metrics>,
     /// When the lock was granted: the hold time (metrics) runs from here to release or loss.
     pub(crate) granted_at: std::time::Instant,
-}
-
-enum Command {
-    Release(Option<oneshot::Sender<Result<()>>>),
-}
-
-/// The guard's handle on the holder task.
-pub(crate) struct HolderHandle {
-    tx: mpsc::UnboundedSender<Command>,
-    name: Arc<str>,
-    signal: LossSignal,
-    /// How long `release()` waits for the holder task (which itself waits at most the lease
-    /// margin for the broker).
-    wait: Duration,
-    addr: String,
-}
-
-impl Release for HolderHandle {
-    fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
-        Box::pin(async move {
-            let (reply, done) = oneshot::channel();
-            let lost = |signal: &LossSignal, name: &Arc<str>| Error::Lost {
-                name: name.to_string(),
-                reason: signal
-                    .reason()
-                    .unwrap_or_else(|| LossReason::ConnectionLost("holder stopped".into())),
-            };
-            if self.tx.send(Command::Release(Some(reply))).is_err() {
-                // The holder task ended: the lock was lost and the broker took it back.
-                return Err(lost(&self.signal, &self.name));
-            }
-            match tokio::time::timeout(self.wait, done).await {
-                Ok(answer) => answer.unwrap_or_else(|_| Err(lost(&self.signal, &self.name))),
-                Err(_) => Err(Error::Unreachable {
-                    addr: self.addr.clone(),
-                    detail: format!(
-                        "the release of lock {:?} was not answered within {:?}; the broker releases it when it reads the close",
-                        self.name, self.wait
-                    ),
-                }),
-            }
-        })
-    }
-
-    fn release_in_background(self: Box<Self>) {
-        let _ = self.tx.send(Command::Release(None));
-    }
 }
 
 /// What a delivery to the holder means (docs/protocol.md, "Hold").
@@ -346,50 +299,6 @@ fn ack_later(d: Delivery) {
     tokio::spawn(async move {
         let _ = d.acker.ack(BasicAckOptions::default()).await;
     });
-}
-
-/// Releases by closing the channel, waiting at most `wait` for the broker's answer.
-///
-/// The broker handles a channel close in one step: it removes our consumer, requeues the token
-/// and runs the queue, which activates the next consumer and delivers the token to it. That is
-/// the cheapest hand-off (one frame, no wake-up publish), it is the same path as a crash, and it
-/// avoids the separate `basic.cancel` that RabbitMQ 3.10.8 mishandles on classic
-/// single-active-consumer queues (the next consumer is activated but not fed, and the next
-/// publish crashes the queue: rabbitmq-server #5460, reproduced by our stress tests).
-///
-/// A broker under a resource alarm stops reading from publishing connections, so the answer may
-/// not come until the alarm clears; the frame is sent, and the broker releases when it reads it.
-async fn release(
-    name: &str,
-    conn: &Conn,
-    channel: &Channel,
-    signal: &LossSignal,
-    wait: Duration,
-) -> Result<()> {
-    let lost = |signal: &LossSignal| {
-        signal.reason().map(|reason| Error::Lost {
-            name: name.to_string(),
-            reason,
-        })
-    };
-    // A lease that ran out before the release: the broker may have handed the lock on already,
-    // and the caller must hear that it did not hold the lock to the end.
-    let lost_before = lost(signal);
-    match tokio::time::timeout(wait, channel.close(200, "lock released".into())).await {
-        Ok(Ok(())) => lost_before.map_or(Ok(()), Err),
-        Ok(Err(e)) => {
-            // Whatever failed, the channel is gone and the broker requeued the token.
-            debug!(lock = %name, error = %e, "release hit an error; the broker releases on channel close");
-            lost(signal).map_or(Ok(()), Err)
-        }
-        Err(_) => Err(lost(signal).unwrap_or_else(|| Error::Unreachable {
-            addr: conn.addr.clone(),
-            detail: format!(
-                "the broker did not answer the release of lock {name:?} within {wait:?} \
-                 (is a resource alarm blocking this connection?); it releases the lock when it reads the close"
-            ),
-        })),
-    }
 }
 
 #[cfg(test)]

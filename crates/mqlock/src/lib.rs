@@ -54,6 +54,7 @@ pub mod name;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 mod protocol;
+mod release;
 mod table;
 
 pub use client::{BreakOutcome, LockClient, LockStatus};
