@@ -34,6 +34,7 @@ fn migrate_cmd(db: &str, source: &Path, extra: &[&str]) -> Command {
 fn run_many(n: usize, db: &str, source: &Path) -> Vec<Output> {
     let children: Vec<_> = (0..n)
         .map(|_| {
+            // The old name of --timeout, still accepted.
             migrate_cmd(db, source, &["--wait-timeout", "60s"])
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -194,7 +195,7 @@ async fn failing_migration_postgres_releases_lock_and_fixed_rerun_succeeds() {
         .unwrap();
     assert_eq!(history, vec![(1,)]);
 
-    let fixed = migrate_cmd(&url, &data("fixed"), &["--wait-timeout", "10s"])
+    let fixed = migrate_cmd(&url, &data("fixed"), &["--timeout", "10s"])
         .output()
         .unwrap();
     assert_eq!(fixed.status.code(), Some(0), "{}", text(&fixed));
@@ -223,7 +224,7 @@ async fn failing_migration_sqlite_rolls_back_and_fixed_rerun_succeeds() {
             .await
             .unwrap();
     assert_eq!(half, 0, "the failed migration's DDL must be rolled back");
-    let fixed = migrate_cmd(&url, &data("fixed"), &["--wait-timeout", "10s"])
+    let fixed = migrate_cmd(&url, &data("fixed"), &["--timeout", "10s"])
         .output()
         .unwrap();
     assert_eq!(fixed.status.code(), Some(0), "{}", text(&fixed));

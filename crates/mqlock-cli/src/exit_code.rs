@@ -35,7 +35,7 @@ pub const FAILURE: u8 = 122;
 /// The lock was lost: `exec` terminated CMD; `migrate` did not start the next migration.
 pub const LOST: u8 = 123;
 /// The wait for the lock gave up: `exec --timeout`, `exec --nonblock` finding it held,
-/// `migrate --wait-timeout`.
+/// `migrate --timeout`.
 pub const TIMEOUT: u8 = 124;
 /// `exec`: CMD cannot be executed.
 pub const CANNOT_EXEC: u8 = 126;
@@ -156,7 +156,7 @@ pub const ROWS: &[Row] = &[
     Row {
         code: TIMEOUT,
         commands: &["migrate"],
-        meaning: "timed out waiting for the lock (--wait-timeout)",
+        meaning: "timed out waiting for the lock (--timeout)",
     },
     Row {
         code: CANNOT_EXEC,

@@ -30,8 +30,15 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "NAME")]
     lock: Option<String>,
 
-    /// Give up waiting for the lock after this long (e.g. 30s, 5m). Default: wait forever.
-    #[arg(long, value_name = "D", value_parser = humantime::parse_duration)]
+    /// Give up waiting for the lock after this long (e.g. 30s, 5m) and exit with 124, as
+    /// `exec --timeout` does. Default: wait forever. (`--wait-timeout` is the old name.)
+    #[arg(
+        long = "timeout",
+        short = 'w',
+        alias = "wait-timeout",
+        value_name = "D",
+        value_parser = humantime::parse_duration
+    )]
     wait_timeout: Option<Duration>,
 
     #[command(flatten)]
