@@ -18,6 +18,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use tracing::{debug, warn};
 
+use crate::claim::NameClaim;
 use crate::client::{LockClient, Spare};
 use crate::connection::Conn;
 use crate::error::{Error, Result};
@@ -57,11 +58,32 @@ pub(crate) struct Candidate {
     pub(crate) first: Delivery,
     /// When the fence register was last declared (it expires `idle_expiry` after its last use).
     pub(crate) register_declared: Instant,
+    /// When the acquisition started (for the wait time).
+    pub(crate) started: Instant,
+}
+
+/// What an acquisition carries to its grant's holder: the hold limit, and the client's claim on
+/// the name (`claim.rs`), which the grant moves into the guard's release handle.
+pub(crate) struct HoldTerms {
+    pub(crate) max_hold: Option<Duration>,
+    pub(crate) claim: Option<NameClaim>,
 }
 
 impl LockClient {
-    pub(crate) async fn acquire(&self, name: &str, wait: Wait) -> Result<Option<LockGuard>> {
+    pub(crate) async fn acquire(
+        &self,
+        name: &str,
+        wait: Wait,
+        max_hold: Option<Duration>,
+    ) -> Result<Option<LockGuard>> {
         let names = queue_names(&self.inner.config.prefix, name)?;
+        // One acquisition per name and client: a second consumer of this client would wait
+        // behind the first. Given back when this future ends without a grant (or is dropped);
+        // a grant moves it into the guard's release handle.
+        let mut terms = HoldTerms {
+            max_hold,
+            claim: Some(self.inner.claims.claim(name)?),
+        };
         let metrics = &self.inner.metrics;
         metrics.requested();
         let started = Instant::now();
@@ -115,7 +137,7 @@ impl LockClient {
             };
             // Every step of an attempt (channel, declare, fence write, reconnects) counts
             // against the caller's deadline, not only the wait for the first delivery.
-            let attempt = self.attempt(&conn, name, &names, wait, started);
+            let attempt = self.attempt(&conn, name, &names, wait, started, &mut terms);
             let outcome = match wait {
                 Wait::Until(deadline) => tokio::time::timeout_at(deadline.into(), attempt)
                     .await
@@ -227,6 +249,7 @@ impl LockClient {
         names: &QueueNames,
         wait: Wait,
         started: Instant,
+        terms: &mut HoldTerms,
     ) -> std::result::Result<Option<LockGuard>, Retry> {
         let config = &self.inner.config;
         let fail = |e: &lapin::Error| match classify(e) {
@@ -371,8 +394,9 @@ impl LockClient {
             tag,
             first: token,
             register_declared,
+            started,
         };
-        self.grant(conn, name, names, candidate, started, &fail)
+        self.grant(conn, name, names, candidate, &fail, terms)
             .await
             .map(Some)
     }

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::acquire::{Wait, to_error};
 use crate::broker_url::{display_addr, parse_urls};
+use crate::claim::Claims;
 use crate::cluster_mark;
 use crate::config::ClientConfig;
 use crate::connection::Conn;
@@ -60,6 +61,9 @@ pub(crate) struct Inner {
     /// With several broker URLs: the cluster mark of the first broker connected to, and its
     /// address (see `check_mark`).
     pub(crate) first_mark: std::sync::Mutex<Option<(String, String)>>,
+    /// The names this client (and its clones) holds or is acquiring: a second acquisition of
+    /// one of them fails at once (`Error::AlreadyHeld`).
+    pub(crate) claims: Arc<Claims>,
 }
 
 /// A channel opened in the background, with `basic.qos` and `confirm.select` done, on `conn`.
@@ -129,6 +133,19 @@ impl LockStatus {
     pub fn waiters(&self) -> u32 {
         self.consumers.saturating_sub(1)
     }
+}
+
+/// How [`LockClient::lock_with`] acquires and holds a lock. The default waits without a limit
+/// and holds until released, like [`LockClient::lock`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LockOptions {
+    /// How long to wait for the grant at most ([`Error::Timeout`] after that); `None` waits
+    /// until granted.
+    pub timeout: Option<Duration>,
+    /// How long the lock may be held, counted from the grant; `None` holds until released or
+    /// lost. When the limit is reached, the lock is given up and its loss signal fires with
+    /// [`LossReason::HoldLimit`] (docs/protocol.md, "Hold limit").
+    pub max_hold: Option<Duration>,
 }
 
 impl LockClient {
@@ -217,6 +234,7 @@ impl LockClient {
                 tag_seq: AtomicU64::new(0),
                 spare: std::sync::Mutex::new(None),
                 first_mark,
+                claims: Arc::new(Claims::default()),
             }),
         })
     }
@@ -249,6 +267,10 @@ impl LockClient {
     /// # Errors
     ///
     /// - [`Error::InvalidName`]: checked before anything is sent.
+    /// - [`Error::AlreadyHeld`]: this client (or a clone) already holds `name` or is acquiring
+    ///   it; returned at once, nothing is sent (a second consumer would wait behind the first,
+    ///   that is for itself). The name is free again once that acquisition ends without a
+    ///   grant or its guard is released or dropped.
     /// - [`Error::Closed`]: the client was closed, before or during the wait.
     /// - [`Error::Unreachable`], [`Error::AuthRefused`]: the client cannot connect. Returned at
     ///   once when the connection was already gone before this call; once this call's wait was
@@ -300,7 +322,7 @@ impl LockClient {
     /// # async fn write_report(_token: u64) {}
     /// ```
     pub async fn lock(&self, name: &str) -> Result<LockGuard> {
-        self.acquire(name, Wait::Forever)
+        self.acquire(name, Wait::Forever, None)
             .await
             .map(|g| g.expect("blocking acquire grants"))
     }
@@ -327,7 +349,7 @@ impl LockClient {
     /// be added to the current `Instant` (`Duration::MAX`, for instance): use
     /// [`LockClient::lock`] to wait without a limit.
     pub async fn lock_timeout(&self, name: &str, timeout: Duration) -> Result<LockGuard> {
-        self.acquire(name, Wait::Until(Instant::now() + timeout))
+        self.acquire(name, Wait::Until(Instant::now() + timeout), None)
             .await
             .map(|g| g.expect("timed acquire grants or fails"))
     }
@@ -354,7 +376,97 @@ impl LockClient {
     ///
     /// If polled outside a tokio runtime with its time driver.
     pub async fn try_lock(&self, name: &str) -> Result<Option<LockGuard>> {
-        self.acquire(name, Wait::Try).await
+        self.acquire(name, Wait::Try, None).await
+    }
+
+    /// Acquires `name` with [`LockOptions`]: an optional bound on the wait (as
+    /// [`LockClient::lock_timeout`]; `None` waits like [`LockClient::lock`]) and an optional
+    /// limit on the hold.
+    ///
+    /// With [`LockOptions::max_hold`], the guard gives the lock up by itself once it has been
+    /// held that long (counted from the grant): its holder task closes the lock's channel, as
+    /// for any loss, and fires the loss signal with [`LossReason::HoldLimit`]; the next waiter
+    /// is granted with a larger token. [`LockGuard::release`] afterwards returns
+    /// [`Error::Lost`] with that reason, and the metrics count it under `hold_limit`. Like
+    /// `etcdctl lock --ttl` or Redisson's `leaseTime`, it bounds how long a holder that forgot
+    /// the lock (or hangs) keeps others out; a holder that outlives the limit must stop using
+    /// the protected resource, and its fencing token is what makes the resource refuse it.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`LockClient::lock`]; with a timeout, also [`Error::Timeout`] (as
+    /// [`LockClient::lock_timeout`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`LockClient::lock`].
+    ///
+    /// # Panics
+    ///
+    /// As [`LockClient::lock_timeout`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo(client: mqlock::LockClient) -> mqlock::Result<()> {
+    /// use std::time::Duration;
+    /// use mqlock::LockOptions;
+    ///
+    /// let options = LockOptions {
+    ///     timeout: Some(Duration::from_secs(10)),
+    ///     max_hold: Some(Duration::from_secs(60)),
+    /// };
+    /// let guard = client.lock_with("jobs/nightly", options).await?;
+    /// tokio::select! {
+    ///     reason = guard.lost() => eprintln!("stopped: {reason}"), // HoldLimit after 60 s
+    ///     () = run_job(guard.fencing_token()) => {}
+    /// }
+    /// # Ok(()) }
+    /// # async fn run_job(_token: u64) {}
+    /// ```
+    pub async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
+        let wait = match options.timeout {
+            Some(t) => Wait::Until(Instant::now() + t),
+            None => Wait::Forever,
+        };
+        self.acquire(name, wait, options.max_hold)
+            .await
+            .map(|g| g.expect("blocking acquire grants or fails"))
+    }
+
+    /// Takes every lock of `names` or none, within `timeout` in all; the guards come back in
+    /// the order of `names`.
+    ///
+    /// The locks are acquired one after the other in one global order (the names sorted by
+    /// their bytes), so callers that take overlapping sets never wait for each other in a
+    /// cycle. On any failure, the deadline included, the locks already taken are released
+    /// (this call waits for their releases) and the error is returned. See
+    /// [`crate::lock_all`], which this calls, for the rules.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidName`]: a name is invalid; checked for every name before anything is
+    ///   taken.
+    /// - [`Error::AlreadyHeld`]: a name appears twice in `names` (checked first), or this
+    ///   client already holds or is acquiring one of them.
+    /// - [`Error::Timeout`]: `timeout` ran out; the error names the lock being waited for and
+    ///   the time waited in all.
+    /// - Otherwise those of [`LockClient::lock_timeout`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the acquisition in progress is dropped as [`LockClient::lock`]'s, and the
+    /// guards already taken are dropped, which releases them in the background.
+    ///
+    /// # Panics
+    ///
+    /// As [`LockClient::lock_timeout`].
+    pub async fn lock_all<S: AsRef<str>>(
+        &self,
+        names: &[S],
+        timeout: Duration,
+    ) -> Result<Vec<LockGuard>> {
+        crate::multi::lock_all(self, names, timeout).await
     }
 
     /// What the broker can tell about a lock: held or free, how many clients wait, and who

@@ -171,6 +171,20 @@ pub enum Error {
         other: String,
     },
 
+    /// This client (the [`crate::LockClient`] or one of its clones) already holds the lock, or
+    /// is acquiring it: a second acquisition would register behind the first one and wait for
+    /// it, that is for itself. Returned at once by `lock`, `lock_timeout`, `try_lock`,
+    /// `lock_with` and `lock_all` (also for a name given twice to `lock_all`); nothing is sent
+    /// to the broker. Other clients, in this process or elsewhere, still queue for the lock.
+    /// Share one grant among tasks with [`crate::LockTable`], or release the guard first.
+    #[error(
+        "lock {name:?} is already held or being acquired by this client; a second acquisition would wait behind itself"
+    )]
+    AlreadyHeld {
+        /// Lock name.
+        name: String,
+    },
+
     /// The client was shut down by [`crate::LockClient::close`] (on this handle or a clone):
     /// every later acquisition, `status` and `break_lock` returns it.
     #[error("the lock client was closed")]

@@ -5,13 +5,12 @@
 //! lease it started.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::future::join;
 use lapin::options::BasicAckOptions;
 use tracing::debug;
 
-use crate::acquire::{Candidate, Retry, own_delivery};
+use crate::acquire::{Candidate, HoldTerms, Retry, own_delivery};
 use crate::client::LockClient;
 use crate::connection::Conn;
 use crate::error::Error;
@@ -27,6 +26,8 @@ use crate::protocol::stamp;
 impl LockClient {
     /// Turns a registration that received its first delivery into a held lock.
     ///
+    /// The name's claim moves into the guard's release handle (after the last await point).
+    ///
     /// Cancel safe like the acquisition: dropping the future drops the registration, which
     /// closes the channel and hands the lock on; a token written to the register and never
     /// returned is only a gap in the sequence.
@@ -36,14 +37,15 @@ impl LockClient {
         name: &str,
         names: &QueueNames,
         candidate: Candidate,
-        started: Instant,
         fail: &impl Fn(&lapin::Error) -> Retry,
+        terms: &mut HoldTerms,
     ) -> std::result::Result<LockGuard, Retry> {
         let Candidate {
             mut reg,
             tag,
             first: token,
             register_declared,
+            started,
         } = candidate;
         let config = &self.inner.config;
         let channel = reg.channel.clone().expect("channel set");
@@ -139,8 +141,9 @@ impl LockClient {
             renew_interval: config.renew_interval,
             metrics: self.inner.metrics.clone(),
             granted_at: std::time::Instant::now(),
+            max_hold: terms.max_hold,
         }
-        .spawn();
+        .spawn(terms.claim.take());
         Ok(LockGuard::new(name, fence, signal, Box::new(handle)))
     }
 }

@@ -14,6 +14,7 @@ use lapin::{Channel, Consumer};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use crate::claim::NameClaim;
 use crate::connection::Conn;
 
 use crate::fence;
@@ -86,6 +87,9 @@ pub(crate) struct Holder {
     pub(crate) metrics: Arc<Metrics>,
     /// When the lock was granted: the hold time (metrics) runs from here to release or loss.
     pub(crate) granted_at: std::time::Instant,
+    /// The hold limit (`LockOptions::max_hold`): the holder gives the lock up when the hold
+    /// reaches it, as a loss with `LossReason::HoldLimit` (docs/protocol.md, "Hold limit").
+    pub(crate) max_hold: Option<Duration>,
 }
 
 /// What a delivery to the holder means (docs/protocol.md, "Hold").
@@ -135,7 +139,7 @@ fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen
 
 impl Holder {
     /// Starts the holder task and returns the guard's handle on it.
-    pub(crate) fn spawn(self) -> HolderHandle {
+    pub(crate) fn spawn(self, claim: Option<NameClaim>) -> HolderHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = HolderHandle {
             tx,
@@ -143,6 +147,7 @@ impl Holder {
             signal: self.signal.clone(),
             wait: self.conn.lease_margin + Duration::from_secs(2),
             addr: self.conn.addr.clone(),
+            claim,
         };
         self.metrics.hold_started();
         tokio::spawn(self.run(rx));
@@ -168,7 +173,20 @@ impl Holder {
             renew_interval,
             metrics,
             granted_at,
+            max_hold,
         } = self;
+        // The hold limit, on tokio's clock from the grant (`None`: no limit).
+        let hold_limit = async {
+            match max_hold {
+                Some(limit) => {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(granted_at + limit))
+                        .await;
+                    limit
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(hold_limit);
         let margin = conn.lease_margin;
         let own_prefix = renewal_prefix(&tag);
         // Renewals sent and not come back yet: (number, send time).
@@ -197,6 +215,9 @@ impl Holder {
                     }
                     return;
                 }
+                // The hold limit: given up like a loss, through the one release path below
+                // (the channel close), with its own reason.
+                limit = &mut hold_limit => break LossReason::HoldLimit { limit },
                 reason = conn.dead() => break reason,
                 // Covers the lease running out (the signal watches it).
                 reason = signal.lost() => break reason,
@@ -268,12 +289,14 @@ impl Holder {
                 }
             }
         };
+        // Fired before the lease is expired, so that a watcher woken by the expired lease
+        // cannot report `LeaseExpired` for a loss that had another reason (a hold limit).
+        signal.fire(lost.clone());
         lease.expire();
         metrics.hold_ended(granted_at.elapsed());
         // Counted here whoever fired the signal first: a lease that ran out is fired by the
         // first `lost()` to notice it (a user's watcher, or the branch above), and this task is
         // the one place that reports each hold's end.
-        signal.fire(lost.clone());
         metrics.lost(&lost);
         warn!(lock = %name, broker = %conn.addr, reason = %lost, "lock lost");
         if matches!(lost, LossReason::ConnectionLost(_)) {

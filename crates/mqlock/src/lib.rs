@@ -36,6 +36,7 @@
 
 mod acquire;
 mod broker_url;
+mod claim;
 mod client;
 mod cluster_mark;
 mod config;
@@ -50,6 +51,7 @@ mod lease;
 mod locker;
 mod loss;
 mod metrics;
+mod multi;
 pub mod name;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
@@ -57,7 +59,7 @@ mod protocol;
 mod release;
 mod table;
 
-pub use client::{BreakOutcome, LockClient, LockStatus};
+pub use client::{BreakOutcome, LockClient, LockOptions, LockStatus};
 pub use config::{ClientConfig, DEFAULT_QUORUM_DELIVERY_LIMIT, QueueType, TlsConfig};
 pub use connection::open_connection;
 pub use error::{Error, Result};
@@ -70,4 +72,5 @@ pub use metrics::{
     HOLD_BUCKETS_SECONDS, HistogramSnapshot, LOSS_REASONS, Metrics, MetricsSnapshot,
     WAIT_BUCKETS_SECONDS, loss_reason_label,
 };
+pub use multi::lock_all;
 pub use table::{LockTable, Share, TableGuard};

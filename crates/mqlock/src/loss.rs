@@ -50,6 +50,12 @@ pub enum LossReason {
     },
     /// The lock was taken away in process: [`crate::MemoryLocker::revoke`].
     Revoked,
+    /// The hold reached its limit ([`crate::LockOptions::max_hold`]): the holder gave the lock
+    /// up by itself, as it does on a loss (its channel closed), and the next waiter was granted.
+    HoldLimit {
+        /// The limit that was reached.
+        limit: Duration,
+    },
 }
 
 impl fmt::Display for LossReason {
@@ -77,6 +83,12 @@ impl fmt::Display for LossReason {
                 humantime::format_rfc3339_seconds(*at)
             ),
             LossReason::Revoked => write!(f, "revoked"),
+            LossReason::HoldLimit { limit } => {
+                write!(
+                    f,
+                    "the hold reached its limit of {limit:?} and was given up"
+                )
+            }
         }
     }
 }

@@ -32,7 +32,7 @@ pub const HOLD_BUCKETS_SECONDS: &[f64] = &[
 /// The label of each kind of loss in [`MetricsSnapshot::losses_by_reason`] (and in the
 /// `reason` label of `mqlock_losses_total`), in that order. `other` counts reasons added to
 /// [`LossReason`] after this list.
-pub const LOSS_REASONS: [&str; 9] = [
+pub const LOSS_REASONS: [&str; 10] = [
     "connection_lost",
     "channel_closed",
     "consumer_cancelled",
@@ -41,6 +41,7 @@ pub const LOSS_REASONS: [&str; 9] = [
     "granted_elsewhere",
     "revoked",
     "broken",
+    "hold_limit",
     "other",
 ];
 
@@ -59,9 +60,10 @@ fn loss_reason_index(reason: &LossReason) -> usize {
         LossReason::GrantedElsewhere { .. } => 5,
         LossReason::Revoked => 6,
         LossReason::Broken { .. } => 7,
+        LossReason::HoldLimit { .. } => 8,
         // `LossReason` is non-exhaustive: reasons added later count as "other".
         #[allow(unreachable_patterns)]
-        _ => 8,
+        _ => 9,
     }
 }
 
@@ -437,6 +439,12 @@ mod tests {
                 at: std::time::SystemTime::UNIX_EPOCH,
             }),
             "broken"
+        );
+        assert_eq!(
+            loss_reason_label(&LossReason::HoldLimit {
+                limit: Duration::from_secs(2)
+            }),
+            "hold_limit"
         );
     }
 }

@@ -8,6 +8,7 @@ use lapin::Channel;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
+use crate::claim::NameClaim;
 use crate::connection::Conn;
 use crate::error::{Error, Result};
 use crate::guard::{BoxFuture, Release};
@@ -27,11 +28,16 @@ pub(crate) struct HolderHandle {
     /// margin for the broker).
     pub(crate) wait: Duration,
     pub(crate) addr: String,
+    /// The client's claim on the name (`claim.rs`): given back when the guard is released
+    /// (once the release is answered, or its future dropped) or dropped.
+    pub(crate) claim: Option<NameClaim>,
 }
 
 impl Release for HolderHandle {
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
+            // The name stays claimed until the release is answered (or this future dropped).
+            let _claim = self.claim.as_ref();
             let (reply, done) = oneshot::channel();
             let lost = |signal: &LossSignal, name: &Arc<str>| Error::Lost {
                 name: name.to_string(),
