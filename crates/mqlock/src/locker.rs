@@ -79,6 +79,11 @@ impl<L: Locker + ?Sized> Locker for Arc<L> {
 /// [`Error::InvalidName`] and, from `lock_timeout`, [`Error::Timeout`] (its `addr` is
 /// `"memory"`).
 ///
+/// Unlike [`crate::LockClient`], it does not refuse a second acquisition of a name it holds
+/// ([`Error::AlreadyHeld`]): its clones stand for separate processes in tests (two nodes of an
+/// adapter, a [`crate::LockTable`] and "another process" holding the same name), which must
+/// queue behind each other, so a clone's second acquisition waits like another process's.
+///
 /// `lock` and `try_lock` need no runtime; `lock_timeout` panics if polled outside a tokio
 /// runtime with its time driver.
 #[derive(Clone, Default)]
