@@ -23,8 +23,9 @@
 //!
 //! `reason` is one of [`crate::LOSS_REASONS`]: `connection_lost`, `channel_closed`,
 //! `consumer_cancelled`, `lease_expired`, `taken_back`, `granted_elsewhere`, `revoked`,
-//! `broken` (`mqlock break`), `hold_limit` (`LockOptions::max_hold`), `other`; every one is exposed, zeros included. There is no
-//! `mqlock_is_leader` gauge: mqlock has no leader election yet.
+//! `broken` (`mqlock break`), `hold_limit` (`LockOptions::max_hold`), `other`; every one is
+//! exposed, zeros included. There is no `mqlock_is_leader` gauge: mqlock has no leader election
+//! yet.
 //!
 //! ```no_run
 //! # async fn demo() -> mqlock::Result<()> {
