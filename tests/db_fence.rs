@@ -176,6 +176,38 @@ async fn eight_clients_increment_exactly_sqlite() {
     eight_clients_increment_exactly::<Sqlite>("db-incr-sqlite").await;
 }
 
+/// One broker client and one runner shared by 8 tasks of a process, all on one lock name:
+/// the runner queues them in the process (a `LockClient` refuses to acquire a name twice at
+/// once), so every run succeeds and the count is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_sharing_one_client_and_runner_queue_in_process() {
+    let (url, _dir) = Sqlite::fresh().await;
+    let setup = Pool::<Sqlite>::connect(&url).await.unwrap();
+    let lock = support::unique("db-shared-runner");
+    let runner = TxRunner::new(
+        Arc::new(client().await),
+        Pool::<Sqlite>::connect(&url).await.unwrap(),
+        TxConfig::default(),
+    )
+    .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (runner, lock) = (runner.clone(), lock.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..5 {
+                runner.run(&lock, Sqlite::bump).await?;
+            }
+            Ok::<_, mqlock_db::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("every run of the shared runner succeeds");
+    }
+    assert_eq!(Sqlite::count(&setup).await, 40);
+}
+
 /// Kills the helper on drop, so a failing test does not leave a stopped process behind.
 struct Reap(Child);
 impl Drop for Reap {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use mqlock::{BoxFuture, LockGuard, Locker};
+use mqlock::{BoxFuture, LockGuard, LockTable, Locker};
 use sqlx::postgres::Postgres;
 use sqlx::sqlite::Sqlite;
 use sqlx::{AssertSqlSafe, Pool, Transaction};
@@ -230,7 +230,9 @@ impl Default for TxConfig {
 /// A token *equal* to the recorded one is accepted: it is the same grant (tokens are unique per
 /// grant), which lets one grant run several transactions through [`TxRunner::run_with_guard`].
 pub struct TxRunner<DB: FencedDatabase> {
-    locker: Arc<dyn Locker>,
+    /// Shared by the runner's clones: concurrent runs of one lock name in this process queue
+    /// here (FIFO) instead of asking the broker twice for a lock the process is acquiring.
+    locks: Arc<LockTable>,
     pool: Pool<DB>,
     table: Arc<str>,
     lock_timeout: Option<Duration>,
@@ -240,7 +242,7 @@ pub struct TxRunner<DB: FencedDatabase> {
 impl<DB: FencedDatabase> Clone for TxRunner<DB> {
     fn clone(&self) -> Self {
         TxRunner {
-            locker: self.locker.clone(),
+            locks: self.locks.clone(),
             pool: self.pool.clone(),
             table: self.table.clone(),
             lock_timeout: self.lock_timeout,
@@ -261,6 +263,9 @@ impl<DB: FencedDatabase> std::fmt::Debug for TxRunner<DB> {
 impl<DB: FencedDatabase> TxRunner<DB> {
     /// A runner taking locks from `locker` and running transactions on `pool`, as `config`
     /// says (`TxConfig::default()`: the fence table [`DEFAULT_FENCE_TABLE`], no lock timeout).
+    /// The runner and its clones take locks through one per-process [`LockTable`]: concurrent
+    /// runs of one lock name queue in the process, one broker acquisition at a time (a
+    /// [`mqlock::LockClient`] refuses a second acquisition of a name it is acquiring).
     ///
     /// # Errors
     ///
@@ -273,7 +278,7 @@ impl<DB: FencedDatabase> TxRunner<DB> {
         } = config;
         validate_table(&fence_table)?;
         Ok(TxRunner {
-            locker,
+            locks: Arc::new(LockTable::new(locker)),
             pool,
             table: fence_table.into(),
             lock_timeout,
@@ -377,17 +382,14 @@ impl<DB: FencedDatabase> TxRunner<DB> {
         // Validate and prepare before queueing for the lock, so a bad database does not make
         // every other waiter wait behind us.
         self.ensure_fence_table().await?;
-        let guard = match self.lock_timeout {
-            Some(t) => self.locker.lock_timeout(lock, t).await?,
-            None => self.locker.lock(lock).await?,
-        };
+        let held = self.locks.lock(lock, self.lock_timeout).await?;
         tracing::debug!(
             lock,
-            token = guard.fencing_token(),
+            token = held.guard().fencing_token(),
             "lock acquired for a fenced transaction"
         );
-        let result = self.run_with_guard(&guard, work).await;
-        if let Err(e) = guard.release().await {
+        let result = self.run_with_guard(held.guard(), work).await;
+        if let Err(e) = held.release().await {
             // The transaction's outcome is already decided; a failed release only delays the
             // next holder until the broker notices our connection is gone.
             tracing::warn!(lock, error = %e, "releasing the lock after a fenced transaction failed");

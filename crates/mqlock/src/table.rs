@@ -252,13 +252,17 @@ impl LockTable {
     /// locker that does not keep its own timeout. The grace lets the locker report its own
     /// timeout (or error) first.
     async fn bounded(&self, name: &str, left: Duration, started: Instant) -> Result<LockGuard> {
-        tokio::time::timeout(left + LOCKER_GRACE, self.locker.lock_timeout(name, left))
-            .await
-            .map_err(|_| self.timeout(name, started))?
+        tokio::time::timeout(
+            left.saturating_add(LOCKER_GRACE),
+            self.locker.lock_timeout(name, left),
+        )
+        .await
+        .map_err(|_| self.timeout(name, started))?
     }
 
     /// Waits, first behind this process's other tasks (FIFO), then for the distributed lock,
-    /// at most `timeout` in all.
+    /// at most `timeout` in all (a `Duration`, or an `Option<Duration>` whose `None` waits as
+    /// long as it takes).
     ///
     /// # Errors
     ///
@@ -270,14 +274,26 @@ impl LockTable {
     /// Cancel safe: a drop while queued in the process leaves the queue; a drop while waiting
     /// for the broker leaves what the locker's acquisition leaves (nothing, for both lockers
     /// of this crate).
-    pub async fn lock(&self, name: &str, timeout: Duration) -> Result<TableGuard> {
+    pub async fn lock(
+        &self,
+        name: &str,
+        timeout: impl Into<Option<Duration>>,
+    ) -> Result<TableGuard> {
+        let timeout: Option<Duration> = timeout.into();
         let started = Instant::now();
         let slot = self.slot(name);
-        let left = || timeout.saturating_sub(started.elapsed());
+        let left = || timeout.map(|t| t.saturating_sub(started.elapsed()));
+        // `None`: no bound at all (a caller that waits as long as it takes).
+        let within = |left: Option<Duration>, fut| async move {
+            match left {
+                Some(left) => tokio::time::timeout(left, fut)
+                    .await
+                    .map_err(|_| self.timeout(name, started)),
+                None => Ok(fut.await),
+            }
+        };
         let local = loop {
-            let mut local = tokio::time::timeout(left(), slot.entry.state.clone().lock_owned())
-                .await
-                .map_err(|_| self.timeout(name, started))?;
+            let mut local = within(left(), Box::pin(slot.entry.state.clone().lock_owned())).await?;
             // Sharers of this process hold the grant: asking the broker now would queue this
             // process behind itself while holding the slot their last unshare needs. Wait
             // for that release instead (armed before the slot is let go: no lost wake-up).
@@ -286,9 +302,12 @@ impl LockTable {
                 tokio::pin!(released);
                 released.as_mut().enable();
                 drop(local);
-                tokio::time::timeout(left(), released)
-                    .await
-                    .map_err(|_| self.timeout(name, started))?;
+                match left() {
+                    Some(left) => tokio::time::timeout(left, released)
+                        .await
+                        .map_err(|_| self.timeout(name, started))?,
+                    None => released.await,
+                }
                 continue;
             }
             if let Some(lost) = local.take() {
@@ -296,12 +315,12 @@ impl LockTable {
             }
             break local;
         };
-        let left = left();
-        if left.is_zero() {
-            return Err(self.timeout(name, started));
-        }
         let waiting = Waiting::start(&slot.entry.waiting);
-        let guard = self.bounded(name, left, started).await;
+        let guard = match left() {
+            Some(left) if left.is_zero() => Err(self.timeout(name, started)),
+            Some(left) => self.bounded(name, left, started).await,
+            None => self.locker.lock(name).await,
+        };
         drop(waiting);
         Ok(TableGuard {
             guard: Some(guard?),
