@@ -6,12 +6,32 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use mqlock::LockGuard;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::exit_code::{CANNOT_EXEC, FAILURE, LOST, NOT_FOUND};
 
+/// The SIGINT and SIGTERM listeners of a run, made before it waits for the lock and handed on
+/// to [`supervise`]: a signal that arrives between the grant and the command's start is then
+/// passed on to the command instead of being lost (a listener made later would not see it).
+pub struct Stop {
+    /// SIGINT.
+    pub int: Signal,
+    /// SIGTERM.
+    pub term: Signal,
+}
+
+impl Stop {
+    /// Starts listening for SIGINT and SIGTERM.
+    pub fn listen() -> Self {
+        Stop {
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+        }
+    }
+}
+
 /// Runs `command` (with `env` added to its environment) in its own process group and waits for
-/// it, passing SIGINT, SIGTERM, SIGHUP and SIGQUIT on and watching `guard`: on a loss, SIGTERM,
+/// it, passing SIGINT, SIGTERM (from `stop`), SIGHUP and SIGQUIT on and watching `guard`: on a loss, SIGTERM,
 /// then SIGKILL after `grace`, and [`LOST`]. `what` names the lock in messages ("lock \"x\"").
 /// Returns the command's exit code (128+N for signal N), or [`LOST`], [`NOT_FOUND`],
 /// [`CANNOT_EXEC`], [`FAILURE`].
@@ -21,6 +41,7 @@ pub async fn supervise(
     guard: &LockGuard,
     grace: Duration,
     what: &str,
+    stop: &mut Stop,
 ) -> u8 {
     let parent = std::process::id() as libc::pid_t;
     let mut cmd = tokio::process::Command::new(&command[0]);
@@ -59,15 +80,13 @@ pub async fn supervise(
             unsafe { libc::kill(-pgid, sig) };
         }
     };
-    let mut on_int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut on_term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut on_hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let mut on_quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
     let forward = async {
         loop {
             let sig = tokio::select! {
-                _ = on_int.recv() => libc::SIGINT,
-                _ = on_term.recv() => libc::SIGTERM,
+                _ = stop.int.recv() => libc::SIGINT,
+                _ = stop.term.recv() => libc::SIGTERM,
                 _ = on_hup.recv() => libc::SIGHUP,
                 _ = on_quit.recv() => libc::SIGQUIT,
             };

@@ -96,12 +96,11 @@ async fn campaign(args: &ElectArgs) -> u8 {
     };
     let value = args.value.clone().unwrap_or_else(host_name);
     let started = Instant::now();
-    let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut stop = child::Stop::listen();
     let won = tokio::select! {
         r = client.campaign(&args.name, &value) => r,
-        _ = sigint.recv() => { eprintln!("mqlock: interrupted while standing for election {:?}", args.name); return INTERRUPTED; }
-        _ = sigterm.recv() => { eprintln!("mqlock: terminated while standing for election {:?}", args.name); return TERMINATED; }
+        _ = stop.int.recv() => { eprintln!("mqlock: interrupted while standing for election {:?}", args.name); return INTERRUPTED; }
+        _ = stop.term.recv() => { eprintln!("mqlock: terminated while standing for election {:?}", args.name); return TERMINATED; }
     };
     let leadership = match won {
         Ok(l) => l,
@@ -131,6 +130,7 @@ async fn campaign(args: &ElectArgs) -> u8 {
         leadership.guard(),
         args.grace,
         &format!("leadership of {:?}", args.name),
+        &mut stop,
     )
     .await;
     let token = leadership.fencing_token();

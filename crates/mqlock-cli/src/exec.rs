@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use mqlock::Error;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::child;
 use crate::connect::ConnectArgs;
@@ -94,12 +93,11 @@ async fn run_inner(args: &ExecArgs) -> u8 {
             client.lock(&args.name).await.map(Some)
         }
     };
-    let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut stop = child::Stop::listen();
     let guard = tokio::select! {
         r = acquire => r,
-        _ = sigint.recv() => { eprintln!("mqlock: interrupted while waiting for lock {:?}", args.name); return INTERRUPTED; }
-        _ = sigterm.recv() => { eprintln!("mqlock: terminated while waiting for lock {:?}", args.name); return TERMINATED; }
+        _ = stop.int.recv() => { eprintln!("mqlock: interrupted while waiting for lock {:?}", args.name); return INTERRUPTED; }
+        _ = stop.term.recv() => { eprintln!("mqlock: terminated while waiting for lock {:?}", args.name); return TERMINATED; }
     };
     let guard = match guard {
         Ok(Some(g)) => g,
@@ -139,6 +137,7 @@ async fn run_inner(args: &ExecArgs) -> u8 {
         &guard,
         args.grace,
         &format!("lock {:?}", args.name),
+        &mut stop,
     )
     .await;
     let token = guard.fencing_token();
