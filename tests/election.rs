@@ -136,7 +136,9 @@ async fn observe_yields_the_current_leader_then_the_next_in_order() {
 /// The fenced store every leader's command writes to, in `$D`: under `flock`, a write whose
 /// token is older than the newest accepted one is refused (`$D/refused`); an accepted one
 /// raises `$D/max`, increments `$D/counter` and appends `token mqlock-pid value` to `$D/log`.
-const STORE: &str = r#"t=$MQLOCK_FENCING_TOKEN; max=$(cat "$D/max")
+/// A write, once started, completes: the SIGTERM that ends a leader's command group at the end
+/// of the test must not tear it (a real store's write is atomic too).
+const STORE: &str = r#"trap '' TERM INT HUP; t=$MQLOCK_FENCING_TOKEN; max=$(cat "$D/max")
 if [ "$t" -lt "$max" ]; then echo "$t" >> "$D/refused"; exit 0; fi
 echo "$t" > "$D/max"; n=$(cat "$D/counter"); echo $((n+1)) > "$D/counter"
 echo "$t $M $MQLOCK_LEADER_VALUE" >> "$D/log""#;
