@@ -1,17 +1,14 @@
 //! `mqlock exec`: run a command while holding a lock.
 
-use std::os::unix::process::ExitStatusExt;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use mqlock::{Error, LockGuard};
-use tokio::signal::unix::{SignalKind, signal};
+use mqlock::Error;
 
+use crate::child;
 use crate::connect::ConnectArgs;
-use crate::exit_code::{
-    CANNOT_EXEC, FAILURE, INTERRUPTED, LOST, NOT_FOUND, TERMINATED, TIMEOUT, lock_error,
-};
+use crate::exit_code::{FAILURE, INTERRUPTED, LOST, TERMINATED, TIMEOUT, lock_error};
 use crate::metrics_server::MetricsArgs;
 
 /// Run CMD while holding the lock NAME.
@@ -96,12 +93,11 @@ async fn run_inner(args: &ExecArgs) -> u8 {
             client.lock(&args.name).await.map(Some)
         }
     };
-    let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut stop = child::Stop::listen();
     let guard = tokio::select! {
         r = acquire => r,
-        _ = sigint.recv() => { eprintln!("mqlock: interrupted while waiting for lock {:?}", args.name); return INTERRUPTED; }
-        _ = sigterm.recv() => { eprintln!("mqlock: terminated while waiting for lock {:?}", args.name); return TERMINATED; }
+        _ = stop.int.recv() => { eprintln!("mqlock: interrupted while waiting for lock {:?}", args.name); return INTERRUPTED; }
+        _ = stop.term.recv() => { eprintln!("mqlock: terminated while waiting for lock {:?}", args.name); return TERMINATED; }
     };
     let guard = match guard {
         Ok(Some(g)) => g,
@@ -132,7 +128,18 @@ async fn run_inner(args: &ExecArgs) -> u8 {
             started.elapsed()
         );
     }
-    let code = supervise(args, &guard).await;
+    let code = child::supervise(
+        &args.command,
+        &[
+            ("MQLOCK_LOCK_NAME", args.name.clone()),
+            ("MQLOCK_FENCING_TOKEN", guard.fencing_token().to_string()),
+        ],
+        &guard,
+        args.grace,
+        &format!("lock {:?}", args.name),
+        &mut stop,
+    )
+    .await;
     let token = guard.fencing_token();
     match guard.release().await {
         Ok(()) if args.verbose => {
@@ -149,114 +156,6 @@ async fn run_inner(args: &ExecArgs) -> u8 {
     }
     client.close().await;
     code
-}
-
-/// Runs the command and waits for it, passing signals on and watching the lock.
-async fn supervise(args: &ExecArgs, guard: &LockGuard) -> u8 {
-    let parent = std::process::id() as libc::pid_t;
-    let mut cmd = tokio::process::Command::new(&args.command[0]);
-    cmd.args(&args.command[1..])
-        .env("MQLOCK_LOCK_NAME", &args.name)
-        .env("MQLOCK_FENCING_TOKEN", guard.fencing_token().to_string())
-        .process_group(0);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // If mqlock dies (even by SIGKILL), the broker releases the lock: CMD must not go on.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // mqlock may have died between fork and prctl.
-            if libc::getppid() != parent {
-                libc::_exit(LOST as i32);
-            }
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("mqlock: cannot run {:?}: {e}", args.command[0]);
-            return if e.kind() == std::io::ErrorKind::NotFound {
-                NOT_FOUND
-            } else {
-                CANNOT_EXEC
-            };
-        }
-    };
-    let pgid = child.id().map(|p| p as libc::pid_t);
-    let send = |sig: libc::c_int| {
-        if let Some(pgid) = pgid {
-            // SAFETY: plain syscall; a group that is gone just yields ESRCH.
-            unsafe { libc::kill(-pgid, sig) };
-        }
-    };
-    let mut on_int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut on_term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut on_hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    let mut on_quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
-    let forward = async {
-        loop {
-            let sig = tokio::select! {
-                _ = on_int.recv() => libc::SIGINT,
-                _ = on_term.recv() => libc::SIGTERM,
-                _ = on_hup.recv() => libc::SIGHUP,
-                _ = on_quit.recv() => libc::SIGQUIT,
-            };
-            send(sig);
-        }
-    };
-    let lost = tokio::select! {
-        status = child.wait() => {
-            // A frozen client (SIGSTOP, a suspended host) resumes with its command: the command
-            // may finish before the loss is noticed, and its work then ran partly without the
-            // lock. The lease tells: a loss that took effect by now is reported, never exit 0.
-            if let Some(reason) = guard.loss_reason() {
-                eprintln!(
-                    "mqlock: lock {:?} was lost while the command ran (fencing token {}): {reason}; the command had already exited ({})",
-                    args.name,
-                    guard.fencing_token(),
-                    exit_code(status)
-                );
-                return LOST;
-            }
-            return exit_code(status);
-        }
-        _ = forward => unreachable!("signal forwarding loops forever"),
-        reason = guard.lost() => reason,
-    };
-    eprintln!(
-        "mqlock: lock {:?} lost while the command ran (fencing token {}): {lost}; terminating it",
-        args.name,
-        guard.fencing_token()
-    );
-    send(libc::SIGTERM);
-    if tokio::time::timeout(args.grace, child.wait())
-        .await
-        .is_err()
-    {
-        eprintln!(
-            "mqlock: command still running {:?} after SIGTERM; sending SIGKILL",
-            args.grace
-        );
-        send(libc::SIGKILL);
-        let _ = child.wait().await;
-    }
-    LOST
-}
-
-fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> u8 {
-    match status {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => c as u8,
-            (None, Some(sig)) => 128u8.saturating_add(sig as u8),
-            _ => FAILURE,
-        },
-        Err(e) => {
-            eprintln!("mqlock: waiting for the command failed: {e}");
-            FAILURE
-        }
-    }
 }
 
 /// `"; held by …"` naming the lock's current holder, for a wait that gave up; empty when the

@@ -87,6 +87,11 @@ pub const ROWS: &[Row] = &[
         meaning: "the schema is up to date (applied by this process or by another replica)",
     },
     Row {
+        code: OK,
+        commands: &["elect"],
+        meaning: "--observe: interrupted (SIGINT or SIGTERM); otherwise CMD exited with 0",
+    },
+    Row {
         code: HELD,
         commands: &["status"],
         meaning: "the lock is held",
@@ -133,7 +138,7 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         code: FAILURE,
-        commands: &["exec", "status", "break", "list"],
+        commands: &["exec", "elect", "status", "break", "list"],
         meaning: "mqlock failed: the broker is unreachable or refused the connection (TLS, \
                   login, access), an invalid lock name or broker URL, or another error of \
                   mqlock itself",
@@ -142,6 +147,11 @@ pub const ROWS: &[Row] = &[
         code: LOST,
         commands: &["exec"],
         meaning: "the lock was lost while CMD ran: CMD got SIGTERM, then SIGKILL after --grace (or CMD had already exited when a frozen mqlock resumed past its lease)",
+    },
+    Row {
+        code: LOST,
+        commands: &["elect"],
+        meaning: "leadership was lost while CMD ran: CMD got SIGTERM, then SIGKILL after --grace (or CMD had already exited when a frozen mqlock resumed past its lease)",
     },
     Row {
         code: LOST,
@@ -160,12 +170,12 @@ pub const ROWS: &[Row] = &[
     },
     Row {
         code: CANNOT_EXEC,
-        commands: &["exec"],
+        commands: &["exec", "elect"],
         meaning: "CMD cannot be executed",
     },
     Row {
         code: NOT_FOUND,
-        commands: &["exec"],
+        commands: &["exec", "elect"],
         meaning: "CMD not found",
     },
     Row {
@@ -174,9 +184,19 @@ pub const ROWS: &[Row] = &[
         meaning: "interrupted (SIGINT) while waiting for the lock",
     },
     Row {
+        code: INTERRUPTED,
+        commands: &["elect"],
+        meaning: "interrupted (SIGINT) while standing by",
+    },
+    Row {
         code: TERMINATED,
         commands: &["exec"],
         meaning: "terminated (SIGTERM) while waiting for the lock",
+    },
+    Row {
+        code: TERMINATED,
+        commands: &["elect"],
+        meaning: "terminated (SIGTERM) while standing by",
     },
 ];
 
@@ -185,7 +205,7 @@ pub const ROWS: &[Row] = &[
 /// code), or the whole table with each row's subcommands for `None`.
 pub fn help(command: Option<&str>) -> String {
     let mut out = String::from("Exit codes:");
-    if command == Some("exec") {
+    if matches!(command, Some("exec" | "elect")) {
         out.push_str(
             "\n    CMD's own status (128+N if CMD was killed by signal N), or mqlock's own:",
         );
@@ -215,7 +235,7 @@ pub fn help(command: Option<&str>) -> String {
         push_wrapped(
             &mut out,
             "",
-            "exec also exits with CMD's own status (128+N if CMD was killed by signal N)",
+            "exec and elect also exit with CMD's own status (128+N if CMD was killed by signal N)",
         );
     }
     out
@@ -284,6 +304,7 @@ mod tests {
 
     const SUBCOMMANDS: &[&str] = &[
         "exec",
+        "elect",
         "status",
         "list",
         "break",

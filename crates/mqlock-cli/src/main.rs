@@ -2,7 +2,9 @@
 //! database migrations under a lock, and show lock status. Lock state lives in RabbitMQ.
 
 mod break_lock;
+mod child;
 mod connect;
+mod elect;
 mod exec;
 mod exit_code;
 mod generate;
@@ -39,6 +41,9 @@ enum Command {
     /// Run a command while holding a lock (like flock(1), across machines).
     #[command(after_help = exit_code::help(Some("exec")))]
     Exec(exec::ExecArgs),
+    // No doc comment here: it would replace ElectArgs' long help, which explains both forms.
+    #[command(after_help = exit_code::help(Some("elect")))]
+    Elect(elect::ElectArgs),
     /// Show whether a lock is held, by whom, and how many clients wait for it.
     #[command(after_help = exit_code::help(Some("status")))]
     Status(status::StatusArgs),
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command {
             Command::Exec(args) => exec::run(args).await,
+            Command::Elect(args) => elect::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::List(args) => list::run(args).await,
             Command::Break(args) => break_lock::run(args).await,

@@ -81,7 +81,8 @@ pub async fn run(args: StatusArgs) -> ExitCode {
 
 /// The `--json` form of a status. Field names are stable (docs/operating.md): `name`, `queue`,
 /// `exists`, `held`, `waiters`, `consumers`, `ready_messages`, and `holder` (null, or an object
-/// with `host`, `pid`, `client`, `token`, `since` as RFC 3339 and `since_unix_ms`).
+/// with `host`, `pid`, `client`, `token`, `since` as RFC 3339, `since_unix_ms`, and `value`: an
+/// election leader's value, null for a plain lock).
 pub fn status_json(status: &mqlock::LockStatus) -> serde_json::Value {
     let holder = status.holder.as_ref().map(|h| {
         serde_json::json!({
@@ -91,6 +92,7 @@ pub fn status_json(status: &mqlock::LockStatus) -> serde_json::Value {
             "token": h.token,
             "since": humantime::format_rfc3339_millis(h.since).to_string(),
             "since_unix_ms": h.since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "value": h.value,
         })
     });
     serde_json::json!({

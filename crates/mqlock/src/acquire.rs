@@ -62,10 +62,12 @@ pub(crate) struct Candidate {
     pub(crate) started: Instant,
 }
 
-/// What an acquisition carries to its grant's holder: the hold limit, and the client's claim on
-/// the name (`claim.rs`), which the grant moves into the guard's release handle.
+/// What an acquisition carries to its grant's holder: the hold limit, the value a campaign
+/// records with the holder's identity (`election.rs`), and the client's claim on the name
+/// (`claim.rs`), which the grant moves into the guard's release handle.
 pub(crate) struct HoldTerms {
     pub(crate) max_hold: Option<Duration>,
+    pub(crate) value: Option<String>,
     pub(crate) claim: Option<NameClaim>,
 }
 
@@ -75,6 +77,7 @@ impl LockClient {
         name: &str,
         wait: Wait,
         max_hold: Option<Duration>,
+        value: Option<String>,
     ) -> Result<Option<LockGuard>> {
         let names = queue_names(&self.inner.config.prefix, name)?;
         // One acquisition per name and client: a second consumer of this client would wait
@@ -82,6 +85,7 @@ impl LockClient {
         // a grant moves it into the guard's release handle.
         let mut terms = HoldTerms {
             max_hold,
+            value,
             claim: Some(self.inner.claims.claim(name)?),
         };
         let metrics = &self.inner.metrics;

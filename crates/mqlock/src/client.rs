@@ -322,7 +322,7 @@ impl LockClient {
     /// # async fn write_report(_token: u64) {}
     /// ```
     pub async fn lock(&self, name: &str) -> Result<LockGuard> {
-        self.acquire(name, Wait::Forever, None)
+        self.acquire(name, Wait::Forever, None, None)
             .await
             .map(|g| g.expect("blocking acquire grants"))
     }
@@ -349,7 +349,7 @@ impl LockClient {
     /// be added to the current `Instant` (`Duration::MAX`, for instance): use
     /// [`LockClient::lock`] to wait without a limit.
     pub async fn lock_timeout(&self, name: &str, timeout: Duration) -> Result<LockGuard> {
-        self.acquire(name, Wait::Until(Instant::now() + timeout), None)
+        self.acquire(name, Wait::Until(Instant::now() + timeout), None, None)
             .await
             .map(|g| g.expect("timed acquire grants or fails"))
     }
@@ -376,7 +376,7 @@ impl LockClient {
     ///
     /// If polled outside a tokio runtime with its time driver.
     pub async fn try_lock(&self, name: &str) -> Result<Option<LockGuard>> {
-        self.acquire(name, Wait::Try, None).await
+        self.acquire(name, Wait::Try, None, None).await
     }
 
     /// Acquires `name` with [`LockOptions`]: an optional bound on the wait (as
@@ -429,7 +429,7 @@ impl LockClient {
             Some(t) => Wait::Until(Instant::now() + t),
             None => Wait::Forever,
         };
-        self.acquire(name, wait, options.max_hold)
+        self.acquire(name, wait, options.max_hold, None)
             .await
             .map(|g| g.expect("blocking acquire grants or fails"))
     }

@@ -79,7 +79,7 @@ impl LockClient {
             draft.commit(
                 &channel,
                 names,
-                &HolderInfo::this_process(&conn.name, fence),
+                &HolderInfo::this_process(&conn.name, fence, terms.value.clone()),
             ),
             publish_renewal(&channel, &names.lock, &lease, first_renewal.clone(), fence),
         )

@@ -13,6 +13,7 @@ const HOST: &str = "x-mqlock-host";
 const PID: &str = "x-mqlock-pid";
 const CLIENT: &str = "x-mqlock-client";
 const SINCE: &str = "x-mqlock-since-ms";
+const VALUE: &str = "x-mqlock-value";
 
 /// The holder of a grant, as recorded with its token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,17 +28,21 @@ pub struct HolderInfo {
     pub since: SystemTime,
     /// The grant's fencing token.
     pub token: u64,
+    /// The value a leader campaigned with ([`crate::LockClient::campaign`]); `None` for a plain
+    /// lock and for records written before elections existed.
+    pub value: Option<String>,
 }
 
 impl HolderInfo {
-    /// This process as the holder of `token`, granted now.
-    pub(crate) fn this_process(client: &str, token: u64) -> Self {
+    /// This process as the holder of `token`, granted now (`value`: a campaign's).
+    pub(crate) fn this_process(client: &str, token: u64, value: Option<String>) -> Self {
         HolderInfo {
             host: host_name(),
             pid: std::process::id(),
             client: client.to_owned(),
             since: SystemTime::now(),
             token,
+            value,
         }
     }
 
@@ -60,6 +65,9 @@ impl HolderInfo {
             .as_millis()
             .min(i64::MAX as u128) as i64;
         h.insert(SINCE.into(), AMQPValue::LongLongInt(since));
+        if let Some(v) = &self.value {
+            h.insert(VALUE.into(), AMQPValue::LongString(v.as_str().into()));
+        }
         BasicProperties::default()
             .with_delivery_mode(1)
             .with_headers(h)
@@ -86,6 +94,7 @@ impl HolderInfo {
             client: text(CLIENT).unwrap_or_default(),
             since: UNIX_EPOCH + Duration::from_millis(int(SINCE)?),
             token,
+            value: text(VALUE),
         })
     }
 }
@@ -104,7 +113,11 @@ impl std::fmt::Display for HolderInfo {
             self.token,
             humantime::format_rfc3339_seconds(self.since),
             held_for.as_secs()
-        )
+        )?;
+        match &self.value {
+            Some(v) => write!(f, ", value {v:?}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -126,7 +139,7 @@ mod tests {
 
     #[test]
     fn an_identity_survives_the_register_headers() {
-        let me = HolderInfo::this_process("mqlock pid 7", 42);
+        let me = HolderInfo::this_process("mqlock pid 7", 42, None);
         let back = HolderInfo::from_register(42, &me.properties()).unwrap();
         assert_eq!(back.host, me.host);
         assert_eq!(back.pid, std::process::id());
@@ -136,6 +149,14 @@ mod tests {
             .duration_since(back.since)
             .unwrap_or_else(|e| e.duration());
         assert!(drift < Duration::from_millis(1), "{drift:?}");
+        // A plain lock records no value.
+        assert_eq!(back.value, None);
+        let leader = HolderInfo {
+            value: Some("10.0.0.7:8080 ü".into()),
+            ..me
+        };
+        let back = HolderInfo::from_register(42, &leader.properties()).unwrap();
+        assert_eq!(back.value.as_deref(), Some("10.0.0.7:8080 ü"));
         // A value written without identity (mqlock 0.1) has none.
         assert_eq!(
             HolderInfo::from_register(1, &BasicProperties::default()),

@@ -41,6 +41,7 @@ mod client;
 mod cluster_mark;
 mod config;
 mod connection;
+mod election;
 mod error;
 mod fence;
 mod grant;
@@ -62,6 +63,10 @@ mod table;
 pub use client::{BreakOutcome, LockClient, LockOptions, LockStatus};
 pub use config::{ClientConfig, DEFAULT_QUORUM_DELIVERY_LIMIT, QueueType, TlsConfig};
 pub use connection::open_connection;
+pub use election::{
+    DEFAULT_OBSERVE_INTERVAL, ELECTION_PREFIX, Leader, Leadership, MAX_VALUE_LEN,
+    election_lock_name,
+};
 pub use error::{Error, Result};
 pub use guard::{BoxFuture, LockGuard, Release};
 pub use identity::HolderInfo;
