@@ -164,6 +164,9 @@ async fn memory_alarm_scenarios() {
     let checks = Checks::default();
     let holder = client().await;
     let waiter = client().await;
+    // Its own client: `waiter` is acquiring `held` already, and a client never acquires one
+    // name twice at once (Error::AlreadyHeld, docs/protocol.md N1).
+    let trier = client().await;
     let fresh = client().await;
     let queued = client().await;
     let across = client().await;
@@ -255,7 +258,7 @@ async fn memory_alarm_scenarios() {
         })
     };
     let try_waiter = {
-        let (checks, name, waiter) = (checks.clone(), held.clone(), waiter.clone());
+        let (checks, name, waiter) = (checks.clone(), held.clone(), trier.clone());
         let bound = 2 * waiter.config().try_window + WAIT_SLACK;
         tokio::spawn(async move {
             let r = checks

@@ -22,7 +22,7 @@ use crate::lease::{BootInstant, Lease};
 use crate::loss::{LossReason, LossSignal};
 use crate::metrics::Metrics;
 use crate::protocol::{break_request, loss_reason, renewal_properties, stamp};
-use crate::release::{Command, HolderHandle, release};
+use crate::release::{Command, HolderHandle, SharedClaim, give_back, release};
 
 /// Publishes a lease renewal (`v2::Renew` in docs/model.md) and returns the moment it was sent.
 ///
@@ -141,20 +141,24 @@ impl Holder {
     /// Starts the holder task and returns the guard's handle on it.
     pub(crate) fn spawn(self, claim: Option<NameClaim>) -> HolderHandle {
         let (tx, rx) = mpsc::unbounded_channel();
+        let claim: SharedClaim = Arc::new(std::sync::Mutex::new(claim));
         let handle = HolderHandle {
             tx,
             name: self.name.clone(),
             signal: self.signal.clone(),
             wait: self.conn.lease_margin + Duration::from_secs(2),
             addr: self.conn.addr.clone(),
-            claim,
+            claim: claim.clone(),
         };
         self.metrics.hold_started();
-        tokio::spawn(self.run(rx));
+        tokio::spawn(self.run(rx, claim));
         handle
     }
 
-    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>) {
+    /// `claim`: the client's claim on the name (`claim.rs`), which the guard's handle gives back
+    /// when it ends; this task gives it back when a lost hold's channel was closed, so that a
+    /// lost guard the caller still keeps does not stop the client from locking the name again.
+    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>, claim: SharedClaim) {
         let Holder {
             name,
             lock_queue,
@@ -311,6 +315,7 @@ impl Holder {
             channel.close(200, "lock lost".into()),
         )
         .await;
+        give_back(&claim);
         // Wait for the guard to be released or dropped so that `release()` reports the loss.
         let _ = commands.recv().await;
     }

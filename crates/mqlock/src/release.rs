@@ -28,16 +28,29 @@ pub(crate) struct HolderHandle {
     /// margin for the broker).
     pub(crate) wait: Duration,
     pub(crate) addr: String,
-    /// The client's claim on the name (`claim.rs`): given back when the guard is released
-    /// (once the release is answered, or its future dropped) or dropped.
-    pub(crate) claim: Option<NameClaim>,
+    /// The client's claim on the name (`claim.rs`), shared with the holder task: given back by
+    /// whichever comes first — this handle's end (the guard dropped, or its `release()` answered
+    /// or dropped) or the end of a lost hold (its channel closed).
+    pub(crate) claim: SharedClaim,
+}
+
+/// A name claim that the guard's handle and its holder task both may give back.
+pub(crate) type SharedClaim = Arc<std::sync::Mutex<Option<NameClaim>>>;
+
+/// Gives the claim back (idempotent).
+pub(crate) fn give_back(claim: &SharedClaim) {
+    drop(claim.lock().unwrap_or_else(|p| p.into_inner()).take());
+}
+
+impl Drop for HolderHandle {
+    fn drop(&mut self) {
+        give_back(&self.claim);
+    }
 }
 
 impl Release for HolderHandle {
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
-            // The name stays claimed until the release is answered (or this future dropped).
-            let _claim = self.claim.as_ref();
             let (reply, done) = oneshot::channel();
             let lost = |signal: &LossSignal, name: &Arc<str>| Error::Lost {
                 name: name.to_string(),
