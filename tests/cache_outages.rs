@@ -252,64 +252,59 @@ async fn redis_going_down_mid_use_gives_typed_errors_then_recovers() {
     assert_eq!(value, "after restart");
 }
 
+/// A cache node with its own lock client at `amqp_url`, a near tier, the shared Redis and its
+/// invalidation `bus`.
+async fn two_tier_node(
+    amqp_url: &str,
+    ns: &str,
+    bus: InvalidationBus,
+    lock_timeout: Duration,
+) -> LockedCache<String> {
+    let locks = LockClient::connect(amqp_url, ClientConfig::default())
+        .await
+        .unwrap();
+    LockedCache::new(
+        Arc::new(locks),
+        ns,
+        CacheConfig {
+            near: Some(NearConfig {
+                max_capacity: 100,
+                max_ttl: Duration::from_secs(60),
+            }),
+            redis: Some(
+                RedisStore::connect(&support::redis_url(), RedisConfig::default())
+                    .await
+                    .unwrap(),
+            ),
+            invalidations: Some(bus),
+            lock_timeout,
+            ..CacheConfig::default()
+        },
+    )
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_link_lost_mid_use_clears_near_and_resubscribes() {
     support::init_tracing();
     let port = free_port();
     let mut proxy = BrokerProxy::start(port).await;
     let ns = namespace();
-    let redis_url = support::redis_url();
     // Node A talks to the broker directly; node B through the proxy.
-    let a_locks = LockClient::connect(&support::amqp_url(), ClientConfig::default())
+    let a_bus = InvalidationBus::connect(&support::amqp_url(), BusConfig::default())
         .await
         .unwrap();
-    let a: LockedCache<String> = LockedCache::new(
-        Arc::new(a_locks),
-        ns.as_str(),
-        CacheConfig {
-            near: Some(NearConfig {
-                max_capacity: 100,
-                max_ttl: Duration::from_secs(60),
-            }),
-            redis: Some(
-                RedisStore::connect(&redis_url, RedisConfig::default())
-                    .await
-                    .unwrap(),
-            ),
-            invalidations: Some(
-                InvalidationBus::connect(&support::amqp_url(), BusConfig::default())
-                    .await
-                    .unwrap(),
-            ),
-            ..CacheConfig::default()
-        },
+    let a = two_tier_node(
+        &support::amqp_url(),
+        &ns,
+        a_bus,
+        CacheConfig::default().lock_timeout,
     )
-    .unwrap();
-    let b_locks = LockClient::connect(&proxy.url(), ClientConfig::default())
-        .await
-        .unwrap();
+    .await;
     let b_bus = InvalidationBus::connect(&proxy.url(), BusConfig::default())
         .await
         .unwrap();
-    let b: LockedCache<String> = LockedCache::new(
-        Arc::new(b_locks),
-        ns.as_str(),
-        CacheConfig {
-            near: Some(NearConfig {
-                max_capacity: 100,
-                max_ttl: Duration::from_secs(60),
-            }),
-            redis: Some(
-                RedisStore::connect(&redis_url, RedisConfig::default())
-                    .await
-                    .unwrap(),
-            ),
-            invalidations: Some(b_bus.clone()),
-            lock_timeout: Duration::from_secs(5),
-            ..CacheConfig::default()
-        },
-    )
-    .unwrap();
+    let b = two_tier_node(&proxy.url(), &ns, b_bus.clone(), Duration::from_secs(5)).await;
     a.insert("k", "v1".into()).await.unwrap();
     assert_eq!(b.get("k").await.unwrap().as_deref(), Some("v1"));
     assert_eq!(b.near_get("k").await.as_deref(), Some("v1"));

@@ -248,6 +248,22 @@ impl LockTable {
         }
     }
 
+    /// `fut`, bounded by `left` (`None`: no bound, a caller that waits as long as it takes).
+    async fn within<F: std::future::Future>(
+        &self,
+        name: &str,
+        started: Instant,
+        left: Option<Duration>,
+        fut: F,
+    ) -> Result<F::Output> {
+        match left {
+            Some(left) => tokio::time::timeout(left, fut)
+                .await
+                .map_err(|_| self.timeout(name, started)),
+            None => Ok(fut.await),
+        }
+    }
+
     /// The locker's wait, bounded here as well: "never hang" is the table's promise even for a
     /// locker that does not keep its own timeout. The grace lets the locker report its own
     /// timeout (or error) first.
@@ -283,17 +299,10 @@ impl LockTable {
         let started = Instant::now();
         let slot = self.slot(name);
         let left = || timeout.map(|t| t.saturating_sub(started.elapsed()));
-        // `None`: no bound at all (a caller that waits as long as it takes).
-        let within = |left: Option<Duration>, fut| async move {
-            match left {
-                Some(left) => tokio::time::timeout(left, fut)
-                    .await
-                    .map_err(|_| self.timeout(name, started)),
-                None => Ok(fut.await),
-            }
-        };
         let local = loop {
-            let mut local = within(left(), Box::pin(slot.entry.state.clone().lock_owned())).await?;
+            let mut local = self
+                .within(name, started, left(), slot.entry.state.clone().lock_owned())
+                .await?;
             // Sharers of this process hold the grant: asking the broker now would queue this
             // process behind itself while holding the slot their last unshare needs. Wait
             // for that release instead (armed before the slot is let go: no lost wake-up).
@@ -302,12 +311,7 @@ impl LockTable {
                 tokio::pin!(released);
                 released.as_mut().enable();
                 drop(local);
-                match left() {
-                    Some(left) => tokio::time::timeout(left, released)
-                        .await
-                        .map_err(|_| self.timeout(name, started))?,
-                    None => released.await,
-                }
+                self.within(name, started, left(), released).await?;
                 continue;
             }
             if let Some(lost) = local.take() {
