@@ -2,10 +2,11 @@
 //! gets its own process group, mqlock's signals, and SIGKILL when mqlock dies; a loss of the lock
 //! terminates it.
 
+use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use mqlock::LockGuard;
+use mqlock::{LockGuard, LossReason};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::exit_code::{CANNOT_EXEC, FAILURE, LOST, NOT_FOUND};
@@ -30,6 +31,28 @@ impl Stop {
     }
 }
 
+/// What `supervise` watches: a held lock of any kind (a lock, a permit, a read or write hold).
+pub trait Held {
+    /// The fencing token the command is given.
+    fn fencing_token(&self) -> u64;
+    /// Why the hold was lost, if it was.
+    fn loss_reason(&self) -> Option<LossReason>;
+    /// Resolves when the hold is lost.
+    fn lost(&self) -> impl Future<Output = LossReason>;
+}
+
+impl Held for LockGuard {
+    fn fencing_token(&self) -> u64 {
+        LockGuard::fencing_token(self)
+    }
+    fn loss_reason(&self) -> Option<LossReason> {
+        LockGuard::loss_reason(self)
+    }
+    fn lost(&self) -> impl Future<Output = LossReason> {
+        LockGuard::lost(self)
+    }
+}
+
 /// Runs `command` (with `env` added to its environment) in its own process group and waits for
 /// it, passing SIGINT, SIGTERM (from `stop`), SIGHUP and SIGQUIT on and watching `guard`: on a loss, SIGTERM,
 /// then SIGKILL after `grace`, and [`LOST`]. `what` names the lock in messages ("lock \"x\"").
@@ -38,7 +61,7 @@ impl Stop {
 pub async fn supervise(
     command: &[String],
     env: &[(&str, String)],
-    guard: &LockGuard,
+    guard: &impl Held,
     grace: Duration,
     what: &str,
     stop: &mut Stop,

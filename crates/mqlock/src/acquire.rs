@@ -24,7 +24,9 @@ use crate::connection::Conn;
 use crate::error::{Error, Result};
 use crate::fence;
 use crate::guard::LockGuard;
+use crate::kind::LockKind;
 use crate::loss::LossReason;
+use crate::metrics::Metrics;
 use crate::name::{QueueNames, queue_names};
 use crate::protocol::{
     Fault, PREFETCH, break_request, classify, lock_queue_args, stamp, wake_properties,
@@ -69,6 +71,29 @@ pub(crate) struct HoldTerms {
     pub(crate) max_hold: Option<Duration>,
     pub(crate) value: Option<String>,
     pub(crate) claim: Option<NameClaim>,
+    pub(crate) kind: LockKind,
+    pub(crate) sibling: Option<Sibling>,
+}
+
+/// What a caller asks of one acquisition beyond the name and the wait.
+#[derive(Default)]
+pub(crate) struct Ask {
+    pub(crate) max_hold: Option<Duration>,
+    pub(crate) value: Option<String>,
+    /// The kind the lock queue is declared as (`kind.rs`).
+    pub(crate) kind: Option<LockKind>,
+    /// Set when this acquisition is one of several registrations of a semaphore's acquisition
+    /// (`semaphore.rs`), which counts the metrics once for all of them.
+    pub(crate) sibling: Option<Sibling>,
+}
+
+/// How the registrations of one semaphore acquisition cooperate.
+pub(crate) struct Sibling {
+    /// Taken from the first delivery to the end of the grant: one grant at a time among the
+    /// registrations; the acquisition keeps the first that completes and drops the others.
+    pub(crate) turn: Arc<tokio::sync::Mutex<()>>,
+    /// Fired once the broker accepted the lock queue's declaration, kind mark included.
+    pub(crate) declared: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl LockClient {
@@ -79,16 +104,32 @@ impl LockClient {
         max_hold: Option<Duration>,
         value: Option<String>,
     ) -> Result<Option<LockGuard>> {
+        let ask = Ask {
+            max_hold,
+            value,
+            ..Ask::default()
+        };
+        self.acquire_as(name, wait, ask).await
+    }
+
+    pub(crate) async fn acquire_as(
+        &self,
+        name: &str,
+        wait: Wait,
+        ask: Ask,
+    ) -> Result<Option<LockGuard>> {
         let names = queue_names(&self.inner.config.prefix, name)?;
         // One acquisition per name and client: a second consumer of this client would wait
         // behind the first. Given back when this future ends without a grant (or is dropped);
         // a grant moves it into the guard's release handle.
         let mut terms = HoldTerms {
-            max_hold,
-            value,
+            max_hold: ask.max_hold,
+            value: ask.value,
             claim: Some(self.inner.claims.claim(name)?),
+            kind: ask.kind.unwrap_or(LockKind::Mutex),
+            sibling: ask.sibling,
         };
-        let metrics = &self.inner.metrics;
+        let metrics = Counts(terms.sibling.is_none().then_some(&*self.inner.metrics));
         metrics.requested();
         let started = Instant::now();
         let mut backoff = Duration::from_millis(20);
@@ -256,12 +297,21 @@ impl LockClient {
         terms: &mut HoldTerms,
     ) -> std::result::Result<Option<LockGuard>, Retry> {
         let config = &self.inner.config;
+        let kind = terms.kind;
         let fail = |e: &lapin::Error| match classify(e) {
             Fault::Connection(d) => {
                 conn.kill(LossReason::ConnectionLost(d.clone()));
                 Retry::Again(d)
             }
             Fault::NotFound(d) | Fault::ConsumerTimeout(d) => Retry::Again(d),
+            Fault::Precondition(d) if let Some(found) = LockKind::from_refusal(&d) => {
+                Retry::Fail(Error::KindMismatch {
+                    name: name.into(),
+                    addr: conn.addr.clone(),
+                    wanted: kind,
+                    found,
+                })
+            }
             fault => Retry::Fail(to_error(name, &conn.addr, &names.lock, fault)),
         };
         // A register declared by mqlock 0.1 had a length limit; the broker refuses the new
@@ -284,13 +334,15 @@ impl LockClient {
             consumer: None,
         };
 
+        let mut args = lock_queue_args(config);
+        kind.mark(&mut args);
         let declare = channel.queue_declare(
             names.lock.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
             },
-            lock_queue_args(config),
+            args,
         );
         let tag = format!(
             "{}.{}",
@@ -328,6 +380,7 @@ impl LockClient {
         // The declare is answered before our consumer exists, so its counts are about others.
         let queue = if let Wait::Try = wait {
             let queue = declare.await.map_err(|e| fail(&e))?;
+            declared(terms);
             if queue.consumer_count() > 0 {
                 // Someone registered before us holds the lock or will get it first.
                 return Ok(None);
@@ -336,8 +389,9 @@ impl LockClient {
             reg.consumer = Some(registered(consumed, register, &fail, &fail_register)?);
             queue
         } else {
-            let (declared, consumed, register) = join3(declare, consume, declare_register).await;
-            let queue = declared.map_err(|e| fail(&e))?;
+            let (declare, consumed, register) = join3(declare, consume, declare_register).await;
+            let queue = declare.map_err(|e| fail(&e))?;
+            declared(terms);
             reg.consumer = Some(registered(consumed, register, &fail, &fail_register)?);
             queue
         };
@@ -392,7 +446,12 @@ impl LockClient {
             }
         };
         // First delivery: the broker made us the active consumer (`v2::Receive` in
-        // docs/model.md); the grant is the next part of the protocol.
+        // docs/model.md); the grant is the next part of the protocol. A semaphore's
+        // registration waits for its turn first (`recipes::Grant`): one grant at a time.
+        let turn = match terms.sibling.as_ref().map(|s| s.turn.clone()) {
+            Some(turn) => Some(turn.lock_owned().await),
+            None => None,
+        };
         let candidate = Candidate {
             reg,
             tag,
@@ -400,9 +459,20 @@ impl LockClient {
             register_declared,
             started,
         };
-        self.grant(conn, name, names, candidate, &fail, terms)
+        let granted = self
+            .grant(conn, name, names, candidate, &fail, terms)
             .await
-            .map(Some)
+            .map(Some);
+        drop(turn);
+        granted
+    }
+}
+
+/// Tells a semaphore's acquisition that the broker accepted this registration's declaration of
+/// the lock queue (its kind mark included), once.
+fn declared(terms: &mut HoldTerms) {
+    if let Some(declared) = terms.sibling.as_mut().and_then(|s| s.declared.take()) {
+        let _ = declared.send(());
     }
 }
 
@@ -548,5 +618,24 @@ pub(crate) fn to_error(name: &str, addr: &str, queue: &str, fault: Fault) -> Err
                 detail,
             }
         }
+    }
+}
+
+/// The client's acquisition counters, or none for the registrations of a semaphore's
+/// acquisition, which `semaphore.rs` counts once for all of them.
+struct Counts<'a>(Option<&'a Metrics>);
+
+impl Counts<'_> {
+    fn requested(&self) {
+        self.0.inspect(|m| m.requested());
+    }
+    fn granted(&self, waited: Duration) {
+        self.0.inspect(|m| m.granted(waited));
+    }
+    fn timed_out(&self) {
+        self.0.inspect(|m| m.timed_out());
+    }
+    fn found_busy(&self) {
+        self.0.inspect(|m| m.found_busy());
     }
 }

@@ -27,7 +27,7 @@ impl Claims {
         })
     }
 
-    #[cfg(test)]
+    /// Whether `name` is claimed now.
     pub(crate) fn contains(&self, name: &str) -> bool {
         self.names
             .lock()

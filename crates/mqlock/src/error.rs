@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::kind::LockKind;
 use crate::loss::LossReason;
 
 /// Errors returned by mqlock.
@@ -183,6 +184,38 @@ pub enum Error {
     AlreadyHeld {
         /// Lock name.
         name: String,
+    },
+
+    /// The name is used as another kind of lock than this client asked for — a plain lock, a
+    /// semaphore or a read-write lock — or as a semaphore (read-write lock) with another number
+    /// of permits (readers). The broker refused this client's declaration of the lock's queue,
+    /// which records the kind (docs/protocol.md, "Lock kinds"), so nothing was registered and
+    /// nothing created. All clients of a name must use it as the same kind with the same count.
+    #[error(
+        "lock {name:?} at {addr} is {}, but this client asked for {wanted}; all clients of a name must use it as the same kind of lock, with the same number of permits",
+        found.map_or_else(|| "a kind of lock this version does not know".to_owned(), |k| k.to_string())
+    )]
+    KindMismatch {
+        /// Lock name.
+        name: String,
+        /// Broker address.
+        addr: String,
+        /// The kind this client asked for.
+        wanted: LockKind,
+        /// The kind the lock's queue records, if this version can read it.
+        found: Option<LockKind>,
+    },
+
+    /// A semaphore or read-write lock was asked for with no permits, or with more than
+    /// [`crate::MAX_PERMITS`]. Nothing was sent to the broker.
+    #[error("lock {name:?}: {permits} permits asked for; a semaphore has between 1 and {max}")]
+    InvalidPermits {
+        /// Lock name.
+        name: String,
+        /// The number asked for.
+        permits: u32,
+        /// The most permits a semaphore may have.
+        max: u32,
     },
 
     /// The client was shut down by [`crate::LockClient::close`] (on this handle or a clone):

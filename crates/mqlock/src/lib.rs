@@ -48,6 +48,7 @@ mod grant;
 mod guard;
 mod hold;
 mod identity;
+mod kind;
 mod lease;
 mod locker;
 mod loss;
@@ -58,6 +59,8 @@ pub mod name;
 pub mod prometheus;
 mod protocol;
 mod release;
+mod rwlock;
+mod semaphore;
 mod table;
 
 pub use client::{BreakOutcome, LockClient, LockOptions, LockStatus};
@@ -70,6 +73,7 @@ pub use election::{
 pub use error::{Error, Result};
 pub use guard::{BoxFuture, LockGuard, Release};
 pub use identity::HolderInfo;
+pub use kind::{LockKind, MAX_PERMITS};
 pub use lease::{BootClock, BootInstant, Clock, Lease, ManualClock};
 pub use locker::{Locker, MemoryLocker};
 pub use loss::{LossReason, LossSignal};
@@ -78,4 +82,6 @@ pub use metrics::{
     WAIT_BUCKETS_SECONDS, loss_reason_label,
 };
 pub use multi::lock_all;
+pub use rwlock::{DEFAULT_MAX_READERS, ReadGuard, RwLock, WriteGuard, reader_lock_name};
+pub use semaphore::{Permit, Semaphore, permit_lock_name};
 pub use table::{LockTable, Share, TableGuard};
