@@ -293,6 +293,49 @@ async fn the_delivery_limit_is_compared_on_every_declaration() {
 }
 
 #[tokio::test]
+async fn lock_kinds_are_compared_on_3x_and_4x_with_both_queue_types() {
+    // The kind mark (x-max-length-bytes, docs/protocol.md "Lock kinds") must be compared by
+    // every supported broker, on classic and quorum queues, and must not limit anything: a
+    // semaphore's permits hand over as usual.
+    for url in [support::amqp_url(), support::rabbitmq4_url()] {
+        for config in [ClientConfig::default(), quorum()] {
+            let kind = format!("{url} {:?}", config.queue_type);
+            let a = client(&url, config.clone()).await;
+            let b = client(&url, config.clone()).await;
+            let name = support::unique("compat-kind");
+            let sem = a.semaphore(&name, 2).unwrap();
+            let p1 = sem.acquire().await.unwrap();
+            let p2 = sem.acquire().await.unwrap();
+            match b.semaphore(&name, 3).unwrap().try_acquire().await {
+                Err(Error::KindMismatch { found, .. }) => assert_eq!(
+                    found,
+                    Some(mqlock::LockKind::Semaphore { permits: 2 }),
+                    "{kind}"
+                ),
+                other => panic!("{kind}: {other:?}"),
+            }
+            let err = b.lock(&name).await.unwrap_err();
+            assert!(matches!(err, Error::KindMismatch { .. }), "{kind}: {err}");
+            let waiter = {
+                let sem = b.semaphore(&name, 2).unwrap();
+                tokio::spawn(async move { sem.acquire().await })
+            };
+            let (slot, token) = (p1.slot(), p1.fencing_token());
+            p1.release().await.unwrap();
+            let next = tokio::time::timeout(Duration::from_secs(20), waiter)
+                .await
+                .unwrap_or_else(|_| panic!("{kind}: the waiter was not handed the permit"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(next.slot(), slot, "{kind}");
+            assert!(next.fencing_token() > token, "{kind}");
+            next.release().await.unwrap();
+            p2.release().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
 async fn try_lock_status_timeout_and_incompatible_queue_on_4x() {
     let url = support::rabbitmq4_url();
     for config in [ClientConfig::default(), quorum()] {
