@@ -101,6 +101,39 @@ async fn a_semaphore_admits_n_holders_and_hands_a_released_permit_to_the_next_wa
 }
 
 #[tokio::test]
+async fn a_permit_given_back_by_this_client_joins_its_waiting_acquisition() {
+    // The waiting acquisition skipped the permit while its own client held it; once given
+    // back, it must wait on it too, or the permit stays free while it waits on the others
+    // (the model check found this: docs/model.md, "Recipes").
+    let name = support::unique("sem-own");
+    let (a, b) = (client().await, client().await);
+    let (sa, sb) = (
+        a.semaphore(&name, 2).unwrap(),
+        b.semaphore(&name, 2).unwrap(),
+    );
+    let mine = sa.acquire().await.unwrap();
+    let theirs = sb.acquire().await.unwrap();
+    let waiting = {
+        let sa = sa.clone();
+        tokio::spawn(async move { sa.acquire().await })
+    };
+    wait_for_waiters(&a, &mqlock::permit_lock_name(&name, theirs.slot()), 1).await;
+    let slot = mine.slot();
+    drop(mine);
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting acquisition takes the permit its client gave back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.slot(), slot);
+    assert!(theirs.is_held());
+    got.release().await.unwrap();
+    theirs.release().await.unwrap();
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
 async fn permits_and_kinds_must_agree_and_a_refusal_creates_nothing() {
     let name = support::unique("sem-bad");
     let a = client().await;
@@ -283,13 +316,14 @@ async fn readers_overlap_writers_exclude_everyone_and_nobody_starves() {
             (entered, token)
         })
     };
-    wait_for_waiters(&c[0], &mqlock::reader_lock_name(&name, 3), 0).await;
     support::wait_until(
         "the writer to wait for the three readers",
         Duration::from_secs(20),
         || async {
             let mut waiting = 0;
-            for slot in 0..3 {
+            // The readers hold three of the four permits, whichever; the writer holds the
+            // fourth and waits on the three.
+            for slot in 0..4 {
                 waiting += c[0]
                     .status(&mqlock::reader_lock_name(&name, slot))
                     .await

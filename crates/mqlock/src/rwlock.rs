@@ -31,6 +31,11 @@ pub struct RwLock {
     name: Arc<str>,
     kind: LockKind,
     readers: Semaphore,
+    /// The acquisitions of this handle pass the gate one at a time in the process: the gate
+    /// is one lock per client (N1), so a second acquisition of it by this client at the same
+    /// moment would fail instead of waiting. A held write lock keeps the gate, so a read or
+    /// write of the same client meanwhile is `AlreadyHeld` (it would wait for itself).
+    local: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A shared hold of a [`RwLock`]: one reader permit.
@@ -81,6 +86,7 @@ impl LockClient {
             name: name.into(),
             kind,
             readers: Semaphore::new(self, name, kind, slots)?,
+            local: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 }
@@ -102,8 +108,9 @@ impl RwLock {
     ///
     /// - [`Error::KindMismatch`]: another client uses the name as another kind of lock or with
     ///   another reader count.
-    /// - [`Error::AlreadyHeld`]: this client is taking the gate already, or holds every reader
-    ///   permit.
+    /// - [`Error::AlreadyHeld`]: this client holds the write lock (or takes the gate through
+    ///   another `RwLock` handle of the name), or holds every reader permit. Reads of one
+    ///   handle from several tasks wait for each other in the process instead.
     /// - Otherwise those of [`LockClient::lock`].
     ///
     /// # Cancel safety
@@ -171,17 +178,31 @@ impl RwLock {
             .await
     }
 
-    async fn gate(&self, wait: Wait) -> Result<LockGuard> {
+    /// This handle's turn in the process, then the gate.
+    async fn gate(&self, wait: Wait) -> Result<(tokio::sync::OwnedMutexGuard<()>, LockGuard)> {
+        let local = match wait {
+            Wait::Until(deadline) => {
+                tokio::time::timeout_at(deadline.into(), self.local.clone().lock_owned())
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        name: self.name.to_string(),
+                        addr: self.client.inner.addr.clone(),
+                        waited: Duration::ZERO,
+                    })?
+            }
+            _ => self.local.clone().lock_owned().await,
+        };
         let ask = Ask {
             kind: Some(self.kind),
             ..Ask::default()
         };
         let gate = self.client.acquire_as(&self.name, wait, ask).await?;
-        Ok(gate.expect("a blocking or timed acquisition grants or fails"))
+        let gate = gate.expect("a blocking or timed acquisition grants or fails");
+        Ok((local, gate))
     }
 
     async fn read_with(&self, wait: Wait) -> Result<ReadGuard> {
-        let gate = self.gate(wait).await?;
+        let (_local, gate) = self.gate(wait).await?;
         let permit = self.readers.acquire_with(wait).await?;
         let permit = permit.expect("a blocking or timed acquisition grants or fails");
         // Leaving the gate lets the next reader or writer in; a dropped guard releases in the
@@ -192,7 +213,7 @@ impl RwLock {
     }
 
     async fn write_with(&self, wait: Wait) -> Result<WriteGuard> {
-        let gate = self.gate(wait).await?;
+        let (local, gate) = self.gate(wait).await?;
         // Only the gate's holder registers on reader permits, so taking them all at once
         // cannot deadlock: every other registration there is a reader's that holds its permit
         // and no other lock.
@@ -224,6 +245,7 @@ impl RwLock {
                 }
             }
         }
+        drop(local);
         Ok(WriteGuard { gate, permits })
     }
 }

@@ -46,6 +46,9 @@ pub struct Semaphore {
     slots: Arc<[String]>,
     /// The acquisitions of this handle wait for the broker one at a time.
     queue: Arc<tokio::sync::Mutex<()>>,
+    /// Told when a permit of this handle is given back, so that a waiting acquisition of the
+    /// handle registers on it too (it skipped the permit while this client held it).
+    returned: Arc<tokio::sync::Notify>,
 }
 
 /// A held permit of a [`Semaphore`]: the guard of one permit's lock.
@@ -60,6 +63,18 @@ pub struct Permit {
     semaphore: Arc<str>,
     slot: u32,
     guard: LockGuard,
+    /// Dropped after `guard` (fields drop in order): tells the handle the permit is back.
+    returned: Returned,
+}
+
+/// Tells a [`Semaphore`] handle, when dropped, that one of its permits was given back.
+#[derive(Debug)]
+struct Returned(Arc<tokio::sync::Notify>);
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 impl LockClient {
@@ -111,6 +126,7 @@ impl Semaphore {
             kind,
             slots: slots.into(),
             queue: Arc::new(tokio::sync::Mutex::new(())),
+            returned: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -236,9 +252,9 @@ impl Semaphore {
             },
         };
         let claims = &self.client.inner.claims;
-        let free: Vec<u32> = (0..self.permits())
-            .filter(|&slot| !claims.contains(&self.slots[slot as usize]))
-            .collect();
+        let unclaimed =
+            || (0..self.permits()).filter(|&slot| !claims.contains(&self.slots[slot as usize]));
+        let free: Vec<u32> = unclaimed().collect();
         let Some((&first, rest)) = free.split_first() else {
             return Err(Error::AlreadyHeld {
                 name: self.name.to_string(),
@@ -267,12 +283,23 @@ impl Semaphore {
         // before that (an error, or busy for `try_acquire`), the others never start.
         let mut rest_pending = true;
         let mut busy = false;
+        let mut registered: Vec<u32> = free.clone();
         loop {
             tokio::select! {
                 accepted = &mut first_declared, if rest_pending => {
                     rest_pending = false;
                     if accepted.is_ok() {
                         racing.extend(rest.iter().map(|&slot| register(slot, None)));
+                    } else {
+                        registered.truncate(1);
+                    }
+                }
+                // A permit this client held was given back while we wait: wait on it too
+                // (`recipes::Register`), or it might stay free while we wait on the others.
+                () = self.returned.notified(), if !rest_pending && !racing.is_empty() => {
+                    for slot in unclaimed().filter(|s| !registered.contains(s)).collect::<Vec<_>>() {
+                        registered.push(slot);
+                        racing.push(register(slot, None));
                     }
                 }
                 Some((slot, outcome)) = racing.next() => match outcome {
@@ -281,6 +308,7 @@ impl Semaphore {
                             semaphore: self.name.clone(),
                             slot,
                             guard,
+                            returned: Returned(self.returned.clone()),
                         }));
                     }
                     Ok(None) => busy = true,
@@ -348,6 +376,11 @@ impl Permit {
     /// Gives the permit back and waits for the broker ([`LockGuard::release`], with its errors
     /// and cancel safety): the next waiter of this permit is granted in the same step.
     pub async fn release(self) -> Result<()> {
-        self.guard.release().await
+        let Permit {
+            guard, returned, ..
+        } = self;
+        let released = guard.release().await;
+        drop(returned);
+        released
     }
 }
