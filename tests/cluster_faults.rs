@@ -14,6 +14,7 @@
 //! | `pause-client` | a `mqlock exec` holder of lock 0 frozen (SIGSTOP) for 12 s, past its lease |
 //! | `restart-cluster` | all three nodes stopped one after another, then started again |
 //! | `long-hold` | no load: holder A on node X holds a lock led by node Y for seconds, waiter B on Y; X cut off from its peers only; 3 rounds |
+//! | `long-hold-leader` | the same, one round, but X hosts both A's connection and the lock queue's leader (B on another node) |
 //! | `long-hold-ignore` | the same, one round, with `cluster_partition_handling = ignore` set at run time |
 //! | `long-hold-autoheal` | the same with `autoheal` |
 //!
@@ -30,9 +31,13 @@
 //! before B's grant, by at least 0.25 × `net_ticktime` ([`min_margin`]), B's token must be
 //! larger, and after the heal A must not believe it holds while a newcomer is granted the lock,
 //! within 30 s of the heal, with the largest token (the lock is not stuck). Rounds of
-//! `long-hold`: `MQLOCK_LONG_HOLD_ROUNDS` (default 3). The partition handling of the other two
-//! is set with `scripts/cluster.sh partition-handling` and set back to `pause_minority` by a
-//! drop guard, also when the scenario fails.
+//! `long-hold`: `MQLOCK_LONG_HOLD_ROUNDS` (default 3). In `long-hold` the cut node is never
+//! the queue's leader: A's renewals reach a leader on the majority side. `long-hold-leader`
+//! cuts the leader's node with A on it: A's renewals go to a leader that can no longer commit,
+//! the majority elects a new leader, and that one hands the lock on only when its node declares
+//! X down (docs/protocol.md, B8). The partition handling of `long-hold-ignore` and
+//! `long-hold-autoheal` is set with `scripts/cluster.sh partition-handling` and set back to
+//! `pause_minority` by a drop guard, also when the scenario fails.
 //!
 //! `MQLOCK_FAULT_SCENARIOS=kill-leader,partition` runs a subset. The cluster is started with
 //! scripts/cluster.sh (the test fails if it cannot) and torn down at the end
@@ -77,12 +82,13 @@ enum Fault {
     PauseClient,
     RestartCluster,
     LongHold,
+    LongHoldLeader,
     LongHoldIgnore,
     LongHoldAutoheal,
 }
 
 impl Fault {
-    const ALL: [Fault; 9] = [
+    const ALL: [Fault; 10] = [
         Fault::KillLeader,
         Fault::StopStart,
         Fault::Partition,
@@ -90,6 +96,7 @@ impl Fault {
         Fault::PauseClient,
         Fault::RestartCluster,
         Fault::LongHold,
+        Fault::LongHoldLeader,
         Fault::LongHoldIgnore,
         Fault::LongHoldAutoheal,
     ];
@@ -102,6 +109,7 @@ impl Fault {
             Fault::PauseClient => "pause-client",
             Fault::RestartCluster => "restart-cluster",
             Fault::LongHold => "long-hold",
+            Fault::LongHoldLeader => "long-hold-leader",
             Fault::LongHoldIgnore => "long-hold-ignore",
             Fault::LongHoldAutoheal => "long-hold-autoheal",
         }
@@ -110,7 +118,7 @@ impl Fault {
     /// they run with.
     fn long_hold(self) -> Option<&'static str> {
         match self {
-            Fault::LongHold => Some("pause_minority"),
+            Fault::LongHold | Fault::LongHoldLeader => Some("pause_minority"),
             Fault::LongHoldIgnore => Some("ignore"),
             Fault::LongHoldAutoheal => Some("autoheal"),
             _ => None,
@@ -397,7 +405,10 @@ async fn inject(
         Fault::PauseClient => {
             return vec![pause_client(cluster, load, locks, server, bin, notes).await];
         }
-        Fault::LongHold | Fault::LongHoldIgnore | Fault::LongHoldAutoheal => {
+        Fault::LongHold
+        | Fault::LongHoldLeader
+        | Fault::LongHoldIgnore
+        | Fault::LongHoldAutoheal => {
             unreachable!("the long-hold scenarios run without load (long_hold)")
         }
     }
@@ -550,8 +561,8 @@ fn min_margin() -> f64 {
     net_ticktime_secs() as f64 / 4.0
 }
 
-/// Rounds of `long-hold`: `MQLOCK_LONG_HOLD_ROUNDS`, default 3 (`long-hold-ignore` and
-/// `long-hold-autoheal` run one round each).
+/// Rounds of `long-hold`: `MQLOCK_LONG_HOLD_ROUNDS`, default 3 (`long-hold-leader`,
+/// `long-hold-ignore` and `long-hold-autoheal` run one round each).
 fn long_hold_rounds(fault: Fault) -> usize {
     if fault != Fault::LongHold {
         return 1;
@@ -741,7 +752,8 @@ impl std::fmt::Display for LongHold {
 }
 
 /// A holder A connected to node X holds a lock whose quorum queue is led by another node Y,
-/// for many seconds; a waiter B connected to Y waits. Node X is cut off from its peers only
+/// for many seconds; a waiter B connected to Y waits (`long-hold-leader`: X leads the queue,
+/// B is on another node Y). Node X is cut off from its peers only
 /// (its clients still reach it), with the given partition handling. B, once granted, holds
 /// through the heal until [`HOLD_AFTER_HEAL`] after it, while a newcomer C queues. Checked
 /// in every round: A's loss took effect before B's grant (one clock: this process's
@@ -801,30 +813,56 @@ async fn long_hold_round(
     let waiter = connect_to(cluster, y, "long-hold-waiter")
         .await
         .expect("the waiter connects");
-    // B declares the lock's queues, so they are led by B's node (client-local placement).
-    let first = waiter
-        .lock_timeout(&name, Duration::from_secs(60))
-        .await
-        .expect("the waiter's first grant");
-    let first_token = first.fencing_token();
-    first.release().await.expect("the waiter's first release");
-    r.leader = cluster.leader(&queue).await;
-    let x = [round % 3, (round + 2) % 3]
-        .into_iter()
-        .find(|&i| i + 1 != r.leader)
-        .unwrap();
-    if r.leader != y + 1 {
-        r.notes.push(format!(
-            "the lock queue is led by node {}, not by the waiter's node {}",
-            r.leader,
-            y + 1
-        ));
-    }
+    // `long-hold-leader`: A's node X = node 1 leads the queue too, B on node 2.
+    let leader_on_holder = fault == Fault::LongHoldLeader;
+    let (holder, x, first_token) = if leader_on_holder {
+        let x = round % 3;
+        let holder = connect_to(cluster, x, "long-hold-holder")
+            .await
+            .expect("the holder connects");
+        // A declares the lock's queues, so they are led by A's node (client-local placement).
+        let first = holder
+            .lock_timeout(&name, Duration::from_secs(60))
+            .await
+            .expect("the holder's first grant");
+        let first_token = first.fencing_token();
+        first.release().await.expect("the holder's first release");
+        r.leader = cluster.leader(&queue).await;
+        if r.leader != x + 1 {
+            r.problems.push(format!(
+                "the lock queue is led by node {}, not by A's node {}: the round does not cut the leader",
+                r.leader,
+                x + 1
+            ));
+        }
+        (holder, x, first_token)
+    } else {
+        // B declares the lock's queues, so they are led by B's node (client-local placement).
+        let first = waiter
+            .lock_timeout(&name, Duration::from_secs(60))
+            .await
+            .expect("the waiter's first grant");
+        let first_token = first.fencing_token();
+        first.release().await.expect("the waiter's first release");
+        r.leader = cluster.leader(&queue).await;
+        let x = [round % 3, (round + 2) % 3]
+            .into_iter()
+            .find(|&i| i + 1 != r.leader)
+            .unwrap();
+        if r.leader != y + 1 {
+            r.notes.push(format!(
+                "the lock queue is led by node {}, not by the waiter's node {}",
+                r.leader,
+                y + 1
+            ));
+        }
+        let holder = connect_to(cluster, x, "long-hold-holder")
+            .await
+            .expect("the holder connects");
+        (holder, x, first_token)
+    };
     r.holder_node = x + 1;
     r.waiter_node = y + 1;
-    let holder = connect_to(cluster, x, "long-hold-holder")
-        .await
-        .expect("the holder connects");
     let guard = holder
         .lock_timeout(&name, Duration::from_secs(60))
         .await
@@ -1060,6 +1098,13 @@ async fn long_hold_round(
         cluster_sh(&["stop", &n]).await;
         cluster_sh(&["start", &n]).await;
         workarounds(&mut r.notes, cluster.wait_healthy().await);
+    }
+    if leader_on_holder {
+        // Asked only now: during the cut, `list_queues` may wait on the cut-off node.
+        r.notes.push(format!(
+            "after the round the lock queue is led by node {} (node {n} led it before the cut)",
+            cluster.leader(&queue).await
+        ));
     }
     r
 }

@@ -1,6 +1,9 @@
 //! The v2 client: registers without a length limit read whole (max of all values), the grant
-//! publishes the token and a stamped renewal `R0` (both confirmed), the lease runs from the
-//! send time of confirmed renewals, and deliveries are checked for signs of loss.
+//! publishes the token (confirmed) and a stamped renewal `R0`, and is granted once the token is
+//! confirmed and `R0` came back to it; the lease runs to `sent + M` of the last of the holder's
+//! own renewals *delivered* back to it (not redelivered), and deliveries are checked for signs
+//! of loss. `Version::V2Confirm`, the rejected design, takes the lease from renewals' publisher
+//! confirms instead.
 
 use crate::broker::Op;
 use crate::client::Phase;

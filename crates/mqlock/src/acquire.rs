@@ -283,7 +283,9 @@ impl LockClient {
         });
     }
 
-    /// One registration on the lock queue, from declaring it to the grant.
+    /// One registration on the lock queue, from declaring it to the grant: the channel, the
+    /// declarations, the consumer and the wake-up of an idle queue are `v2::Acquire` in
+    /// docs/model.md, the wake-up every `nudge_interval` is `v2::Nudge`.
     ///
     /// Everything lives in this future's locals: dropping it drops the channel, which the
     /// broker treats like a crash (consumer removed, deliveries requeued).
@@ -429,6 +431,7 @@ impl LockClient {
                     None => return Err(Retry::Again("the broker cancelled the waiting consumer".into())),
                 },
                 reason = conn.dead() => return Err(Retry::Again(reason.to_string())),
+                // `v2::Nudge`.
                 _ = nudge.tick() => {
                     debug!(lock = name, "still waiting; publishing another wake-up");
                     publish_wake().await.map_err(|e| fail(&e))?;

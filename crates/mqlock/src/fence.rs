@@ -137,7 +137,9 @@ fn following_epoch(stored: Option<u64>, last: Option<u64>, clock: u64) -> Option
     (epoch <= u64::MAX >> COUNTER_BITS).then_some(epoch)
 }
 
-/// Moves the lock to a new epoch, durably, and returns it.
+/// Moves the lock to a new epoch, durably, and returns it: reading the epoch queue and
+/// publishing the new epoch is `v2::StartEpoch` in docs/model.md, its confirm and the ack of the
+/// old values `v2::EpochConfirmed` (the token's write that follows is `Draft::commit`).
 async fn start_epoch(
     channel: &Channel,
     names: &QueueNames,

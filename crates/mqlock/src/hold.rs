@@ -223,7 +223,8 @@ impl Holder {
                 // (the channel close), with its own reason.
                 limit = &mut hold_limit => break LossReason::HoldLimit { limit },
                 reason = conn.dead() => break reason,
-                // Covers the lease running out (the signal watches it).
+                // Covers the lease running out (the signal watches it): `v2::Expire` in
+                // docs/model.md, the loss and the channel close below.
                 reason = signal.lost() => break reason,
                 delivery = consumer.next() => match delivery {
                     Some(Ok(d)) => match classify_delivery(&own_prefix, fencing_token, &d) {

@@ -152,7 +152,8 @@ impl Lease {
         self.now().saturating_duration_since(self.deadline())
     }
 
-    /// Resolves once the lease has run out. Looks at the clock at least every 250 ms, so a
+    /// Resolves once the lease has run out (the deadline of `v2::Expire` in docs/model.md;
+    /// the holder task then ends the hold). Looks at the clock at least every 250 ms, so a
     /// suspend of the host (which tokio's timers do not count) is noticed at most that late.
     ///
     /// # Cancel safety

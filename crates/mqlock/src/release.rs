@@ -80,7 +80,8 @@ impl Release for HolderHandle {
     }
 }
 
-/// Releases by closing the channel, waiting at most `wait` for the broker's answer.
+/// Releases by closing the channel (`client::Close` in docs/model.md), waiting at most `wait`
+/// for the broker's answer.
 ///
 /// The broker handles a channel close in one step: it removes our consumer, requeues the token
 /// and runs the queue, which activates the next consumer and delivers the token to it. That is
