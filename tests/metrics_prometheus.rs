@@ -1,15 +1,19 @@
 //! The Prometheus exposition against the real broker: scraped over HTTP from `mqlock exec
-//! --metrics-addr` during a wait and a run, and encoded from a library client after known
-//! grants, releases and losses.
+//! --metrics-addr` during a wait and a run, from `mqlock mount --metrics-addr` after known
+//! grants, waits, losses and holds, and from `mqlock elect --metrics-addr` (the is-leader gauge);
+//! and encoded from library clients after known grants, releases, losses and leaderships.
 
+#[path = "fuse_common/mod.rs"]
+mod common;
 mod support;
 
+use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mqlock::{ClientConfig, LockClient, LossReason};
+use mqlock::{BreakOutcome, ClientConfig, LockClient, LossReason};
 use prometheus_client::registry::Registry;
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -49,6 +53,27 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 
 fn value(text: &str, series: &str) -> f64 {
     sample(text, series).unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+}
+
+/// Scrapes `port` every 20 ms until `ready` holds for the exposition, and returns it; panics
+/// after `within` with `what` and the last exposition scraped.
+fn scrape_until(port: u16, what: &str, within: Duration, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + within;
+    let mut last = String::new();
+    loop {
+        if let Some((status, _, body)) = http_get(port, "/metrics") {
+            assert_eq!(status, "HTTP/1.1 200 OK");
+            if ready(&body) {
+                return body;
+            }
+            last = body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}; last scrape:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -297,4 +322,324 @@ async fn grants_releases_and_losses_are_exposed_by_reason() {
     assert_eq!(value(&text, "mqlock_hold_seconds_count"), grants as f64);
     assert_eq!(value(&text, "mqlock_releases_total"), (RELEASED + 1) as f64);
     client.close().await;
+}
+
+/// `mqlock mount --metrics-addr`, scraped over HTTP after a known history: uncontended grants,
+/// waits behind another client's hold of a known length, holds broken by `break_lock`, and one
+/// lock still held. Counts, the wait histogram's count, sum and buckets, losses by reason and held
+/// locks must match it.
+#[test]
+fn mount_serves_grants_waits_losses_and_held_locks_over_http() {
+    const FAST: usize = 3;
+    const WAITS: usize = 2;
+    const BROKEN: usize = 2;
+    /// How long the other client keeps holding after the mount's request was counted.
+    const HOLD: Duration = Duration::from_millis(1200);
+    let test_start = Instant::now();
+    let backing = tempfile::tempdir().unwrap();
+    let fast: Vec<String> = (0..FAST).map(|i| format!("fast{i}")).collect();
+    let waits: Vec<String> = (0..WAITS).map(|i| format!("wait{i}")).collect();
+    let broken: Vec<String> = (0..BROKEN).map(|i| format!("broken{i}")).collect();
+    // Created in the backing directory, so that each write-open through the mount takes exactly
+    // one lock (no create, no truncate).
+    for f in fast
+        .iter()
+        .chain(&waits)
+        .chain(&broken)
+        .chain(["held".to_string()].iter())
+    {
+        std::fs::write(backing.path().join(f), b"x").unwrap();
+    }
+    let prefix = support::unique("metrics-mount");
+    let lock = |f: &str| format!("fs:{prefix}/{f}");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let node = common::Node::start(backing.path(), &prefix, &["--metrics-addr", &addr]);
+    let scrape = || http_get(port, "/metrics").expect("the endpoint is up").2;
+    let open_for_writing = |f: &str| -> (std::fs::File, Duration) {
+        let t = Instant::now();
+        let h = OpenOptions::new()
+            .write(true)
+            .open(node.path(f))
+            .unwrap_or_else(|e| panic!("open {f}: {e}"));
+        (h, t.elapsed())
+    };
+    let text = scrape();
+    assert_eq!(value(&text, "mqlock_requests_total"), 0.0);
+    assert_eq!(value(&text, "mqlock_held_locks"), 0.0);
+
+    // How long each open took: each grant's wait is within its open.
+    let mut uncontended_opens = Vec::new();
+    let mut contended_opens = Vec::new();
+    for f in &fast {
+        let (mut h, took) = open_for_writing(f);
+        uncontended_opens.push(took);
+        h.write_all(b"y").unwrap();
+        // The last close releases the lock.
+        drop(h);
+    }
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let other = rt
+        .block_on(LockClient::connect(
+            &support::amqp_url(),
+            ClientConfig::default(),
+        ))
+        .unwrap();
+    for (i, f) in waits.iter().enumerate() {
+        let g = rt.block_on(other.lock(&lock(f))).unwrap();
+        let path = node.path(f);
+        let opener = std::thread::spawn(move || {
+            let t = Instant::now();
+            let h = OpenOptions::new().write(true).open(&path).unwrap();
+            (h, t.elapsed())
+        });
+        // The mount has asked for the lock (its request is counted) before the hold's HOLD.
+        let requested = (FAST + i + 1) as f64;
+        scrape_until(port, "the mount's request", Duration::from_secs(20), |t| {
+            sample(t, "mqlock_requests_total") == Some(requested)
+        });
+        std::thread::sleep(HOLD);
+        rt.block_on(g.release()).unwrap();
+        let (h, took) = opener.join().unwrap();
+        assert!(took >= HOLD, "the open waited {took:?}");
+        contended_opens.push(took);
+        drop(h);
+    }
+
+    let mut broken_handles = Vec::new();
+    for (i, f) in broken.iter().enumerate() {
+        let (h, took) = open_for_writing(f);
+        uncontended_opens.push(took);
+        let outcome = rt.block_on(other.break_lock(&lock(f))).unwrap();
+        assert!(
+            matches!(outcome, BreakOutcome::Requested { .. }),
+            "{outcome:?}"
+        );
+        let lost = (i + 1) as f64;
+        scrape_until(port, "the broken hold", Duration::from_secs(20), |t| {
+            sample(t, "mqlock_losses_total{reason=\"broken\"}") == Some(lost)
+        });
+        broken_handles.push(h);
+    }
+    // A write through a handle whose lock was broken is refused.
+    assert!(broken_handles[0].write_all(b"too late").is_err());
+    drop(broken_handles);
+
+    let (held, took) = open_for_writing("held");
+    uncontended_opens.push(took);
+
+    // Every grant, release and hold end has been counted once the closes went through.
+    let grants = (FAST + WAITS + BROKEN + 1) as f64;
+    let released = (FAST + WAITS) as f64;
+    let ended = (FAST + WAITS + BROKEN) as f64;
+    let text = scrape_until(port, "the final counts", Duration::from_secs(20), |t| {
+        sample(t, "mqlock_grants_total") == Some(grants)
+            && sample(t, "mqlock_releases_total") == Some(released)
+            && sample(t, "mqlock_hold_seconds_count") == Some(ended)
+            && sample(t, "mqlock_held_locks") == Some(1.0)
+    });
+    assert_eq!(value(&text, "mqlock_requests_total"), grants);
+    assert_eq!(value(&text, "mqlock_timeouts_total"), 0.0);
+    assert_eq!(value(&text, "mqlock_busy_total"), 0.0);
+    assert_eq!(
+        value(&text, "mqlock_losses_total{reason=\"broken\"}"),
+        BROKEN as f64
+    );
+    for reason in mqlock::LOSS_REASONS.iter().filter(|r| **r != "broken") {
+        let series = format!("mqlock_losses_total{{reason=\"{reason}\"}}");
+        assert_eq!(value(&text, &series), 0.0, "{series}");
+    }
+    // The wait histogram: one wait per grant; the contended ones lasted at least HOLD, and no
+    // wait outlasted its open.
+    assert_eq!(value(&text, "mqlock_wait_seconds_count"), grants);
+    assert_eq!(
+        value(&text, "mqlock_wait_seconds_bucket{le=\"+Inf\"}"),
+        grants
+    );
+    let wait_sum = value(&text, "mqlock_wait_seconds_sum");
+    let at_least = WAITS as f64 * HOLD.as_secs_f64();
+    let at_most: f64 = uncontended_opens
+        .iter()
+        .chain(&contended_opens)
+        .map(Duration::as_secs_f64)
+        .sum();
+    assert!(
+        at_least <= wait_sum && wait_sum <= at_most + 1e-3,
+        "wait sum {wait_sum} s, expected within [{at_least}, {at_most}]"
+    );
+    // The contended waits (above 1 s) are not in the 1 s bucket; every uncontended one that
+    // opened within 1 s is.
+    let within_1s = value(&text, "mqlock_wait_seconds_bucket{le=\"1\"}");
+    let quick = uncontended_opens
+        .iter()
+        .filter(|d| **d <= Duration::from_secs(1))
+        .count() as f64;
+    assert!(
+        quick <= within_1s && within_1s <= grants - WAITS as f64,
+        "{within_1s} waits within 1 s; {quick} uncontended opens took no longer"
+    );
+    let hold_sum = value(&text, "mqlock_hold_seconds_sum");
+    assert!(
+        hold_sum > 0.0 && hold_sum <= ended * test_start.elapsed().as_secs_f64(),
+        "hold sum {hold_sum} s"
+    );
+
+    // Closed: nothing held, one more release.
+    drop(held);
+    scrape_until(port, "the last release", Duration::from_secs(20), |t| {
+        sample(t, "mqlock_held_locks") == Some(0.0)
+            && sample(t, "mqlock_releases_total") == Some(released + 1.0)
+            && sample(t, "mqlock_hold_seconds_count") == Some(ended + 1.0)
+    });
+    rt.block_on(other.close());
+    drop(node);
+}
+
+/// `mqlock elect --metrics-addr`: `mqlock_is_leader{election="NAME"}` reads 0 while it stands
+/// by, 1 once elected, and 0 again as soon as the leadership is lost, while its command is still
+/// shutting down.
+#[test]
+fn elect_serves_the_is_leader_gauge_over_http() {
+    let name = support::unique("metrics-elect");
+    let series = format!("mqlock_is_leader{{election=\"{name}\"}}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let other = rt
+        .block_on(LockClient::connect(
+            &support::amqp_url(),
+            ClientConfig::default(),
+        ))
+        .unwrap();
+    let leading = rt.block_on(other.campaign(&name, "other")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("got-term");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let elect = Command::new(support::mqlock_bin())
+        .args([
+            "elect",
+            "--metrics-addr",
+            &addr,
+            "--value",
+            "cli",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            // On SIGTERM, takes 2 s to stop: the scrapes after the loss happen meanwhile.
+            r#"trap 'echo TERM > "$0"; sleep 2; exit 0' TERM
+while :; do sleep 0.1; done"#,
+        ])
+        .arg(&marker)
+        .env("MQLOCK_AMQP_URL", support::amqp_url())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Standing by behind the other leader: 0.
+    let standing = scrape_until(port, "the campaign", Duration::from_secs(20), |t| {
+        sample(t, "mqlock_requests_total") == Some(1.0)
+    });
+    assert_eq!(value(&standing, &series), 0.0);
+    assert_eq!(value(&standing, "mqlock_grants_total"), 0.0);
+    assert!(
+        standing.contains("# TYPE mqlock_is_leader gauge"),
+        "{standing}"
+    );
+
+    // The other leader resigns: elected, 1.
+    rt.block_on(leading.resign()).unwrap();
+    let elected = scrape_until(port, "the election", Duration::from_secs(20), |t| {
+        sample(t, &series) == Some(1.0)
+    });
+    assert_eq!(value(&elected, "mqlock_grants_total"), 1.0);
+    assert_eq!(value(&elected, "mqlock_held_locks"), 1.0);
+
+    // Broken: the leadership is lost; 0 while mqlock still waits for its command.
+    let outcome = rt
+        .block_on(other.break_lock(&mqlock::election_lock_name(&name)))
+        .unwrap();
+    assert!(
+        matches!(outcome, BreakOutcome::Requested { .. }),
+        "{outcome:?}"
+    );
+    let lost = scrape_until(port, "the loss", Duration::from_secs(20), |t| {
+        sample(t, &series) == Some(0.0)
+            && sample(t, "mqlock_losses_total{reason=\"broken\"}") == Some(1.0)
+    });
+    assert_eq!(value(&lost, "mqlock_grants_total"), 1.0);
+    let out = elect.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(123), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().trim(),
+        "TERM",
+        "{err}"
+    );
+    rt.block_on(other.close());
+}
+
+/// The library hook: a registered client's `Leadership` sets `mqlock_is_leader` while it leads
+/// and clears it when resigned, lost or dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leadership_sets_is_leader_and_clears_it_on_resign_loss_and_drop() {
+    support::init_tracing();
+    let url = support::amqp_url();
+    let a = LockClient::connect(&url, ClientConfig::default())
+        .await
+        .unwrap();
+    let b = LockClient::connect(&url, ClientConfig::default())
+        .await
+        .unwrap();
+    let (mut ra, mut rb) = (Registry::default(), Registry::default());
+    mqlock::prometheus::register(&a, &mut ra);
+    mqlock::prometheus::register(&b, &mut rb);
+    let name = support::unique("metrics-leader");
+    let series = format!("mqlock_is_leader{{election=\"{name}\"}}");
+    let leads = |r: &Registry| sample(&exposition(r), &series);
+    // No campaign yet: no series.
+    assert_eq!(leads(&ra), None);
+
+    let la = a.campaign(&name, "a").await.unwrap();
+    assert_eq!(leads(&ra), Some(1.0));
+    // B stands by: listed, 0.
+    let standby = {
+        let (b, name) = (b.clone(), name.clone());
+        tokio::spawn(async move { b.campaign(&name, "b").await })
+    };
+    support::wait_until("B stands by", Duration::from_secs(10), || {
+        std::future::ready(leads(&rb) == Some(0.0))
+    })
+    .await;
+    // A resigns: 0 at once; B is elected: 1.
+    la.resign().await.unwrap();
+    assert_eq!(leads(&ra), Some(0.0));
+    let lb = tokio::time::timeout(Duration::from_secs(10), standby)
+        .await
+        .expect("B is elected")
+        .unwrap()
+        .unwrap();
+    assert_eq!(leads(&rb), Some(1.0));
+    assert_eq!(b.metrics().leading, [(name.clone(), true)]);
+
+    // B's leadership is broken: 0 while the Leadership still exists.
+    a.break_lock(&mqlock::election_lock_name(&name))
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), lb.lost())
+        .await
+        .expect("B acts on the break");
+    assert!(matches!(reason, LossReason::Broken { .. }), "{reason}");
+    assert_eq!(leads(&rb), Some(0.0));
+    assert_eq!(b.metrics().leading, [(name.clone(), false)]);
+    drop(lb);
+
+    // A leads again; dropping the leadership (a resign in the background) clears it.
+    let la = a.campaign(&name, "a").await.unwrap();
+    assert_eq!(leads(&ra), Some(1.0));
+    assert_eq!(leads(&rb), Some(0.0));
+    drop(la);
+    assert_eq!(leads(&ra), Some(0.0));
+    a.close().await;
+    b.close().await;
 }

@@ -26,6 +26,11 @@ pub struct BreakArgs {
     /// Lock name.
     pub name: String,
 
+    /// Show mqlock's and the AMQP library's logs on stderr (debug level; MQLOCK_LOG or RUST_LOG,
+    /// when set, choose instead).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+
     #[command(flatten)]
     pub connect: ConnectArgs,
 }

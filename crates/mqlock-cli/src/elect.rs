@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::child;
 use crate::connect::ConnectArgs;
 use crate::exit_code::{FAILURE, INTERRUPTED, LOST, OK, TERMINATED, lock_error};
+use crate::metrics_server::MetricsArgs;
 
 /// Run CMD only while leader of the election NAME, or watch who leads it (--observe)
 ///
@@ -32,6 +33,8 @@ use crate::exit_code::{FAILURE, INTERRUPTED, LOST, OK, TERMINATED, lock_error};
 ///
 /// Example: mqlock elect scheduler --value "$(hostname):8080" -- ./run-scheduler.sh
 ///          mqlock elect --observe scheduler
+/// With metrics for Prometheus (mqlock_is_leader{election="scheduler"} is 1 while leading):
+///          mqlock elect --metrics-addr 127.0.0.1:9464 scheduler -- ./run-scheduler.sh
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct ElectArgs {
@@ -60,12 +63,16 @@ pub struct ElectArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, conflicts_with = "observe")]
     pub grace: Duration,
 
-    /// Print what happens (elected, fencing token, resigned) on stderr.
+    /// Print what happens (elected, fencing token, resigned) on stderr, with mqlock's and the
+    /// AMQP library's logs (debug level; MQLOCK_LOG or RUST_LOG, when set, choose instead).
     #[arg(long, short = 'v')]
     pub verbose: bool,
 
     #[command(flatten)]
     pub connect: ConnectArgs,
+
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 
     /// The command to run while leader, after `--`.
     #[arg(
@@ -94,6 +101,12 @@ async fn campaign(args: &ElectArgs) -> u8 {
             return lock_error(&e);
         }
     };
+    // Listening before the campaign: a scrape while standing by shows is_leader 0.
+    if let Err(e) = args.metrics.serve(&client).await {
+        eprintln!("mqlock: {e}");
+        client.close().await;
+        return FAILURE;
+    }
     let value = args.value.clone().unwrap_or_else(host_name);
     let started = Instant::now();
     let mut stop = child::Stop::listen();
@@ -154,6 +167,11 @@ async fn observe(args: &ElectArgs) -> u8 {
             return lock_error(&e);
         }
     };
+    if let Err(e) = args.metrics.serve(&client).await {
+        eprintln!("mqlock: {e}");
+        client.close().await;
+        return FAILURE;
+    }
     let mut sigint = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut sigterm = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let changes = client.observe_every(&args.name, args.interval);

@@ -72,7 +72,8 @@ pub struct ExecArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
 
-    /// Print what happens (grant, fencing token, release) on stderr.
+    /// Print what happens (grant, fencing token, release) on stderr, with mqlock's and the AMQP
+    /// library's logs (debug level; MQLOCK_LOG or RUST_LOG, when set, choose instead).
     #[arg(long, short = 'v')]
     pub verbose: bool,
 

@@ -39,6 +39,11 @@ pub struct ListArgs {
     #[arg(long, env = "MQLOCK_MANAGEMENT_URL", hide_env_values = true)]
     pub management_url: Option<String>,
 
+    /// Show mqlock's and the AMQP library's logs on stderr (debug level; MQLOCK_LOG or RUST_LOG,
+    /// when set, choose instead).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+
     #[command(flatten)]
     pub connect: ConnectArgs,
 }

@@ -14,6 +14,7 @@ mod migrate;
 mod mount;
 mod status;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -67,22 +68,53 @@ enum Command {
     Migrate(migrate::MigrateArgs),
 }
 
+impl Command {
+    /// Whether `-v` was given (the subcommands that take it).
+    fn verbose(&self) -> bool {
+        match self {
+            Command::Exec(a) => a.verbose,
+            Command::Elect(a) => a.verbose,
+            Command::Status(a) => a.verbose,
+            Command::List(a) => a.verbose,
+            Command::Break(a) => a.verbose,
+            Command::Completions(_) | Command::Man(_) | Command::Mount(_) | Command::Migrate(_) => {
+                false
+            }
+        }
+    }
+}
+
 /// What is logged when neither MQLOCK_LOG nor RUST_LOG is set: mqlock's own warnings (a lock
 /// lost, a retried acquisition), nothing from the AMQP library.
 const DEFAULT_LOG: &str = "warn,lapin=off";
 
+/// What `-v` logs when neither MQLOCK_LOG nor RUST_LOG is set: mqlock's debug lines (grants,
+/// reconnects, releases) and every library's info and above (the AMQP library's own report of
+/// a refused login or a 404 included).
+const VERBOSE_LOG: &str = "info,mqlock=debug,mqlock_cli=debug";
+
+/// The log filter: MQLOCK_LOG, else RUST_LOG, else [`VERBOSE_LOG`] with `-v`, else
+/// [`DEFAULT_LOG`].
+fn log_filter(verbose: bool) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("MQLOCK_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if verbose { VERBOSE_LOG } else { DEFAULT_LOG })
+        })
+}
+
 fn main() -> ExitCode {
+    // Parsed first: `-v` chooses the log filter. (Usage errors are clap's own output.)
+    let cli = Cli::parse();
     // mqlock prints its own one-line message for every failure; the libraries' logs (lapin
     // reports an expected 404 or a refused login as an ERROR) stay quiet unless asked for with
-    // MQLOCK_LOG or RUST_LOG (e.g. MQLOCK_LOG=debug).
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MQLOCK_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    // -v, MQLOCK_LOG or RUST_LOG (e.g. MQLOCK_LOG=debug).
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(cli.command.verbose()))
         .with_writer(std::io::stderr)
+        // Colours for a terminal only, not in a log file or a test's captured output.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -19,12 +19,13 @@ const MAX_HEAD: usize = 8 * 1024;
 /// How long a connection may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The metrics endpoint option shared by `exec` and `mount`.
+/// The metrics endpoint option shared by `exec`, `elect` and `mount`.
 #[derive(Args, Debug, Clone)]
 pub struct MetricsArgs {
     /// Serve this client's metrics for Prometheus at http://HOST:PORT/metrics (requests, grants,
-    /// releases, timeouts, losses by reason, held locks, wait and hold time histograms; names
-    /// start with mqlock_). It listens before any lock is requested, so waits can be watched.
+    /// releases, timeouts, losses by reason, held locks, wait and hold time histograms, and for
+    /// elect the mqlock_is_leader{election="NAME"} gauge, 1 while leading; names start with
+    /// mqlock_). It listens before any lock is requested, so waits can be watched.
     /// Example: --metrics-addr 127.0.0.1:9464 (0.0.0.0:9464 for every interface).
     #[arg(long, env = "MQLOCK_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<String>,

@@ -23,6 +23,11 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Show mqlock's and the AMQP library's logs on stderr (debug level; MQLOCK_LOG or RUST_LOG,
+    /// when set, choose instead).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -79,7 +84,8 @@ pub async fn run(args: StatusArgs) -> ExitCode {
     ExitCode::from(if status.is_held() { HELD } else { OK })
 }
 
-/// The `--json` form of a status. Field names are stable (docs/operating.md): `name`, `queue`,
+/// The `--json` form of a status. Field names are stable (documented in README.md, "Operating
+/// mqlock", "Finding a stuck lock"): `name`, `queue`,
 /// `exists`, `held`, `waiters`, `consumers`, `ready_messages`, and `holder` (null, or an object
 /// with `host`, `pid`, `client`, `token`, `since` as RFC 3339, `since_unix_ms`, and `value`: an
 /// election leader's value, null for a plain lock).

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::guard::LockGuard;
 use crate::identity::HolderInfo;
 use crate::loss::{LossReason, LossSignal};
+use crate::metrics::{LeaderMark, Metrics};
 
 /// The prefix that keeps an election's lock apart from plain locks: the election `NAME` is the
 /// lock `elect:NAME`. (A plain lock named `elect:NAME` would be the same lock: don't.)
@@ -72,12 +73,18 @@ impl std::fmt::Display for Leader {
 /// it while a standby has taken over. Send [`Leadership::fencing_token`] with every action only
 /// the leader may take, and let the resource refuse older tokens. Dropping it resigns in the
 /// background.
+///
+/// While it leads, its client's metrics say so ([`crate::MetricsSnapshot::leading`], the
+/// `mqlock_is_leader{election="NAME"}` gauge of `crate::prometheus`): 1 from the won campaign
+/// until it is lost, resigned or dropped, then 0.
 #[must_use = "dropping the leadership resigns it"]
 #[derive(Debug)]
 pub struct Leadership {
     election: String,
     value: String,
     guard: LockGuard,
+    /// Shows this leadership in the client's metrics while it lives.
+    mark: LeaderMark,
 }
 
 impl Leadership {
@@ -124,7 +131,11 @@ impl Leadership {
     /// Gives leadership up: releases the election's lock, which the broker hands to the next
     /// standby in the same step ([`LockGuard::release`], with its errors and cancel safety).
     pub async fn resign(self) -> Result<()> {
-        self.guard.release().await
+        let Leadership { guard, mark, .. } = self;
+        // Not leading from here on, before the broker hands leadership to a standby: the
+        // is-leader gauges of two clients do not both read 1 across the hand-over.
+        drop(mark);
+        guard.release().await
     }
 }
 
@@ -156,6 +167,8 @@ impl LockClient {
                 value.len()
             )));
         }
+        // Listed in the metrics (not leading) while standing by.
+        self.inner.metrics.standing(name);
         let guard = self
             .acquire(
                 &election_lock_name(name),
@@ -165,10 +178,12 @@ impl LockClient {
             )
             .await?
             .expect("a blocking acquisition grants or fails");
+        let mark = Metrics::elected(&self.inner.metrics, name, guard.loss_signal());
         Ok(Leadership {
             election: name.to_owned(),
             value: value.to_owned(),
             guard,
+            mark,
         })
     }
 

@@ -1,14 +1,15 @@
 //! The article's figures of merit, per client: lock request rate **R**, release rate **S** and
 //! wait time **T** (a histogram of the time from request to grant); and what an operator
-//! watches besides: hold time, losses by reason, locks held now. The `prometheus` feature
-//! exposes them (`crate::prometheus`).
+//! watches besides: hold time, losses by reason, locks held now, and whether it leads each
+//! election it campaigned in. The `prometheus` feature exposes them (`crate::prometheus`).
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::loss::LossReason;
+use crate::loss::{LossReason, LossSignal};
 
 /// Wait-time buckets: bucket `i` counts waits in `[2^i, 2^(i+1))` microseconds.
 const BUCKETS: usize = 40;
@@ -86,6 +87,37 @@ pub struct Metrics {
     wait: Mutex<Histogram>,
     wait_seconds: Mutex<Buckets>,
     hold_seconds: Mutex<Buckets>,
+    elections: Mutex<Elections>,
+}
+
+/// The elections a client campaigned in, by name, each with the leaderships it won there and
+/// has not given up yet (a [`crate::Leadership`] not dropped or resigned), by id, with the loss
+/// signal of their guards. Whether it leads is read from those signals at snapshot time, so a
+/// lost leadership (an expired lease included) reads as not leading without any task running.
+#[derive(Debug, Default)]
+struct Elections {
+    next_id: u64,
+    by_name: BTreeMap<String, Vec<(u64, LossSignal)>>,
+}
+
+/// Marks a won election in its client's [`Metrics`] while it lives: the client leads that
+/// election as long as a mark whose loss signal has not fired exists. Held by
+/// [`crate::Leadership`]; dropping it (resign, drop) takes the leadership off.
+#[derive(Debug)]
+pub(crate) struct LeaderMark {
+    metrics: Arc<Metrics>,
+    election: String,
+    id: u64,
+}
+
+impl Drop for LeaderMark {
+    fn drop(&mut self) {
+        let mut e = self.metrics.elections.lock().unwrap();
+        if let Some(marks) = e.by_name.get_mut(&self.election) {
+            // The election stays listed, now without this leadership: it reads as 0.
+            marks.retain(|(id, _)| *id != self.id);
+        }
+    }
 }
 
 /// A Prometheus-style histogram: counts per bucket (not cumulative), the last one `+Inf`.
@@ -154,6 +186,7 @@ impl Default for Metrics {
             }),
             wait_seconds: Mutex::new(Buckets::new(WAIT_BUCKETS_SECONDS)),
             hold_seconds: Mutex::new(Buckets::new(HOLD_BUCKETS_SECONDS)),
+            elections: Mutex::new(Elections::default()),
         }
     }
 }
@@ -202,6 +235,31 @@ impl Metrics {
     pub(crate) fn renewed(&self) {
         self.renewals.fetch_add(1, Ordering::Relaxed);
     }
+    /// The client stands for leader of `election`: listed from now on (not leading yet).
+    pub(crate) fn standing(&self, election: &str) {
+        self.elections
+            .lock()
+            .unwrap()
+            .by_name
+            .entry(election.to_owned())
+            .or_default();
+    }
+    /// The client won `election` with a grant whose loss signal is `signal`: it leads while the
+    /// returned mark lives and the signal has not fired.
+    pub(crate) fn elected(self: &Arc<Self>, election: &str, signal: LossSignal) -> LeaderMark {
+        let mut e = self.elections.lock().unwrap();
+        let id = e.next_id;
+        e.next_id += 1;
+        e.by_name
+            .entry(election.to_owned())
+            .or_default()
+            .push((id, signal));
+        LeaderMark {
+            metrics: self.clone(),
+            election: election.to_owned(),
+            id,
+        }
+    }
 
     /// A copy of the counters for reading or printing. Each counter and histogram is read on
     /// its own, so a snapshot taken while locks change hands may be off by the events in
@@ -249,6 +307,17 @@ impl Metrics {
             wait_buckets: h.buckets.to_vec(),
             wait_seconds: self.wait_seconds.lock().unwrap().snapshot(),
             hold_seconds: self.hold_seconds.lock().unwrap().snapshot(),
+            leading: self
+                .elections
+                .lock()
+                .unwrap()
+                .by_name
+                .iter()
+                .map(|(name, marks)| {
+                    let leads = marks.iter().any(|(_, signal)| signal.reason().is_none());
+                    (name.clone(), leads)
+                })
+                .collect(),
         }
     }
 }
@@ -317,6 +386,11 @@ pub struct MetricsSnapshot {
     /// Hold time (grant to release or loss) of every hold that ended, in the buckets of
     /// [`HOLD_BUCKETS_SECONDS`].
     pub hold_seconds: HistogramSnapshot,
+    /// Every election this client campaigned in ([`crate::LockClient::campaign`]), sorted by
+    /// name, with whether it leads it now: `true` from the won campaign until the
+    /// [`crate::Leadership`] is lost (its loss signal fired, its lease ran out), resigned or
+    /// dropped; `false` while it stands by and after. (The `mqlock_is_leader` gauge.)
+    pub leading: Vec<(String, bool)>,
 }
 
 impl MetricsSnapshot {
@@ -349,6 +423,13 @@ impl fmt::Display for MetricsSnapshot {
         }
         if self.losses > 0 {
             writeln!(f)?;
+        }
+        for (election, leads) in &self.leading {
+            writeln!(
+                f,
+                "election {election:?}: {}",
+                if *leads { "leader" } else { "not leader" }
+            )?;
         }
         let h = &self.hold_seconds;
         writeln!(
@@ -445,6 +526,36 @@ mod tests {
                 limit: Duration::from_secs(2)
             }),
             "hold_limit"
+        );
+    }
+
+    #[test]
+    fn leadership_is_read_from_live_marks_and_their_loss_signals() {
+        let m = Arc::new(Metrics::default());
+        assert!(m.snapshot().leading.is_empty());
+        m.standing("b");
+        assert_eq!(m.snapshot().leading, [("b".to_string(), false)]);
+        let signal = LossSignal::new(None);
+        let mark = m.elected("b", signal.clone());
+        let other = m.elected("a", LossSignal::new(None));
+        assert_eq!(
+            m.snapshot().leading,
+            [("a".to_string(), true), ("b".to_string(), true)]
+        );
+        // Lost: not leading, although the leadership still exists.
+        signal.fire(LossReason::ConsumerCancelled);
+        assert_eq!(m.snapshot().leading[1], ("b".to_string(), false));
+        drop(mark);
+        // Resigned (dropped): listed, not leading.
+        drop(other);
+        assert_eq!(
+            m.snapshot().leading,
+            [("a".to_string(), false), ("b".to_string(), false)]
+        );
+        assert!(
+            m.snapshot()
+                .to_string()
+                .contains("election \"a\": not leader")
         );
     }
 }

@@ -20,12 +20,20 @@
 //! | `mqlock_held_locks` | gauge | locks held now |
 //! | `mqlock_wait_seconds` | histogram | wait time T, request to grant |
 //! | `mqlock_hold_seconds` | histogram | hold time, grant to release or loss |
+//! | `mqlock_is_leader{election}` | gauge | 1 while this client leads the election, else 0 |
 //!
 //! `reason` is one of [`crate::LOSS_REASONS`]: `connection_lost`, `channel_closed`,
 //! `consumer_cancelled`, `lease_expired`, `taken_back`, `granted_elsewhere`, `revoked`,
 //! `broken` (`mqlock break`), `hold_limit` (`LockOptions::max_hold`), `other`; every one is
-//! exposed, zeros included. There is no `mqlock_is_leader` gauge: mqlock has no leader election
-//! yet.
+//! exposed, zeros included.
+//!
+//! `mqlock_is_leader` has one series per election the client campaigned in
+//! ([`LockClient::campaign`], label `election` = the election's name, not its lock's): 0 while it
+//! stands by, 1 from the won campaign until its [`crate::Leadership`] is lost (loss signal fired
+//! or lease run out), resigned or dropped, then 0 again. Nothing needs updating by hand: a
+//! registered client's leaderships set and clear it ([`crate::MetricsSnapshot::leading`]).
+//! Summed over every candidate of an election, it should be 1 (briefly 0 at a hand-over; above 1
+//! only while a deposed leader has not noticed its loss, the case fencing tokens are for).
 //!
 //! ```no_run
 //! # async fn demo() -> mqlock::Result<()> {
@@ -133,6 +141,17 @@ impl Collector for MetricsCollector {
             MetricType::Gauge,
         )?)?;
 
+        let mut leading = encoder.encode_descriptor(
+            "is_leader",
+            "1 while this client leads the election (won, neither lost nor resigned), else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (election, leads) in &s.leading {
+            let labels = [("election", election.as_str())];
+            ConstGauge::new(i64::from(*leads)).encode(leading.encode_family(&labels)?)?;
+        }
+
         for (name, help, h) in [
             (
                 "wait",
@@ -192,6 +211,8 @@ mod tests {
         metrics.released();
         metrics.lost(&LossReason::ConsumerCancelled);
         metrics.hold_ended(Duration::from_secs(7));
+        metrics.standing("standby \"x\"");
+        let _leading = metrics.elected("sched", crate::LossSignal::new(None));
         let mut registry = Registry::default();
         register_metrics(metrics, &mut registry);
         let mut text = String::new();
@@ -219,6 +240,9 @@ mod tests {
             "mqlock_hold_seconds_sum 7.02",
             "mqlock_hold_seconds_bucket{le=\"0.05\"} 1",
             "mqlock_hold_seconds_bucket{le=\"10\"} 2",
+            "# TYPE mqlock_is_leader gauge",
+            "mqlock_is_leader{election=\"sched\"} 1",
+            "mqlock_is_leader{election=\"standby \\\"x\\\"\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
