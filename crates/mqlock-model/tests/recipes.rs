@@ -120,7 +120,7 @@ fn sem_configs() -> [(semaphore::Config, usize); 3] {
         clients: 2,
         ..a
     };
-    [(a, 400_000), (b, 100_000), (c, 100_000)]
+    [(a, 300_000), (b, 100_000), (c, 80_000)]
 }
 
 /// The small configuration of the negative controls: 2 permits, 2 clients, 2 acquisitions
@@ -196,7 +196,7 @@ fn semaphore_keeps_every_invariant() {
             "a stuck wait: {:?}",
             r.stuck_path.map(|p| names(&p))
         );
-        let r = sem_no_stuck_permit(&m, false);
+        let r = sem_no_stuck_permit(&m, true);
         assert!(r.from > 0);
         assert_eq!(
             r.stuck,
@@ -207,23 +207,23 @@ fn semaphore_keeps_every_invariant() {
     }
 }
 
-/// An acquisition registers only on the slots its client did not hold when it started: if the
-/// client releases one of those while it waits, it waits for the others although that permit
-/// is free (until a holder of its slots lets go). Adding the released slot to the waiting
-/// acquisition (`Retarget`) removes that.
+/// Negative control, and the finding that changed the implementation: an acquisition that
+/// registers only on the slots its client did not hold when it started, and not on one the
+/// client releases while it waits, waits for the others although that permit is free (until a
+/// holder of its slots lets go). The recipe adds the released slot (`semaphore.rs`'s
+/// `returned`), which `semaphore_keeps_every_invariant` checks.
 #[test]
-fn semaphore_subset_waiter_ignores_its_own_released_permit() {
-    let m = Semaphore::new(semaphore::Variant::Recipe, sem_small());
+fn semaphore_without_retarget_ignores_its_own_released_permit() {
+    let m = Semaphore::new(semaphore::Variant::NoRetarget, sem_small());
     let r = sem_no_stuck_permit(&m, true);
     let path = r
         .stuck_path
         .expect("a waiter next to a free permit it does not acquire");
-    println!("recipe: {} stuck, first after: {}", r.stuck, names(&path));
-
-    let fixed = Semaphore::new(semaphore::Variant::Retarget, sem_configs()[2].0);
-    exhaustive("semaphore with retarget", &fixed);
-    let r = sem_no_stuck_permit(&fixed, true);
-    assert_eq!(r.stuck, 0, "{:?}", r.stuck_path.map(|p| names(&p)));
+    println!(
+        "no retarget: {} stuck, first after: {}",
+        r.stuck,
+        names(&path)
+    );
 }
 
 /// Negative control: without the per-acquisition turn, two grants of one acquisition run at

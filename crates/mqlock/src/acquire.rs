@@ -450,7 +450,7 @@ impl LockClient {
         };
         // First delivery: the broker made us the active consumer (`v2::Receive` in
         // docs/model.md); the grant is the next part of the protocol. A semaphore's
-        // registration waits for its turn first (`recipes::Grant`): one grant at a time.
+        // registration waits for its turn first (`recipes::Turn`): one grant at a time.
         let turn = match terms.sibling.as_ref().map(|s| s.turn.clone()) {
             Some(turn) => Some(turn.lock_owned().await),
             None => None,

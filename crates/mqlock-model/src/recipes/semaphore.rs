@@ -15,7 +15,8 @@ use super::{Action, Lock, Queue, all, bits, head, leave};
 /// Which semaphore the clients run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Variant {
-    /// The recipe as the implementation does it.
+    /// The recipe as the implementation does it: a slot its client releases while the client's
+    /// acquisition waits is added to that acquisition's slots (it registers there too).
     Recipe,
     /// Negative control: no per-acquisition turn; every slot on which the acquisition is the
     /// head starts its grant, and grants already running complete after the first one.
@@ -23,9 +24,9 @@ pub enum Variant {
     /// Negative control: a granted acquisition abandons its other registrations only once it
     /// released its permit.
     NoAbandon,
-    /// The recipe, plus: a slot its client releases while the client's acquisition waits is
-    /// added to that acquisition's slots (it registers there too).
-    Retarget,
+    /// Negative control, the first implementation: a slot its client releases while the
+    /// client's acquisition waits is not added to that acquisition's slots.
+    NoRetarget,
 }
 
 /// The bounds of one semaphore model.
@@ -327,7 +328,7 @@ impl Model for Semaphore {
             Action::Release(_, Lock::Slot(i)) => {
                 let cl = &mut s.clients[cu];
                 cl.holds &= !(1 << i);
-                if self.variant == Variant::Retarget
+                if self.variant != Variant::NoRetarget
                     && let Some(acq) = &mut cl.acq
                     && acq.granted.is_none()
                 {
