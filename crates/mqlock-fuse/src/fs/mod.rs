@@ -190,33 +190,34 @@ impl Inner {
         attr::set(ino, &inode, file.map(|f| &f.file), changes, setid_for)
     }
 
-    /// Runs `f` on the runtime while holding the locks of `names` (taken in sorted order, so
-    /// that two nodes renaming across the same pair cannot deadlock).
+    /// Runs `f` on the runtime while holding the locks of `names`, taken all or none by the
+    /// core's multi-lock ([`LockTable::acquire_all`]): in the one global order (two nodes
+    /// renaming across the same pair cannot deadlock), within one `lock_timeout` for the whole
+    /// set, and given back when one of them cannot be had. A name given twice (a rename onto
+    /// its own name) is locked once.
     fn with_locks<R: Send + 'static>(
         self: &Arc<Self>,
-        mut names: Vec<String>,
+        names: Vec<String>,
         f: impl FnOnce(&Inner) -> R + Send + 'static,
         done: impl FnOnce(Result<R, LockError>) + Send + 'static,
     ) {
-        names.sort();
-        names.dedup();
+        let mut unique: Vec<String> = Vec::with_capacity(names.len());
+        for name in names {
+            if !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
         let inner = self.clone();
         self.runtime.spawn(async move {
-            let mut shares = Vec::with_capacity(names.len());
-            for name in &names {
-                match inner.locks.acquire(name, false).await {
-                    Ok(s) => shares.push(s),
-                    Err(e) => {
-                        tracing::info!(lock = %name, error = %e, "file operation refused: lock not available");
-                        for s in shares.iter().rev() {
-                            inner.locks.release(s).await;
-                        }
-                        return done(Err(e));
-                    }
+            let shares = match inner.locks.acquire_all(&unique).await {
+                Ok(shares) => shares,
+                Err(e) => {
+                    tracing::info!(locks = ?unique, error = %e, "file operation refused: lock not available");
+                    return done(Err(e));
                 }
-            }
+            };
             let r = f(&inner);
-            for s in shares.iter().rev() {
+            for s in &shares {
                 inner.locks.release(s).await;
             }
             done(Ok(r));
