@@ -544,6 +544,42 @@ fn tricky_semantics(dir: &Path) -> Vec<String> {
         (now - m.mtime()).abs() < 10
     ));
 
+    // A size beyond the largest file the backing file system allows (16 TiB - 4 KiB on ext4
+    // with 4 KiB blocks): EFBIG, by path and by handle, and nothing changes.
+    std::fs::write(p("big"), "0123").unwrap();
+    let bp = c(&p("big"));
+    // SAFETY: valid C string and times.
+    cvt(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            bp.as_ptr(),
+            [ts(1_000_000, 1), ts(2_000_000, 2)].as_ptr(),
+            0,
+        )
+    })
+    .unwrap();
+    let w = OpenOptions::new().write(true).open(p("big")).unwrap();
+    for size in [1u64 << 60, i64::MAX as u64] {
+        t.push(format!(
+            "too big {size}: truncate {}",
+            // SAFETY: valid C string.
+            outcome(cvt(unsafe { libc::truncate(bp.as_ptr(), size as i64) }))
+        ));
+        t.push(format!(
+            "too big {size}: ftruncate {}",
+            outcome(w.set_len(size))
+        ));
+    }
+    drop(w);
+    let m = std::fs::metadata(p("big")).unwrap();
+    t.push(format!(
+        "too big: size {} mtime {}.{} content {:?}",
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        std::fs::read_to_string(p("big")).unwrap()
+    ));
+
     // Directory errnos.
     std::fs::create_dir(p("d1")).unwrap();
     std::fs::create_dir(p("d2")).unwrap();
@@ -687,6 +723,122 @@ fn another_users_permission_errors_match_the_backing_directory() {
         assert_eq!(g, w, "mount vs backing directory");
     }
     assert_eq!(got.lines().count(), want.lines().count(), "{got}");
+}
+
+/// Regular files with set-ID bits, owned by root unless said: nobody writes and truncates some
+/// of them, root others.
+fn setid_fixture(dir: &Path) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, mode, owner, group) in [
+        // Written by nobody: S_ISUID always goes, S_ISGID when the file is group-executable
+        // (w2777, g2776) or nobody is not in its group (w2767: Linux 6.2 and later); nobody's
+        // group keeps it on g2766; the owner's own write clears them too (n6777).
+        ("w6777", 0o6777, None, None),
+        ("w4777", 0o4777, None, None),
+        ("w2777", 0o2777, None, None),
+        ("w2767", 0o2767, None, None),
+        ("g2766", 0o2766, None, Some(NOBODY)),
+        ("g2776", 0o2776, None, Some(NOBODY)),
+        ("n6777", 0o6777, Some(NOBODY), Some(NOBODY)),
+        // Truncated by nobody: the same rule.
+        ("t6777", 0o6777, None, None),
+        ("t2767", 0o2767, None, None),
+        // Truncated by nobody beyond the largest file: EFBIG, and the bits stay.
+        ("b6777", 0o6777, None, None),
+        // Written and truncated by root (CAP_FSETID): the bits stay.
+        ("r6777", 0o6777, None, None),
+        ("s6777", 0o6777, None, None),
+    ] {
+        let f = dir.join(name);
+        std::fs::write(&f, "x").unwrap();
+        std::os::unix::fs::chown(&f, owner, group).unwrap();
+        // After the chown, which clears set-ID bits.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+/// What nobody does to the set-ID fixture.
+const SETID_SCRIPT: &str = r#"
+r() { "$@" 2>&1; echo "$* -> $?"; }
+for f in w6777 w4777 w2777 w2767 g2766 g2776 n6777; do r sh -c "echo y >> $f"; done
+r truncate -s 1 t6777
+r truncate -s 1 t2767
+r truncate -s 1152921504606846976 b6777
+"#;
+
+/// The set-ID fixture in `dir`, nobody's script, root's write and truncate, then every file's
+/// mode and size.
+fn setid_transcript(dir: &Path) -> String {
+    setid_fixture(dir);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd '{}' && {SETID_SCRIPT}", dir.display()))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    let mut t = String::from_utf8_lossy(&out.stdout).into_owned();
+    OpenOptions::new()
+        .append(true)
+        .open(dir.join("r6777"))
+        .unwrap()
+        .write_all(b"root")
+        .unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(dir.join("s6777"))
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    for name in names {
+        let m = std::fs::metadata(dir.join(&name)).unwrap();
+        t.push_str(&format!("{name} {:o} {}\n", m.mode() & 0o7777, m.len()));
+    }
+    t
+}
+
+/// A write or truncate by another user than root clears set-ID bits as on the backing file
+/// system, whichever way the mount writes (direct writes through the daemon, the page cache,
+/// kernel passthrough), and a truncate beyond the backing file system's largest file changes
+/// nothing, set-ID bits included.
+#[test]
+fn set_id_bits_and_size_limits_match_the_backing_directory_in_every_mode() {
+    let native = tempfile::tempdir().unwrap();
+    let want = setid_transcript(native.path());
+    assert!(
+        [
+            "w6777 777 ",
+            "w2767 767 ",
+            "g2766 2766 ",
+            "b6777 6777 ",
+            "r6777 6777 "
+        ]
+        .iter()
+        .all(|line| want.contains(line))
+            && want.contains("File too large"),
+        "the fixture must clear some bits and keep others: {want}"
+    );
+    for extra in [
+        &["--allow-other"][..],
+        &["--allow-other", "--no-read-passthrough"][..],
+        &["--allow-other", "--passthrough"][..],
+    ] {
+        let (_backing, n) = node(extra);
+        let got = setid_transcript(&n.mnt);
+        for (w, g) in want.lines().zip(got.lines()) {
+            assert_eq!(g, w, "{extra:?}: mount vs backing directory");
+        }
+        assert_eq!(
+            got.lines().count(),
+            want.lines().count(),
+            "{extra:?}: {got}"
+        );
+    }
 }
 
 /// A shared writable memory map stores its bytes in place, also through an `O_APPEND` handle

@@ -336,6 +336,56 @@ fn truncate_rename_and_unlink_wait_for_the_other_nodes_lock() {
     assert!(!a.path("g").exists());
 }
 
+/// Two nodes exchanging the same pair of files in opposite directions at once: each rename takes
+/// both locks in the one global order of the core's multi-lock, so neither node holds one lock
+/// while it waits for the other's (locking in argument order would deadlock until the lock
+/// timeout, and fail with ETIMEDOUT).
+#[test]
+fn renames_across_one_pair_in_opposite_directions_never_deadlock() {
+    let (_backing, a, b) = two_nodes(&["--lock-timeout", "10s"]);
+    std::fs::write(a.path("p"), b"P").unwrap();
+    std::fs::write(a.path("q"), b"Q").unwrap();
+    const ROUNDS: usize = 50;
+    let barrier = Arc::new(Barrier::new(2));
+    let exchanges = |from: std::path::PathBuf, to: std::path::PathBuf| {
+        let barrier = barrier.clone();
+        std::thread::spawn(move || {
+            let (from, to) = (
+                std::ffi::CString::new(from.to_str().unwrap()).unwrap(),
+                std::ffi::CString::new(to.to_str().unwrap()).unwrap(),
+            );
+            barrier.wait();
+            for round in 0..ROUNDS {
+                // SAFETY: valid C strings.
+                let r = unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        from.as_ptr(),
+                        libc::AT_FDCWD,
+                        to.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+                assert_eq!(r, 0, "round {round}: {:?}", std::io::Error::last_os_error());
+            }
+        })
+    };
+    let started = Instant::now();
+    let on_a = exchanges(a.path("p"), a.path("q"));
+    let on_b = exchanges(b.path("q"), b.path("p"));
+    on_a.join().unwrap();
+    on_b.join().unwrap();
+    // An even number of exchanges puts every file back.
+    assert_eq!(std::fs::read(a.path("p")).unwrap(), b"P");
+    assert_eq!(std::fs::read(b.path("q")).unwrap(), b"Q");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?} for {} exchanges",
+        started.elapsed(),
+        2 * ROUNDS
+    );
+}
+
 #[test]
 fn sigterm_sigint_and_outside_unmount_stop_the_daemon_cleanly() {
     let backing = tempfile::tempdir().unwrap();

@@ -23,11 +23,13 @@
 //!   node agrees on it whatever the mount and backing paths are.
 //! - All write handles of one file on one node share one lock; the last release unlocks it.
 //!   The backing fd is closed before the unlock, so the next holder reads every byte.
-//! - `truncate(2)` on a path, `unlink` and `rename` (both paths, in sorted order) hold the
-//!   locks for the duration of the operation.
-//! - A wait ends after [`MountConfig::lock_timeout`] with `ETIMEDOUT`; an `O_NONBLOCK` open
-//!   fails at once with `EWOULDBLOCK` when another node holds the lock. Lock waits run on the
-//!   tokio runtime, never on a FUSE worker thread, so other files keep being served.
+//! - `truncate(2)` on a path, `unlink` and `rename` hold the locks for the duration of the
+//!   operation; a rename takes its two paths' locks all or none through the core's multi-lock
+//!   ([`mqlock::LockTable::share_all`]: one global order, one timeout for the pair).
+//! - A wait (a rename's, for both locks) ends after [`MountConfig::lock_timeout`] with
+//!   `ETIMEDOUT`; an `O_NONBLOCK` open fails at once with `EWOULDBLOCK` when another node holds
+//!   the lock. Lock waits run on the tokio runtime, never on a FUSE worker thread, so other
+//!   files keep being served.
 //! - When a lock is lost while a write handle is open, later writes, `fallocate`, size changes
 //!   and `close` on that handle fail with `EIO`, and the loss is logged with the path and the
 //!   fencing token. In [`MountConfig::passthrough`] mode the kernel writes straight to the

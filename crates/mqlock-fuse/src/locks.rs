@@ -66,6 +66,26 @@ impl LockTable {
         Ok(share)
     }
 
+    /// Joins or acquires every lock of `names`, or none (rename's two paths): the core's
+    /// multi-lock ([`mqlock::LockTable::share_all`]), so the locks are taken in the one global
+    /// order of every multi-lock (two nodes renaming across the same pair in opposite directions
+    /// cannot deadlock), the configured timeout bounds the whole set, and on a failure the shares
+    /// already taken are given back before the error returns. The names must differ.
+    ///
+    /// Not cancel safe (see [`mqlock::LockTable::share_all`]): callers run it to completion in a
+    /// task of their own.
+    pub(crate) async fn acquire_all(&self, names: &[String]) -> Result<Vec<Share>, LockError> {
+        let shares = match self.table.share_all(names, self.timeout).await {
+            Ok(shares) => shares,
+            Err(mqlock::Error::Timeout { name, waited, .. }) => {
+                return Err(LockError::Timeout { name, waited });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::debug!(locks = ?names, "file locks shared");
+        Ok(shares)
+    }
+
     /// Leaves this node's hold; the last share out releases the lock.
     ///
     /// Not cancel safe: see [`mqlock::LockTable::unshare`]; callers run it to completion in a
@@ -102,6 +122,29 @@ mod tests {
         t.release(&b).await;
         assert!(!l.is_locked("f"));
         assert_eq!(t.slots(), 0);
+    }
+
+    // Paused clock, as below.
+    #[tokio::test(start_paused = true)]
+    async fn acquire_all_has_one_timeout_and_gives_back_what_it_took() {
+        let l = MemoryLocker::new();
+        let busy = l.lock("fs:/b").await.unwrap();
+        let t = table(&l, Duration::from_millis(300));
+        let names = ["fs:/b".to_owned(), "fs:/a".to_owned()];
+        let started = Instant::now();
+        let e = t.acquire_all(&names).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ETIMEDOUT);
+        assert!(matches!(e, LockError::Timeout { ref name, .. } if name == "fs:/b"));
+        assert!(started.elapsed() < Duration::from_millis(400));
+        assert!(!l.is_locked("fs:/a"), "the first lock was given back");
+        assert_eq!(t.slots(), 0);
+        drop(busy);
+        let shares = t.acquire_all(&names).await.unwrap();
+        assert_eq!(shares[0].name(), "fs:/b");
+        for s in &shares {
+            t.release(s).await;
+        }
+        assert!(!l.is_locked("fs:/a") && !l.is_locked("fs:/b"));
     }
 
     // Paused clock: the bounds are checked on tokio's virtual time, so a loaded machine cannot

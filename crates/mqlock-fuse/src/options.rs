@@ -15,8 +15,8 @@ use std::time::Duration;
 /// ```
 #[derive(Debug, Clone)]
 pub struct MountConfig {
-    /// How long a write-open, truncate, unlink or rename waits for a file's lock before it fails
-    /// with `ETIMEDOUT` (default 30 s). A process blocked in `open(2)` on a FUSE file cannot be
+    /// How long a write-open, truncate, unlink or rename waits for a file's lock (a rename: for
+    /// both its locks, in all) before it fails with `ETIMEDOUT` (default 30 s). A process blocked in `open(2)` on a FUSE file cannot be
     /// interrupted, so this bound is what keeps it killable.
     pub lock_timeout: Duration,
     /// Namespace of the lock names: `fs:{lock_prefix}/{path}` (default empty). Mounts that must

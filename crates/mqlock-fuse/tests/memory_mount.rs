@@ -246,6 +246,47 @@ fn truncate_unlink_and_rename_take_the_locks() {
     assert!(!l.is_locked("fs:/a") && !l.is_locked("fs:/b"));
 }
 
+/// A rename takes its two locks through the core's multi-lock: one `lock_timeout` for the pair
+/// (not one per lock), and when the second cannot be had, the first is given back before the
+/// rename fails.
+#[test]
+fn a_rename_has_one_timeout_for_both_locks_and_gives_the_first_back() {
+    let rt = rt();
+    let l = MemoryLocker::new();
+    let m = mount_with(&rt, &l, config(1000));
+    let (a, b) = (m.path.join("a"), m.path.join("b"));
+    write_file(&a, b"a");
+    wait_until("unlocked", || !l.is_locked("fs:/a"));
+    // "Another node" holds both names; it lets "fs:/a" (first in the order) go after 800 ms and
+    // keeps "fs:/b".
+    let held_a = rt.block_on(l.lock("fs:/a")).unwrap();
+    let held_b = rt.block_on(l.lock("fs:/b")).unwrap();
+    rt.spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        drop(held_a);
+    });
+    let started = Instant::now();
+    assert_eq!(
+        std::fs::rename(&a, &b).unwrap_err().raw_os_error(),
+        Some(libc::ETIMEDOUT)
+    );
+    let took = started.elapsed();
+    // 1 s for the pair; a timeout per lock would have waited 0.8 s + 1 s. The upper bound
+    // leaves 0.6 s for a loaded machine.
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_millis(1600),
+        "{took:?}"
+    );
+    assert!(
+        !l.is_locked("fs:/a"),
+        "the first lock is given back before the rename fails"
+    );
+    assert!(m.backing.join("a").exists() && !m.backing.join("b").exists());
+    drop(held_b);
+    std::fs::rename(&a, &b).unwrap();
+    assert!(!l.is_locked("fs:/a") && !l.is_locked("fs:/b"));
+}
+
 #[test]
 fn a_handle_sees_data_written_on_the_backing_side_after_reopen() {
     for o in checked_modes(2000) {

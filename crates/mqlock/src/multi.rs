@@ -55,6 +55,42 @@ where
     L: Locker + ?Sized,
     S: AsRef<str>,
 {
+    take_all(
+        names,
+        timeout,
+        || locker.addr(),
+        |name, left| locker.lock_timeout(name, left),
+        |guard: LockGuard| async move {
+            let _ = guard.release().await;
+        },
+    )
+    .await
+}
+
+/// The multi-lock itself, over any way of taking one lock: [`lock_all`] runs it over a
+/// [`Locker`]'s guards, [`crate::LockTable::share_all`] over a table's shares, so that every
+/// multi-lock of the crate keeps the one global order and the one deadline.
+///
+/// Checks every name and refuses a duplicate before anything is taken; then calls
+/// `take(name, left)` for each name in the global order (sorted by bytes), `left` being what is
+/// left of `timeout`; on any failure awaits `give_back` of every item taken (all at once) and
+/// returns the error, a timeout's `waited` counting from the call. `addr` names the lock
+/// service in a timeout found before the next lock could be asked for. The items come back in
+/// the order of `names`.
+pub(crate) async fn take_all<'n, S, T, Take, TakeFut, Give, GiveFut>(
+    names: &'n [S],
+    timeout: Duration,
+    addr: impl Fn() -> String,
+    mut take: Take,
+    give_back: Give,
+) -> Result<Vec<T>>
+where
+    S: AsRef<str>,
+    Take: FnMut(&'n str, Duration) -> TakeFut,
+    TakeFut: Future<Output = Result<T>>,
+    Give: FnMut(T) -> GiveFut,
+    GiveFut: Future<Output = ()>,
+{
     let started = Instant::now();
     let deadline = started + timeout;
     for n in names {
@@ -71,21 +107,21 @@ where
             name: names[w[0]].as_ref().to_owned(),
         });
     }
-    let mut taken: Vec<Option<LockGuard>> = (0..names.len()).map(|_| None).collect();
+    let mut taken: Vec<Option<T>> = (0..names.len()).map(|_| None).collect();
     for &i in &order {
         let name = names[i].as_ref();
         let left = deadline.saturating_duration_since(Instant::now());
         let got = if left.is_zero() {
             Err(Error::Timeout {
                 name: name.to_owned(),
-                addr: locker.addr(),
+                addr: addr(),
                 waited: started.elapsed(),
             })
         } else {
-            locker.lock_timeout(name, left).await
+            take(name, left).await
         };
         match got {
-            Ok(guard) => taken[i] = Some(guard),
+            Ok(item) => taken[i] = Some(item),
             Err(e) => {
                 let e = match e {
                     Error::Timeout { name, addr, .. } => Error::Timeout {
@@ -95,14 +131,14 @@ where
                     },
                     e => e,
                 };
-                join_all(taken.into_iter().flatten().map(LockGuard::release)).await;
+                join_all(taken.into_iter().flatten().map(give_back)).await;
                 return Err(e);
             }
         }
     }
     Ok(taken
         .into_iter()
-        .map(|g| g.expect("every name was taken"))
+        .map(|item| item.expect("every name was taken"))
         .collect())
 }
 

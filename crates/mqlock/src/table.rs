@@ -360,6 +360,44 @@ impl LockTable {
         Ok(self.start(&mut state, guard?))
     }
 
+    /// Joins or acquires this process's grant of every name of `names`, or of none, within
+    /// `timeout` in all: the multi-lock of [`crate::lock_all`] (docs/protocol.md, "Multi-lock")
+    /// over [`LockTable::share`]. The names are taken one after the other in the one global
+    /// order (sorted by their bytes), each with what is left of the deadline, so two processes
+    /// taking overlapping sets never wait for each other in a cycle. On any failure the shares
+    /// already taken are given back ([`LockTable::unshare`], awaited) before the error is
+    /// returned. The shares come back in the order of `names`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidName`]: a name is invalid (checked for every name before anything is
+    ///   taken).
+    /// - [`Error::AlreadyHeld`]: a name appears twice in `names` (checked before anything is
+    ///   taken).
+    /// - [`Error::Timeout`]: the deadline passed; the error names the lock waited for and the
+    ///   time since the call.
+    /// - Otherwise what [`LockTable::share`] returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: the shares taken before the future is dropped stay counted, and their
+    /// grants stay held, until the process ends. Run it to completion (in a task of its own,
+    /// like [`LockTable::unshare`]).
+    pub async fn share_all<S: AsRef<str>>(
+        &self,
+        names: &[S],
+        timeout: Duration,
+    ) -> Result<Vec<Share>> {
+        crate::multi::take_all(
+            names,
+            timeout,
+            || self.locker.addr(),
+            |name, left| self.share(name, left),
+            |share| async move { self.unshare(&share).await },
+        )
+        .await
+    }
+
     /// Joins this process's grant of `name`, or takes the lock if it is free; `Ok(None)` if
     /// another process holds it or a user of this process is waiting for it (the lock is not
     /// this process's yet). A release in flight in this process is waited out, up to
@@ -578,6 +616,52 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(200));
         drop(other);
         assert!(t.share("f", Duration::from_millis(200)).await.is_ok());
+    }
+
+    // Paused clock: the one deadline is checked on tokio's virtual time.
+    #[tokio::test(start_paused = true)]
+    async fn share_all_takes_all_or_none_within_one_deadline() {
+        let memory = MemoryLocker::new();
+        let t = table(&memory);
+        // A name this process already shares is joined; the shares come in the caller's order.
+        let held = t.share("b", Duration::from_secs(1)).await.unwrap();
+        let both = t
+            .share_all(&["c", "b"], Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(both.iter().map(Share::name).collect::<Vec<_>>(), ["c", "b"]);
+        assert_eq!(both[1].fencing_token(), held.fencing_token());
+        for s in both.iter().chain([&held]) {
+            t.unshare(s).await;
+        }
+        assert!(!memory.is_locked("b") && !memory.is_locked("c"));
+        // One deadline for the set: "a" (first in the order) comes free after 200 ms, "z" never.
+        // The call fails 300 ms after it started, not 300 ms after "a" came, and gives "a" back.
+        let a = memory.lock("a").await.unwrap();
+        let z = memory.lock("z").await.unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(a);
+        });
+        let started = Instant::now();
+        let e = t
+            .share_all(&["z", "a"], Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::Timeout { ref name, waited, .. } if name == "z" && waited >= Duration::from_millis(300)),
+            "{e:?}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(400));
+        assert!(!memory.is_locked("a"), "the share taken was given back");
+        assert_eq!(t.names_in_use(), 0);
+        drop(z);
+        // A name given twice takes nothing.
+        assert!(matches!(
+            t.share_all(&["x", "y", "x"], Duration::from_secs(1)).await,
+            Err(Error::AlreadyHeld { ref name }) if name == "x"
+        ));
+        assert!(!memory.is_locked("x") && !memory.is_locked("y"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 
 use super::inodes::Inode;
+use super::setid::{self, Caller, Fsetid};
 use crate::sys::{self, At, fstat};
 
 fn time(secs: i64, nsecs: i64) -> SystemTime {
@@ -99,15 +100,39 @@ fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
 
 /// Applies `changes` to the backing inode of `ino`: through the open `file` when the request
 /// came with a handle (an `ftruncate`, `fchmod`...), otherwise through the inode's path.
-/// Returns the attributes after the change.
+/// With `setid_for`, also clears the set-ID bits that the backing file system would clear for
+/// that caller ([`setid`]). Returns the attributes after the change.
+///
+/// The size goes first: a size the backing file system refuses (`EFBIG` beyond its largest
+/// file) fails the call before anything changed, as a local `truncate` fails before it changes
+/// the mode the kernel sends along with the size to clear set-ID bits.
 pub(super) fn set(
     ino: u64,
     inode: &Inode,
     file: Option<&File>,
     changes: &Changes,
+    setid_for: Option<&Caller>,
 ) -> io::Result<FileAttr> {
     let path = inode.proc_path();
-    if let Some(mode) = changes.mode {
+    let stat = || match file {
+        Some(f) => fstat(f.as_fd()),
+        None => fstat(inode.fd.as_fd()),
+    };
+    let mut mode = changes.mode;
+    if let Some(caller) = setid_for {
+        let st = stat()?;
+        let clear = setid::bits_to_clear(&st, caller, Fsetid::Unknown);
+        if clear != 0 {
+            mode = Some(mode.unwrap_or(st.st_mode) & !clear);
+        }
+    }
+    if let Some(size) = changes.size {
+        match file {
+            Some(f) => f.set_len(size)?,
+            None => sys::truncate(&path, size)?,
+        }
+    }
+    if let Some(mode) = mode {
         match file {
             Some(f) => sys::fchmod(f.as_fd(), mode & 0o7777)?,
             None => sys::fchmodat(At::Cwd, &path, mode & 0o7777, 0)?,
@@ -126,12 +151,6 @@ pub(super) fn set(
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
         )?;
     }
-    if let Some(size) = changes.size {
-        match file {
-            Some(f) => f.set_len(size)?,
-            None => sys::truncate(&path, size)?,
-        }
-    }
     if changes.atime.is_some() || changes.mtime.is_some() {
         let times = [timespec(changes.atime), timespec(changes.mtime)];
         match file {
@@ -139,10 +158,7 @@ pub(super) fn set(
             None => sys::utimensat(At::Cwd, &path, &times, 0)?,
         }
     }
-    match file {
-        Some(f) => Ok(file_attr(ino, &fstat(f.as_fd())?)),
-        None => Ok(file_attr(ino, &fstat(inode.fd.as_fd())?)),
-    }
+    Ok(file_attr(ino, &stat()?))
 }
 
 /// Gives the entry `name` the daemon (root) just created in `dir` to the caller `uid`/`gid`,

@@ -6,6 +6,7 @@ mod attr;
 mod backing;
 mod handles;
 mod inodes;
+mod setid;
 
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
@@ -29,6 +30,7 @@ use self::attr::{Changes, file_attr};
 use self::backing::BackingCache;
 use self::handles::{Handles, NewHandle, is_write_open};
 use self::inodes::{InodeTable, ROOT};
+use self::setid::Caller;
 use crate::error::LockError;
 use crate::keep_cache::CacheBaselines;
 use crate::locks::{LockTable, Share};
@@ -174,44 +176,48 @@ impl Inner {
         self.inodes.lookup(parent, name)
     }
 
-    /// `setattr` on the backing inode of `ino`, through `file` when the request named a handle.
+    /// `setattr` on the backing inode of `ino`, through `file` when the request named a handle;
+    /// with `setid_for`, clearing the set-ID bits the backing file system would clear for that
+    /// caller ([`attr::set`]).
     fn setattr(
         &self,
         ino: u64,
         file: Option<&handles::OpenFile>,
         changes: &Changes,
+        setid_for: Option<&Caller>,
     ) -> io::Result<FileAttr> {
         let inode = self.inodes.get(ino)?;
-        attr::set(ino, &inode, file.map(|f| &f.file), changes)
+        attr::set(ino, &inode, file.map(|f| &f.file), changes, setid_for)
     }
 
-    /// Runs `f` on the runtime while holding the locks of `names` (taken in sorted order, so
-    /// that two nodes renaming across the same pair cannot deadlock).
+    /// Runs `f` on the runtime while holding the locks of `names`, taken all or none by the
+    /// core's multi-lock ([`LockTable::acquire_all`]): in the one global order (two nodes
+    /// renaming across the same pair cannot deadlock), within one `lock_timeout` for the whole
+    /// set, and given back when one of them cannot be had. A name given twice (a rename onto
+    /// its own name) is locked once.
     fn with_locks<R: Send + 'static>(
         self: &Arc<Self>,
-        mut names: Vec<String>,
+        names: Vec<String>,
         f: impl FnOnce(&Inner) -> R + Send + 'static,
         done: impl FnOnce(Result<R, LockError>) + Send + 'static,
     ) {
-        names.sort();
-        names.dedup();
+        let mut unique: Vec<String> = Vec::with_capacity(names.len());
+        for name in names {
+            if !unique.contains(&name) {
+                unique.push(name);
+            }
+        }
         let inner = self.clone();
         self.runtime.spawn(async move {
-            let mut shares = Vec::with_capacity(names.len());
-            for name in &names {
-                match inner.locks.acquire(name, false).await {
-                    Ok(s) => shares.push(s),
-                    Err(e) => {
-                        tracing::info!(lock = %name, error = %e, "file operation refused: lock not available");
-                        for s in shares.iter().rev() {
-                            inner.locks.release(s).await;
-                        }
-                        return done(Err(e));
-                    }
+            let shares = match inner.locks.acquire_all(&unique).await {
+                Ok(shares) => shares,
+                Err(e) => {
+                    tracing::info!(locks = ?unique, error = %e, "file operation refused: lock not available");
+                    return done(Err(e));
                 }
-            }
+            };
             let r = f(&inner);
-            for s in shares.iter().rev() {
+            for s in &shares {
                 inner.locks.release(s).await;
             }
             done(Ok(r));
@@ -309,7 +315,7 @@ impl Filesystem for LockedFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -317,7 +323,7 @@ impl Filesystem for LockedFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -335,6 +341,15 @@ impl Filesystem for LockedFs {
             atime,
             mtime,
         };
+        // A truncate clears set-ID bits on the backing file system, and a setattr that changes
+        // nothing is what the kernel sends when a write or chown should clear bits its own rule
+        // keeps (`setid`): the caller's bits are cleared here as the backing kernel would.
+        let nothing = [mode, uid, gid].iter().all(Option::is_none)
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none()
+            && ctime.is_none();
+        let setid_for = (size.is_some() || nothing).then(|| Caller::of(req));
         // A size change is a write: through a write handle its lock already covers it; anything
         // else (truncate(2) on a path, or a handle without the lock) takes the lock around it.
         let locked_handle = file.as_ref().is_some_and(|f| f.lock.is_some());
@@ -345,7 +360,7 @@ impl Filesystem for LockedFs {
                 vec![name],
                 move |inner| {
                     inner.cache.forget(ino.0);
-                    inner.setattr(ino.0, file.as_deref(), &changes)
+                    inner.setattr(ino.0, file.as_deref(), &changes, setid_for.as_ref())
                 },
                 move |r| match r {
                     Ok(Ok(a)) => reply.attr(&ttl, &a),
@@ -361,7 +376,9 @@ impl Filesystem for LockedFs {
         {
             return reply.error(e);
         }
-        let r = self.inner.setattr(ino.0, file.as_deref(), &changes);
+        let r = self
+            .inner
+            .setattr(ino.0, file.as_deref(), &changes, setid_for.as_ref());
         if let Some(f) = &file
             && f.lock.is_some()
         {
@@ -589,7 +606,7 @@ impl Filesystem for LockedFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -605,6 +622,12 @@ impl Filesystem for LockedFs {
         };
         if let Err(e) = f.check_lock() {
             return reply.error(e);
+        }
+        // The kernel clears no set-ID bit before a direct write (the default mode's write
+        // handles): it flags the write instead, for the daemon, whose own write as root
+        // would not clear them either.
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            tri!(reply, setid::clear_before_write(&f.file, &Caller::of(req)));
         }
         // pwrite on an O_APPEND backing fd appends at the backing file's real end, whatever
         // offset this node's possibly stale size suggested. Pages written back from a memory
