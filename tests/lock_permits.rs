@@ -430,7 +430,7 @@ if [ "$T" -le "$max" ]; then echo "$P $T $max" >> "$D/stale"; fi
 echo "$T" > "$D/max.$P"; echo "$M" >> "$D/in"
 n=$(wc -l < "$D/in"); p=$(cat "$D/peak"); if [ "$n" -gt "$p" ]; then echo "$n" > "$D/peak"; fi
 echo "$P $T $M" >> "$D/log"'
-sleep 0.05
+sleep 0.2
 flock "$D/lock" sh -c 'grep -vx "$M" "$D/in" > "$D/in.tmp"; mv "$D/in.tmp" "$D/in"'"#;
 
 /// A client that runs `mqlock exec --permits 3` again and again.
@@ -502,10 +502,20 @@ async fn holders_killed_100_times_never_exceed_3_nor_lose_or_mint_a_permit_twice
 
     let started = Instant::now();
     let mut killed = 0;
-    while killed < KILLS {
+    let peak = || -> u32 {
+        std::fs::read_to_string(d.join("peak"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // At least KILLS kills, and on until the store has seen all three permits held at once
+    // (on a loaded machine the first hundred may all come before that).
+    while killed < KILLS || peak() < 3 {
         assert!(
             started.elapsed() < Duration::from_secs(240),
-            "only {killed} kills in 240 s"
+            "only {killed} kills in 240 s, peak {} holders",
+            peak()
         );
         // SAFETY: flock(2) on a file this test opened.
         assert_eq!(
@@ -539,11 +549,7 @@ async fn holders_killed_100_times_never_exceed_3_nor_lose_or_mint_a_permit_twice
         stale.is_empty(),
         "permits granted twice or out of order: {stale}"
     );
-    let peak: u32 = std::fs::read_to_string(d.join("peak"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let peak = peak();
     assert!(peak <= 3, "{peak} holders at once");
     assert_eq!(peak, 3, "the store never saw three holders at once");
     let log = std::fs::read_to_string(d.join("log")).unwrap();
@@ -570,7 +576,7 @@ async fn holders_killed_100_times_never_exceed_3_nor_lose_or_mint_a_permit_twice
         all.push(sem.acquire_timeout(Duration::from_secs(20)).await.unwrap());
     }
     println!(
-        "{KILLS} kills in {:.1?}; {} grants recorded; peak {peak} holders",
+        "{killed} kills in {:.1?}; {} grants recorded; peak {peak} holders",
         started.elapsed(),
         log.lines().count()
     );
