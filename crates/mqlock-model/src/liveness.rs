@@ -17,6 +17,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use stateright::Model;
 
+use crate::graph;
 use crate::model::{Action, LockModel, State};
 
 /// The outcome of the analysis.
@@ -24,7 +25,7 @@ use crate::model::{Action, LockModel, State};
 pub struct Liveness {
     /// States explored.
     pub states: usize,
-    /// Transitions explored.
+    /// Transitions kept in the graph.
     pub edges: usize,
     /// Reachable states with a waiter from which no grant is reachable.
     pub stuck: usize,
@@ -40,102 +41,31 @@ fn fp(s: &State) -> u64 {
     h.finish()
 }
 
-/// Explores every state of `m` (breadth first) and checks LV.
+/// Explores every state of `m` (breadth first) and checks LV with [`graph::check`].
 pub fn check(m: &LockModel) -> Liveness {
-    let init = m.init_states().remove(0);
-    let mut index: HashMap<u64, u32> = HashMap::new();
-    let mut parent: Vec<(u32, Option<Action>)> = Vec::new();
-    let mut waiting: Vec<bool> = Vec::new();
-    let mut good: Vec<bool> = Vec::new();
-    let mut rev: Vec<(u32, u32)> = Vec::new();
-    let mut queue = VecDeque::new();
-    index.insert(fp(&init), 0);
-    parent.push((0, None));
-    waiting.push(false);
-    good.push(false);
-    queue.push_back((0u32, init));
-    let mut actions = Vec::new();
-    while let Some((i, s)) = queue.pop_front() {
-        waiting[i as usize] = s.clients.iter().any(|c| c.waiting());
-        actions.clear();
-        m.actions(&s, &mut actions);
-        for a in actions.drain(..) {
-            let Some(t) = m.next_state(&s, a) else {
-                continue;
-            };
-            if matches!(a, Action::Grant(c) if t.clients[usize::from(c)].token().is_some()) {
-                good[i as usize] = true;
-            }
-            // A waiter that walks away does not count as the wait ending.
-            let walks_away = matches!(a, Action::Close(c) if s.clients[usize::from(c)].waiting());
-            let f = fp(&t);
-            let j = match index.get(&f) {
-                Some(j) => *j,
-                None => {
-                    let j = parent.len() as u32;
-                    index.insert(f, j);
-                    parent.push((i, Some(a)));
-                    waiting.push(false);
-                    good.push(false);
-                    queue.push_back((j, t));
-                    j
-                }
-            };
-            if !walks_away {
-                rev.push((j, i));
-            }
+    let waiting = |s: &State| s.clients.iter().any(|c| c.waiting());
+    let report = graph::check(
+        m,
+        waiting,
+        |s| !waiting(s),
+        |_, a, t| matches!(a, Action::Grant(c) if t.clients[usize::from(*c)].token().is_some()),
+        // A waiter that walks away does not count as the wait ending.
+        |s, a| !matches!(a, Action::Close(c) if s.clients[usize::from(*c)].waiting()),
+    );
+    let stuck_state = report.stuck_path.as_ref().map(|acts| {
+        let mut s = m.init_states().remove(0);
+        for a in acts {
+            s = m.next_state(&s, *a).expect("replay");
         }
-    }
-    let n = parent.len();
-    // Backward reachability from the states that take a Grant step.
-    rev.sort_unstable();
-    let mut start = vec![0usize; n + 1];
-    for (j, _) in &rev {
-        start[*j as usize + 1] += 1;
-    }
-    for k in 0..n {
-        start[k + 1] += start[k];
-    }
-    for k in 0..n {
-        if !waiting[k] {
-            good[k] = true;
-        }
-    }
-    let mut work: Vec<u32> = (0..n as u32).filter(|k| good[*k as usize]).collect();
-    while let Some(j) = work.pop() {
-        for (_, i) in &rev[start[j as usize]..start[j as usize + 1]] {
-            if !good[*i as usize] {
-                good[*i as usize] = true;
-                work.push(*i);
-            }
-        }
-    }
-    let stuck: Vec<usize> = (0..n).filter(|k| waiting[*k] && !good[*k]).collect();
-    let (stuck_path, stuck_state) = match stuck.first() {
-        None => (None, None),
-        Some(k) => {
-            let mut acts = Vec::new();
-            let mut at = *k;
-            while let (p, Some(a)) = parent[at] {
-                acts.push(a);
-                at = p as usize;
-            }
-            acts.reverse();
-            let mut s = m.init_states().remove(0);
-            for a in &acts {
-                s = m.next_state(&s, *a).expect("replay");
-            }
-            (
-                Some(acts.iter().map(|a| m.action_name(a)).collect()),
-                Some(s),
-            )
-        }
-    };
+        s
+    });
     Liveness {
-        states: n,
-        edges: rev.len(),
-        stuck: stuck.len(),
-        stuck_path,
+        states: report.states,
+        edges: report.edges,
+        stuck: report.stuck,
+        stuck_path: report
+            .stuck_path
+            .map(|acts| acts.iter().map(|a| m.action_name(a)).collect()),
         stuck_state,
     }
 }

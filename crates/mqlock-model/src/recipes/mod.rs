@@ -11,7 +11,8 @@
 //!
 //! See docs/model.md, "Recipes", for the actions, properties and bounds.
 
-pub mod graph;
+/// The liveness analysis, shared with the mutex's (`crate::liveness`).
+pub use crate::graph;
 pub mod rwlock;
 pub mod semaphore;
 

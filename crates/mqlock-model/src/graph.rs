@@ -1,6 +1,6 @@
-//! Liveness by backward reachability over a recipe model's whole state graph, as
-//! `crate::liveness` does for the mutex (stateright's `eventually` ignores paths that end in a
-//! cycle).
+//! Liveness by backward reachability over a model's whole state graph (stateright's
+//! `eventually` ignores paths that end in a cycle): the mutex's "no stuck lock"
+//! (`crate::liveness`) and the recipes' "no stuck wait" and "no stuck permit".
 //!
 //! [`check`] decides `AG(from -> EF goal)` on the graph restricted to the kept edges, where a
 //! goal is a state `goal_state` accepts or a kept edge `goal_edge` accepts (taking it counts as
