@@ -13,18 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use mqlock::{ClientConfig, Error, LockClient, election_lock_name};
-
-async fn client() -> LockClient {
-    support::init_tracing();
-    LockClient::connect(&support::amqp_url(), ClientConfig::default())
-        .await
-        .expect("connect to the test broker")
-}
+use mqlock::{Error, LockClient, election_lock_name};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_and_resign_hand_leadership_over_and_leader_shows_the_value() {
-    let (a, b, watcher) = (client().await, client().await, client().await);
+    let (a, b, watcher) = (
+        support::client().await,
+        support::client().await,
+        support::client().await,
+    );
     let name = support::unique("elect-handover");
     assert_eq!(
         watcher.leader(&name).await.unwrap(),
@@ -83,7 +80,11 @@ async fn campaign_and_resign_hand_leadership_over_and_leader_shows_the_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn observe_yields_the_current_leader_then_the_next_in_order() {
-    let (a, b, watcher) = (client().await, client().await, client().await);
+    let (a, b, watcher) = (
+        support::client().await,
+        support::client().await,
+        support::client().await,
+    );
     let name = support::unique("elect-observe");
     let la = a.campaign(&name, "first").await.unwrap();
     let lb = {
@@ -222,7 +223,7 @@ async fn killed_leaders_are_replaced_fenced_and_observed_in_order() {
         std::fs::write(d.join(f), v).unwrap();
     }
     let bin = support::mqlock_bin();
-    let probe = client().await;
+    let probe = support::client().await;
 
     let mut observer = Command::new(&bin)
         .args(["elect", "--observe", "--json", &name])

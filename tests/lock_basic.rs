@@ -7,16 +7,9 @@ use std::time::Duration;
 
 use mqlock::{ClientConfig, Error, LockClient};
 
-async fn client() -> LockClient {
-    support::init_tracing();
-    LockClient::connect(&support::amqp_url(), ClientConfig::default())
-        .await
-        .expect("connect to the test broker")
-}
-
 #[tokio::test]
 async fn grant_release_and_fencing_tokens_grow() {
-    let c = client().await;
+    let c = support::client().await;
     let name = support::unique("basic");
     let mut last = 0;
     for _ in 0..20 {
@@ -33,8 +26,8 @@ async fn grant_release_and_fencing_tokens_grow() {
 
 #[tokio::test]
 async fn try_lock_sees_a_held_lock_and_timeout_expires() {
-    let a = client().await;
-    let b = client().await;
+    let a = support::client().await;
+    let b = support::client().await;
     let name = support::unique("try");
     let g = a.lock(&name).await.unwrap();
     assert!(b.try_lock(&name).await.unwrap().is_none());
@@ -74,13 +67,13 @@ async fn try_lock_sees_a_held_lock_and_timeout_expires() {
 
 #[tokio::test]
 async fn waiters_are_granted_in_fifo_order() {
-    let holder = client().await;
+    let holder = support::client().await;
     let name = support::unique("fifo");
     let g = holder.lock(&name).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     for i in 0..8 {
-        let c = client().await;
+        let c = support::client().await;
         let (n, tx) = (name.clone(), tx.clone());
         tasks.push(tokio::spawn(async move {
             let g = c.lock(&n).await.unwrap();
@@ -115,7 +108,7 @@ async fn waiters_are_granted_in_fifo_order() {
 
 #[tokio::test]
 async fn bad_input_gives_typed_errors() {
-    let c = client().await;
+    let c = support::client().await;
     assert!(matches!(c.lock("").await, Err(Error::InvalidName { .. })));
     assert!(matches!(
         c.try_lock("a\nb").await,
@@ -169,8 +162,8 @@ async fn bad_input_gives_typed_errors() {
 /// acquisition is retried, declares the register again, and the token still exceeds the last.
 #[tokio::test]
 async fn a_register_deleted_while_waiting_is_recreated_and_tokens_still_grow() {
-    let a = client().await;
-    let b = client().await;
+    let a = support::client().await;
+    let b = support::client().await;
     let name = support::unique("register");
     let held = a.lock(&name).await.unwrap();
     let first = held.fencing_token();
@@ -221,7 +214,7 @@ async fn a_holder_resumed_after_a_suspend_knows_its_lease_ended() {
     )
     .await
     .unwrap();
-    let other = client().await;
+    let other = support::client().await;
     let name = support::unique("suspend");
     let g = suspended.lock(&name).await.unwrap();
     assert!(g.is_held());

@@ -15,14 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use mqlock::{ClientConfig, Error, LockClient, LockKind};
-
-async fn client() -> LockClient {
-    support::init_tracing();
-    LockClient::connect(&support::amqp_url(), ClientConfig::default())
-        .await
-        .expect("connect to the test broker")
-}
+use mqlock::{Error, LockClient, LockKind};
 
 async fn wait_for_waiters(probe: &LockClient, name: &str, n: u32) {
     support::wait_until(
@@ -37,10 +30,10 @@ async fn wait_for_waiters(probe: &LockClient, name: &str, n: u32) {
 async fn a_semaphore_admits_n_holders_and_hands_a_released_permit_to_the_next_waiter() {
     let name = support::unique("sem");
     let clients = [
-        client().await,
-        client().await,
-        client().await,
-        client().await,
+        support::client().await,
+        support::client().await,
+        support::client().await,
+        support::client().await,
     ];
     let sems: Vec<_> = clients
         .iter()
@@ -106,7 +99,7 @@ async fn a_permit_given_back_by_this_client_joins_its_waiting_acquisition() {
     // back, it must wait on it too, or the permit stays free while it waits on the others
     // (the model check found this: docs/model.md, "Recipes").
     let name = support::unique("sem-own");
-    let (a, b) = (client().await, client().await);
+    let (a, b) = (support::client().await, support::client().await);
     let (sa, sb) = (
         a.semaphore(&name, 2).unwrap(),
         b.semaphore(&name, 2).unwrap(),
@@ -136,8 +129,8 @@ async fn a_permit_given_back_by_this_client_joins_its_waiting_acquisition() {
 #[tokio::test]
 async fn permits_and_kinds_must_agree_and_a_refusal_creates_nothing() {
     let name = support::unique("sem-bad");
-    let a = client().await;
-    let b = client().await;
+    let a = support::client().await;
+    let b = support::client().await;
     assert!(matches!(
         a.semaphore(&name, 0),
         Err(Error::InvalidPermits { permits: 0, .. })
@@ -288,7 +281,8 @@ async fn readers_overlap_writers_exclude_everyone_and_nobody_starves() {
         violations: Default::default(),
     });
     // 1. Three readers at once.
-    let c: Vec<LockClient> = futures_util::future::join_all((0..4).map(|_| client())).await;
+    let c: Vec<LockClient> =
+        futures_util::future::join_all((0..4).map(|_| support::client())).await;
     let rws: Vec<_> = c.iter().map(|c| c.rw_lock(&name, 4).unwrap()).collect();
     let mut readers = Vec::new();
     for rw in &rws[..3] {
@@ -335,7 +329,8 @@ async fn readers_overlap_writers_exclude_everyone_and_nobody_starves() {
     )
     .await;
     // A stream of late readers, on fresh clients, arriving while the writer waits.
-    let late: Vec<LockClient> = futures_util::future::join_all((0..3).map(|_| client())).await;
+    let late: Vec<LockClient> =
+        futures_util::future::join_all((0..3).map(|_| support::client())).await;
     let late_reads: Vec<_> = late
         .iter()
         .map(|lc| {
@@ -569,7 +564,7 @@ async fn holders_killed_100_times_never_exceed_3_nor_lose_or_mint_a_permit_twice
     }
     // No permit lost: all three can be taken at once right after the last kill (a dead holder's
     // permit is given back when the broker sees its socket close).
-    let probe = client().await;
+    let probe = support::client().await;
     let sem = probe.semaphore(&name, 3).unwrap();
     let mut all = Vec::new();
     for _ in 0..3 {

@@ -8,15 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mqlock::{ClientConfig, Error, LockClient, LockOptions, LossReason};
+use mqlock::{Error, LockClient, LockOptions, LossReason};
 use rand::seq::SliceRandom;
-
-async fn client() -> LockClient {
-    support::init_tracing();
-    LockClient::connect(&support::amqp_url(), ClientConfig::default())
-        .await
-        .expect("connect to the test broker")
-}
 
 async fn wait_for_waiters(probe: &LockClient, name: &str, n: u32) {
     support::wait_until(
@@ -33,8 +26,8 @@ fn already_held(r: &mqlock::Result<impl std::fmt::Debug>, name: &str) -> bool {
 
 #[tokio::test]
 async fn a_client_never_waits_behind_itself_but_other_clients_still_queue() {
-    let a = client().await;
-    let b = client().await;
+    let a = support::client().await;
+    let b = support::client().await;
     let name = support::unique("self");
     let held = a.lock(&name).await.unwrap();
 
@@ -125,8 +118,8 @@ async fn a_client_never_waits_behind_itself_but_other_clients_still_queue() {
 
 #[tokio::test]
 async fn a_hold_limit_gives_the_lock_up_and_says_why() {
-    let a = client().await;
-    let b = client().await;
+    let a = support::client().await;
+    let b = support::client().await;
     let name = support::unique("hold-limit");
     let limit = Duration::from_secs(2);
     let g = a
@@ -192,7 +185,7 @@ async fn overlapping_multi_locks_in_random_order_never_deadlock_nor_overlap() {
     // 1 000 rounds split over the clients (125 each).
     const _: () = assert!(ROUNDS.is_multiple_of(CLIENTS));
     for _ in 0..CLIENTS {
-        let client = client().await;
+        let client = support::client().await;
         let (names, state) = (names.clone(), state.clone());
         let rounds = ROUNDS / CLIENTS;
         tasks.push(tokio::spawn(async move {
@@ -268,9 +261,9 @@ async fn overlapping_multi_locks_in_random_order_never_deadlock_nor_overlap() {
 
 #[tokio::test]
 async fn a_multi_lock_that_times_out_leaves_nothing_held() {
-    let a = client().await;
-    let holder = client().await;
-    let other = client().await;
+    let a = support::client().await;
+    let holder = support::client().await;
+    let other = support::client().await;
     let base = support::unique("multi-timeout");
     let (x, y, z) = (
         format!("{base}-a"),

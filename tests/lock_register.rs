@@ -10,14 +10,7 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
-use mqlock::{ClientConfig, Error, LockClient, LossReason};
-
-async fn client() -> LockClient {
-    support::init_tracing();
-    LockClient::connect(&support::amqp_url(), ClientConfig::default())
-        .await
-        .expect("connect to the test broker")
-}
+use mqlock::{ClientConfig, Error, LossReason};
 
 async fn raw_channel() -> (Connection, Channel) {
     let conn = Connection::connect(&support::amqp_url(), Default::default())
@@ -48,7 +41,7 @@ fn queues(name: &str) -> mqlock::name::QueueNames {
 
 #[tokio::test]
 async fn late_and_requeued_register_writes_never_lower_the_next_token() {
-    let c = client().await;
+    let c = support::client().await;
     let name = support::unique("late-write");
     let q = queues(&name);
     let first = c.lock(&name).await.unwrap();
@@ -89,7 +82,7 @@ async fn late_and_requeued_register_writes_never_lower_the_next_token() {
 
 #[tokio::test]
 async fn a_grant_is_above_the_stamp_of_the_message_that_granted_it() {
-    let c = client().await;
+    let c = support::client().await;
     let name = support::unique("stamp-floor");
     let q = queues(&name);
     let g = c.lock(&name).await.unwrap();
@@ -128,7 +121,7 @@ fn stamp(token: u64) -> BasicProperties {
 
 #[tokio::test]
 async fn a_later_grants_renewal_ends_the_hold_and_a_given_up_grants_does_not() {
-    let c = client().await;
+    let c = support::client().await;
     let name = support::unique("granted-elsewhere");
     let q = queues(&name);
     let g = c.lock(&name).await.unwrap();
@@ -169,7 +162,7 @@ async fn a_later_grants_renewal_ends_the_hold_and_a_given_up_grants_does_not() {
 
 #[tokio::test]
 async fn a_register_of_the_previous_version_is_refused_with_the_way_out() {
-    let c = client().await;
+    let c = support::client().await;
     let name = support::unique("old-register");
     let q = queues(&name);
     let (_conn, ch) = raw_channel().await;

@@ -162,6 +162,14 @@ pub fn mqlock_bin() -> PathBuf {
     fixture_bin("mqlock-cli", Fixture::Bin("mqlock"))
 }
 
+/// A lock client of the main test broker with the default configuration (tracing on).
+pub async fn client() -> mqlock::LockClient {
+    init_tracing();
+    mqlock::LockClient::connect(&amqp_url(), mqlock::ClientConfig::default())
+        .await
+        .expect("connect to the test broker")
+}
+
 /// Polls `check` (every 10 ms, real time) until it returns `true`; panics — failing the test
 /// with "timed out after … waiting for `what`" — once `within` has passed. Every poll loop of the
 /// tests has such a deadline, so a condition that never comes fails instead of hanging.
