@@ -71,6 +71,7 @@ pub(crate) struct HoldTerms {
     pub(crate) max_hold: Option<Duration>,
     pub(crate) value: Option<String>,
     pub(crate) claim: Option<NameClaim>,
+    pub(crate) keep: Option<Duration>,
     pub(crate) kind: LockKind,
     pub(crate) sibling: Option<Sibling>,
 }
@@ -80,6 +81,8 @@ pub(crate) struct HoldTerms {
 pub(crate) struct Ask {
     pub(crate) max_hold: Option<Duration>,
     pub(crate) value: Option<String>,
+    /// `LockOptions::keep`.
+    pub(crate) keep: Option<Duration>,
     /// The kind the lock queue is declared as (`kind.rs`).
     pub(crate) kind: Option<LockKind>,
     /// Set when this acquisition is one of several registrations of a semaphore's acquisition
@@ -119,12 +122,27 @@ impl LockClient {
         ask: Ask,
     ) -> Result<Option<LockGuard>> {
         let names = queue_names(&self.inner.config.prefix, name)?;
+        // A lock this client kept after its last use (`park.rs`) is still held: taken back at
+        // once, with its grant's token, unless it was lost meanwhile (then it is dropped, and
+        // the acquisition below gets a larger token).
+        if let Some(mut parked) = self.inner.parking.take(name) {
+            if parked.signal.reason().is_none() && ask.kind.is_none() && ask.sibling.is_none() {
+                let _ = parked.tx.send(crate::release::Command::Unpark);
+                parked.keep = ask.keep;
+                self.inner.metrics.requested();
+                self.inner.metrics.granted(Duration::ZERO);
+                let (token, signal) = (parked.token, parked.signal.clone());
+                return Ok(Some(LockGuard::new(name, token, signal, Box::new(parked))));
+            }
+            drop(parked);
+        }
         // One acquisition per name and client: a second consumer of this client would wait
         // behind the first. Given back when this future ends without a grant (or is dropped);
         // a grant moves it into the guard's release handle.
         let mut terms = HoldTerms {
             max_hold: ask.max_hold,
             value: ask.value,
+            keep: ask.keep,
             claim: Some(self.inner.claims.claim(name)?),
             kind: ask.kind.unwrap_or(LockKind::Mutex),
             sibling: ask.sibling,
@@ -409,7 +427,11 @@ impl LockClient {
                 wake_properties(),
             )
         };
-        if queue.consumer_count() == 0 && queue.message_count() == 0 {
+        // Someone holds the lock (or is being granted it): tell the holder that we want it, so
+        // that a lock kept after its last use (`park.rs`) is released now rather than at its
+        // idle limit. Our consumer is registered before this publish reaches the queue (B3), so
+        // the holder's release hands the lock to us or to a waiter ahead of us.
+        if queue.consumer_count() > 0 || queue.message_count() == 0 {
             publish_wake().await.map_err(|e| fail(&e))?;
         }
         let consumer = reg.consumer.as_mut().expect("consumer set");

@@ -12,7 +12,7 @@ use lapin::uri::AMQPUri;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::acquire::{Wait, to_error};
+use crate::acquire::{Ask, Wait, to_error};
 use crate::broker_url::{display_addr, parse_urls};
 use crate::claim::Claims;
 use crate::cluster_mark;
@@ -26,6 +26,7 @@ use crate::locker::Locker;
 use crate::loss::LossReason;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::name::queue_names;
+use crate::park::Parking;
 use crate::protocol::{Fault, break_properties, classify};
 
 /// Clients created by this process (part of every consumer tag).
@@ -64,6 +65,8 @@ pub(crate) struct Inner {
     /// The names this client (and its clones) holds or is acquiring: a second acquisition of
     /// one of them fails at once (`Error::AlreadyHeld`).
     pub(crate) claims: Arc<Claims>,
+    /// The locks kept after their guards let go (`LockOptions::keep`), still held.
+    pub(crate) parking: Arc<Parking>,
 }
 
 /// A channel opened in the background, with `basic.qos` and `confirm.select` done, on `conn`.
@@ -146,6 +149,13 @@ pub struct LockOptions {
     /// lost. When the limit is reached, the lock is given up and its loss signal fires with
     /// [`LossReason::HoldLimit`] (docs/protocol.md, "Hold limit").
     pub max_hold: Option<Duration>,
+    /// Keep the lock after its guard is released or dropped, for at most this long unused:
+    /// the lock stays held (renewed, fenced) and this client's next acquisition of the name
+    /// gets it back at once, with the same token, until another client starts waiting for it
+    /// (then it is released within a round trip) or the idle time runs out
+    /// (docs/protocol.md, "Keeping a lock until it is wanted"). `None` (the default) releases.
+    /// Not together with `max_hold`.
+    pub keep: Option<Duration>,
 }
 
 impl LockClient {
@@ -235,6 +245,7 @@ impl LockClient {
                 spare: std::sync::Mutex::new(None),
                 first_mark,
                 claims: Arc::new(Claims::default()),
+                parking: Arc::new(Parking::default()),
             }),
         })
     }
@@ -425,11 +436,21 @@ impl LockClient {
     /// # async fn run_job(_token: u64) {}
     /// ```
     pub async fn lock_with(&self, name: &str, options: LockOptions) -> Result<LockGuard> {
+        if options.keep.is_some() && options.max_hold.is_some() {
+            return Err(Error::Config(format!(
+                "lock {name:?}: LockOptions::keep and max_hold cannot be used together"
+            )));
+        }
         let wait = match options.timeout {
             Some(t) => Wait::Until(Instant::now() + t),
             None => Wait::Forever,
         };
-        self.acquire(name, wait, options.max_hold, None)
+        let ask = Ask {
+            max_hold: options.max_hold,
+            keep: options.keep,
+            ..Ask::default()
+        };
+        self.acquire_as(name, wait, ask)
             .await
             .map(|g| g.expect("blocking acquire grants or fails"))
     }
@@ -658,6 +679,12 @@ impl LockClient {
         }
     }
 
+    /// How many locks this client keeps after their guards let go ([`LockOptions::keep`]):
+    /// held, and not in use.
+    pub fn kept_locks(&self) -> usize {
+        self.inner.parking.len()
+    }
+
     /// Closes the client: its connection, for this handle and every clone.
     ///
     /// Held locks are released by the broker, which closes their channels with the connection,
@@ -680,6 +707,10 @@ impl LockClient {
     /// connection to close.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
+        // Kept locks are released with the rest (their holder tasks close their channels).
+        for parked in self.inner.parking.drain() {
+            let _ = parked.tx.send(crate::release::Command::Release(None));
+        }
         if let Some(conn) = self.inner.conn.lock().await.take() {
             conn.close().await;
         }
@@ -768,6 +799,19 @@ impl Locker for LockClient {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>> {
         Box::pin(LockClient::lock_timeout(self, name, timeout))
+    }
+    fn lock_keeping<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+        keep: Duration,
+    ) -> BoxFuture<'a, Result<LockGuard>> {
+        let options = LockOptions {
+            timeout: Some(timeout),
+            keep: Some(keep),
+            ..LockOptions::default()
+        };
+        Box::pin(LockClient::lock_with(self, name, options))
     }
     fn addr(&self) -> String {
         self.broker_addr().to_owned()

@@ -142,6 +142,8 @@ impl LockClient {
             metrics: self.inner.metrics.clone(),
             granted_at: std::time::Instant::now(),
             max_hold: terms.max_hold,
+            keep: terms.keep,
+            parking: self.inner.parking.clone(),
         }
         .spawn(terms.claim.take());
         Ok(LockGuard::new(name, fence, signal, Box::new(handle)))

@@ -21,6 +21,7 @@ use crate::fence;
 use crate::lease::{BootInstant, Lease};
 use crate::loss::{LossReason, LossSignal};
 use crate::metrics::Metrics;
+use crate::park::Parking;
 use crate::protocol::{break_request, loss_reason, renewal_properties, stamp};
 use crate::release::{Command, HolderHandle, SharedClaim, give_back, release};
 
@@ -90,6 +91,9 @@ pub(crate) struct Holder {
     /// The hold limit (`LockOptions::max_hold`): the holder gives the lock up when the hold
     /// reaches it, as a loss with `LossReason::HoldLimit` (docs/protocol.md, "Hold limit").
     pub(crate) max_hold: Option<Duration>,
+    /// `LockOptions::keep`: the guard parks the lock when it lets go (`park.rs`).
+    pub(crate) keep: Option<Duration>,
+    pub(crate) parking: Arc<Parking>,
 }
 
 /// What a delivery to the holder means (docs/protocol.md, "Hold").
@@ -98,7 +102,10 @@ enum Seen {
     /// Our renewal number `n`, delivered for the first time: it becomes the token, and
     /// extends the lease.
     OwnRenewal(u64),
-    /// A wake-up, or a renewal of an earlier holder: ack it.
+    /// A waiter's wake-up (published when it registers behind a holder, and as its nudges):
+    /// somebody wants the lock. Ack it; a parked lock is released.
+    Wanted,
+    /// A renewal of an earlier holder, or a stale break request: ack it.
     Extra,
     /// A renewal stamped above our token: either a later grant (we lost the lock) or a grant
     /// that gave up before its register write was stored. The register tells which.
@@ -133,7 +140,9 @@ fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen
     }
     match stamp(&d.properties) {
         Some(token) if token > fencing_token => Seen::Later(token),
-        _ => Seen::Extra,
+        Some(_) => Seen::Extra,
+        None if d.properties.message_id().is_none() => Seen::Wanted,
+        None => Seen::Extra,
     }
 }
 
@@ -149,6 +158,10 @@ impl Holder {
             wait: self.conn.lease_margin + Duration::from_secs(2),
             addr: self.conn.addr.clone(),
             claim: claim.clone(),
+            tag: self.tag.as_str().into(),
+            token: self.fencing_token,
+            keep: self.keep,
+            parking: self.parking.clone(),
         };
         self.metrics.hold_started();
         tokio::spawn(self.run(rx, claim));
@@ -178,7 +191,24 @@ impl Holder {
             metrics,
             granted_at,
             max_hold,
+            keep: _,
+            parking,
         } = self;
+        // Parked (`park.rs`): until when, if nobody wants the lock first.
+        let mut parked_until: Option<tokio::time::Instant> = None;
+        // A waiter's wake-up came while the lock was in use: the next park releases instead.
+        let mut wanted = false;
+        let end_hold =
+            async |reply: Option<tokio::sync::oneshot::Sender<crate::error::Result<()>>>| {
+                let result = release(&name, &conn, &channel, &signal, conn.lease_margin).await;
+                metrics.hold_ended(granted_at.elapsed());
+                if result.is_ok() {
+                    metrics.released();
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            };
         // The hold limit, on tokio's clock from the grant (`None`: no limit).
         let hold_limit = async {
             match max_hold {
@@ -206,18 +236,30 @@ impl Holder {
         let lost = loop {
             tokio::select! {
                 biased;
-                command = commands.recv() => {
+                command = commands.recv() => match command {
                     // `None`: the guard was forgotten without a release; treat as a release.
-                    let reply = match command { Some(Command::Release(r)) => r, None => None };
-                    let result = release(&name, &conn, &channel, &signal, margin).await;
-                    metrics.hold_ended(granted_at.elapsed());
-                    if result.is_ok() {
-                        metrics.released();
+                    Some(Command::Release(reply)) => return end_hold(reply).await,
+                    None => return end_hold(None).await,
+                    Some(Command::Park(idle)) => {
+                        if !wanted {
+                            parked_until = Some(tokio::time::Instant::now() + idle);
+                            debug!(lock = %name, ?idle, "parked");
+                        } else if let Some(own) = parking.take_own(&name, &tag) {
+                            debug!(lock = %name, "wanted while in use; released instead of parked");
+                            drop(own);
+                            return end_hold(None).await;
+                        }
                     }
-                    if let Some(reply) = reply {
-                        let _ = reply.send(result);
+                    Some(Command::Unpark) => parked_until = None,
+                },
+                // Parked too long: released (if no acquisition took it back this moment).
+                () = sleep_until_opt(parked_until) => {
+                    parked_until = None;
+                    if let Some(own) = parking.take_own(&name, &tag) {
+                        debug!(lock = %name, "parked lock idle; released");
+                        drop(own);
+                        return end_hold(None).await;
                     }
-                    return;
                 }
                 // The hold limit: given up like a loss, through the one release path below
                 // (the channel close), with its own reason.
@@ -243,6 +285,15 @@ impl Holder {
                             ack_later(std::mem::replace(&mut token, d));
                         }
                         Seen::Extra => ack_later(d),
+                        Seen::Wanted => {
+                            ack_later(d);
+                            if parked_until.is_some() && let Some(own) = parking.take_own(&name, &tag) {
+                                debug!(lock = %name, "parked lock wanted by another client; released");
+                                drop(own);
+                                return end_hold(None).await;
+                            }
+                            wanted = true;
+                        }
                         // Only a value in the register at most our own token shows that the
                         // stamp is a grant's that gave up; anything else (a larger value, none
                         // visible because another reader holds them, no answer) is a loss.
@@ -316,9 +367,18 @@ impl Holder {
             channel.close(200, "lock lost".into()),
         )
         .await;
+        // A lost parked lock is never handed out again: its entry goes (and with it the claim).
+        drop(parking.take_own(&name, &tag));
         give_back(&claim);
         // Wait for the guard to be released or dropped so that `release()` reports the loss.
         let _ = commands.recv().await;
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -377,14 +437,14 @@ mod tests {
             classify_delivery(ours, token, &later),
             Seen::Later(token + 1)
         );
-        // Waiters' wake-ups, fresh or requeued, are extras.
+        // Waiters' wake-ups, fresh or requeued, say that somebody wants the lock.
         assert_eq!(
             classify_delivery(ours, token, &delivery(wake_properties(), false)),
-            Seen::Extra
+            Seen::Wanted
         );
         assert_eq!(
             classify_delivery(ours, token, &delivery(wake_properties(), true)),
-            Seen::Extra
+            Seen::Wanted
         );
     }
 }

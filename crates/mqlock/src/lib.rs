@@ -55,6 +55,7 @@ mod loss;
 mod metrics;
 mod multi;
 pub mod name;
+mod park;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 mod protocol;

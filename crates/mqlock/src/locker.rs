@@ -42,6 +42,21 @@ pub trait Locker: Send + Sync + 'static {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>>;
 
+    /// Waits up to `timeout` for the lock, like [`Locker::lock_timeout`], and keeps it after the
+    /// guard lets go until another client wants it or it was unused for `keep`
+    /// ([`crate::LockOptions::keep`]); this locker's next acquisition of the name then gets it
+    /// back at once. Keeping is an optimisation: the default, and [`MemoryLocker`], release as
+    /// [`Locker::lock_timeout`]'s guards do.
+    fn lock_keeping<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+        keep: Duration,
+    ) -> BoxFuture<'a, Result<LockGuard>> {
+        let _ = keep;
+        self.lock_timeout(name, timeout)
+    }
+
     /// Where the locks live, for error messages: the broker's address for
     /// [`crate::LockClient`], `"memory"` for [`MemoryLocker`].
     fn addr(&self) -> String {
@@ -62,6 +77,14 @@ impl<L: Locker + ?Sized> Locker for Arc<L> {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>> {
         (**self).lock_timeout(name, timeout)
+    }
+    fn lock_keeping<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Duration,
+        keep: Duration,
+    ) -> BoxFuture<'a, Result<LockGuard>> {
+        (**self).lock_keeping(name, timeout, keep)
     }
     fn addr(&self) -> String {
         (**self).addr()

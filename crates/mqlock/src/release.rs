@@ -13,10 +13,16 @@ use crate::connection::Conn;
 use crate::error::{Error, Result};
 use crate::guard::{BoxFuture, Release};
 use crate::loss::{LossReason, LossSignal};
+use crate::park::Parking;
 
 /// What the guard asks of its holder task.
 pub(crate) enum Command {
     Release(Option<oneshot::Sender<Result<()>>>),
+    /// The guard let go of a kept lock: hold it, parked, until it is wanted by another client or
+    /// idle this long (`park.rs`).
+    Park(Duration),
+    /// An acquisition of this client took the parked lock back.
+    Unpark,
 }
 
 /// The guard's handle on the holder task.
@@ -32,6 +38,32 @@ pub(crate) struct HolderHandle {
     /// whichever comes first — this handle's end (the guard dropped, or its `release()` answered
     /// or dropped) or the end of a lost hold (its channel closed).
     pub(crate) claim: SharedClaim,
+    /// The hold's consumer tag: tells its holder task's parked entry from a later hold's.
+    pub(crate) tag: Arc<str>,
+    /// The grant's fencing token.
+    pub(crate) token: u64,
+    /// With `Some(idle)`, letting the guard go parks the lock instead of releasing it
+    /// (`LockOptions::keep`).
+    pub(crate) keep: Option<Duration>,
+    /// The client's parked locks.
+    pub(crate) parking: Arc<Parking>,
+}
+
+impl HolderHandle {
+    /// Parks this hold, if it is kept and still held; otherwise gives it back.
+    fn park(self: Box<Self>) -> std::result::Result<(), Box<Self>> {
+        match self.keep {
+            Some(idle) if self.signal.reason().is_none() => {
+                let (tx, parking) = (self.tx.clone(), self.parking.clone());
+                parking.park(*self);
+                // A holder task that ended meanwhile (a loss) cannot take the entry out; the
+                // next acquisition of the name finds it lost and drops it.
+                let _ = tx.send(Command::Park(idle));
+                Ok(())
+            }
+            _ => Err(self),
+        }
+    }
 }
 
 /// A name claim that the guard's handle and its holder task both may give back.
@@ -50,7 +82,12 @@ impl Drop for HolderHandle {
 
 impl Release for HolderHandle {
     fn release(self: Box<Self>) -> BoxFuture<'static, Result<()>> {
+        let this = match self.park() {
+            Ok(()) => return Box::pin(async { Ok(()) }),
+            Err(this) => this,
+        };
         Box::pin(async move {
+            let this = this;
             let (reply, done) = oneshot::channel();
             let lost = |signal: &LossSignal, name: &Arc<str>| Error::Lost {
                 name: name.to_string(),
@@ -58,17 +95,17 @@ impl Release for HolderHandle {
                     .reason()
                     .unwrap_or_else(|| LossReason::ConnectionLost("holder stopped".into())),
             };
-            if self.tx.send(Command::Release(Some(reply))).is_err() {
+            if this.tx.send(Command::Release(Some(reply))).is_err() {
                 // The holder task ended: the lock was lost and the broker took it back.
-                return Err(lost(&self.signal, &self.name));
+                return Err(lost(&this.signal, &this.name));
             }
-            match tokio::time::timeout(self.wait, done).await {
-                Ok(answer) => answer.unwrap_or_else(|_| Err(lost(&self.signal, &self.name))),
+            match tokio::time::timeout(this.wait, done).await {
+                Ok(answer) => answer.unwrap_or_else(|_| Err(lost(&this.signal, &this.name))),
                 Err(_) => Err(Error::Unreachable {
-                    addr: self.addr.clone(),
+                    addr: this.addr.clone(),
                     detail: format!(
                         "the release of lock {:?} was not answered within {:?}; the broker releases it when it reads the close",
-                        self.name, self.wait
+                        this.name, this.wait
                     ),
                 }),
             }
@@ -76,7 +113,10 @@ impl Release for HolderHandle {
     }
 
     fn release_in_background(self: Box<Self>) {
-        let _ = self.tx.send(Command::Release(None));
+        let Err(this) = self.park() else {
+            return;
+        };
+        let _ = this.tx.send(Command::Release(None));
     }
 }
 
