@@ -803,11 +803,11 @@ impl Locker for LockClient {
     fn lock_keeping<'a>(
         &'a self,
         name: &'a str,
-        timeout: Duration,
+        timeout: Option<Duration>,
         keep: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>> {
         let options = LockOptions {
-            timeout: Some(timeout),
+            timeout,
             keep: Some(keep),
             ..LockOptions::default()
         };

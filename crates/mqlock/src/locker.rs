@@ -42,19 +42,22 @@ pub trait Locker: Send + Sync + 'static {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>>;
 
-    /// Waits up to `timeout` for the lock, like [`Locker::lock_timeout`], and keeps it after the
-    /// guard lets go until another client wants it or it was unused for `keep`
-    /// ([`crate::LockOptions::keep`]); this locker's next acquisition of the name then gets it
-    /// back at once. Keeping is an optimisation: the default, and [`MemoryLocker`], release as
-    /// [`Locker::lock_timeout`]'s guards do.
+    /// Waits for the lock like [`Locker::lock_timeout`] (`None`: like [`Locker::lock`]), and
+    /// keeps it after the guard lets go until another client wants it or it was unused for
+    /// `keep` ([`crate::LockOptions::keep`]); this locker's next acquisition of the name then
+    /// gets it back at once. Keeping is an optimisation: the default, and [`MemoryLocker`],
+    /// release as the other methods' guards do.
     fn lock_keeping<'a>(
         &'a self,
         name: &'a str,
-        timeout: Duration,
+        timeout: Option<Duration>,
         keep: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>> {
         let _ = keep;
-        self.lock_timeout(name, timeout)
+        match timeout {
+            Some(timeout) => self.lock_timeout(name, timeout),
+            None => self.lock(name),
+        }
     }
 
     /// Where the locks live, for error messages: the broker's address for
@@ -81,7 +84,7 @@ impl<L: Locker + ?Sized> Locker for Arc<L> {
     fn lock_keeping<'a>(
         &'a self,
         name: &'a str,
-        timeout: Duration,
+        timeout: Option<Duration>,
         keep: Duration,
     ) -> BoxFuture<'a, Result<LockGuard>> {
         (**self).lock_keeping(name, timeout, keep)

@@ -87,6 +87,8 @@ pub struct LockTable {
     slots: Slots,
     epochs: AtomicU64,
     loss_message: &'static str,
+    /// `with_keep`: how long a lock is kept unused after this process's last user let go.
+    keep: Option<Duration>,
 }
 
 impl std::fmt::Debug for LockTable {
@@ -205,7 +207,16 @@ impl LockTable {
             slots: Slots::default(),
             epochs: AtomicU64::new(0),
             loss_message: "lost a lock shared by this process's users",
+            keep: None,
         }
+    }
+
+    /// Keeps each lock after this process's last user let go, until another client wants it
+    /// or it was unused for `keep` ([`Locker::lock_keeping`], [`crate::LockOptions::keep`]):
+    /// this process's next use of the name takes it back without a broker round trip.
+    pub fn with_keep(mut self, keep: Duration) -> Self {
+        self.keep = Some(keep);
+        self
     }
 
     /// The message logged (at ERROR, with the lock name, token and reason) when a shared
@@ -264,13 +275,26 @@ impl LockTable {
         }
     }
 
+    /// The locker's acquisition, kept after use if the table keeps its locks.
+    fn acquire<'a>(
+        &'a self,
+        name: &'a str,
+        timeout: Option<Duration>,
+    ) -> crate::guard::BoxFuture<'a, Result<LockGuard>> {
+        match (self.keep, timeout) {
+            (Some(keep), timeout) => self.locker.lock_keeping(name, timeout, keep),
+            (None, Some(timeout)) => self.locker.lock_timeout(name, timeout),
+            (None, None) => self.locker.lock(name),
+        }
+    }
+
     /// The locker's wait, bounded here as well: "never hang" is the table's promise even for a
     /// locker that does not keep its own timeout. The grace lets the locker report its own
     /// timeout (or error) first.
     async fn bounded(&self, name: &str, left: Duration, started: Instant) -> Result<LockGuard> {
         tokio::time::timeout(
             left.saturating_add(LOCKER_GRACE),
-            self.locker.lock_timeout(name, left),
+            self.acquire(name, Some(left)),
         )
         .await
         .map_err(|_| self.timeout(name, started))?
@@ -323,7 +347,7 @@ impl LockTable {
         let guard = match left() {
             Some(left) if left.is_zero() => Err(self.timeout(name, started)),
             Some(left) => self.bounded(name, left, started).await,
-            None => self.locker.lock(name).await,
+            None => self.acquire(name, None).await,
         };
         drop(waiting);
         Ok(TableGuard {
