@@ -370,8 +370,15 @@ impl Holder {
         // A lost parked lock is never handed out again: its entry goes (and with it the claim).
         drop(parking.take_own(&name, &tag));
         give_back(&claim);
-        // Wait for the guard to be released or dropped so that `release()` reports the loss.
-        let _ = commands.recv().await;
+        // Wait for the guard to be released or dropped so that `release()` reports the loss. A
+        // guard that parked meanwhile (it had not seen the loss yet) is taken out of the park.
+        while let Some(command) = commands.recv().await {
+            match command {
+                Command::Park(_) => drop(parking.take_own(&name, &tag)),
+                Command::Unpark => {}
+                Command::Release(_) => break,
+            }
+        }
     }
 }
 
