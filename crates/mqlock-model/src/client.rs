@@ -55,6 +55,11 @@ pub struct Client {
     pub renewal_n: u8,
     /// v2: a published renewal waiting for its confirm, with the time it was sent.
     pub renew_sent: Option<u8>,
+    /// v2 with parking: the holder is parked since this time (`None`: in use, or not holding).
+    pub parked: Option<u8>,
+    /// v2 with parking: a waiter's wake-up reached the holder while in use, so `v2::Park`
+    /// closes instead of parking.
+    pub wanted: bool,
 }
 
 impl Client {
@@ -70,6 +75,8 @@ impl Client {
             renewals_left: renewals,
             renewal_n: 0,
             renew_sent: None,
+            parked: None,
+            wanted: false,
         }
     }
 
@@ -83,7 +90,8 @@ impl Client {
         !matches!(self.phase, Phase::Idle | Phase::Holding { .. })
     }
 
-    /// Belief: granted, not lost (still holding) and `clock < deadline`.
+    /// Belief: granted, not lost (still holding) and `clock < deadline`. A parked holder
+    /// believes it holds too: its client takes the lock back with no broker step.
     pub fn believes(&self, clock: u8) -> bool {
         matches!(self.phase, Phase::Holding { deadline, .. } if clock < deadline)
     }
@@ -104,5 +112,7 @@ impl Client {
         self.confirms = 0;
         self.renewal_n = 0;
         self.renew_sent = None;
+        self.parked = None;
+        self.wanted = false;
     }
 }

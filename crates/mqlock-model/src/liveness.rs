@@ -43,6 +43,26 @@ fn fp(s: &State) -> u64 {
 
 /// Explores every state of `m` (breadth first) and checks LV with [`graph::check`].
 pub fn check(m: &LockModel) -> Liveness {
+    check_with(m, |_, _| true)
+}
+
+/// LV-W, "released as soon as another client starts waiting": LV on the graph without the
+/// steps that end a parked hold other than a wake-up or a loss: no `v2::ParkExpire` (the idle
+/// limit never fires), no `v2::Unpark` and no `client::Close` of a parked holder (its client
+/// never uses the lock again and never crashes). Losses (`v2::Expire`, a larger stamp, an own
+/// renewal redelivered), holders in use (their releases, crashes, `v2::Park`) and the broker's
+/// steps stay. So every waiter is granted even if parked holders never resume use and their
+/// idle limit is infinite.
+pub fn check_wanted(m: &LockModel) -> Liveness {
+    check_with(m, |s, a| match a {
+        Action::ParkExpire(_) | Action::Unpark(_) => false,
+        Action::Close(c) => s.clients[usize::from(*c)].parked.is_none(),
+        _ => true,
+    })
+}
+
+/// LV over the edges `keep` accepts (and without a waiter's own `client::Close`).
+fn check_with(m: &LockModel, keep: impl Fn(&State, &Action) -> bool) -> Liveness {
     let waiting = |s: &State| s.clients.iter().any(|c| c.waiting());
     let report = graph::check(
         m,
@@ -50,7 +70,7 @@ pub fn check(m: &LockModel) -> Liveness {
         |s| !waiting(s),
         |_, a, t| matches!(a, Action::Grant(c) if t.clients[usize::from(*c)].token().is_some()),
         // A waiter that walks away does not count as the wait ending.
-        |s, a| !matches!(a, Action::Close(c) if s.clients[usize::from(*c)].waiting()),
+        |s, a| !matches!(a, Action::Close(c) if s.clients[usize::from(*c)].waiting()) && keep(s, a),
     );
     let stuck_state = report.stuck_path.as_ref().map(|acts| {
         let mut s = m.init_states().remove(0);
@@ -143,7 +163,12 @@ pub fn describe(m: &LockModel, path: &[(Action, State)]) -> String {
             .enumerate()
             .map(|(i, c)| {
                 let belief = if c.believes(s.clock) { " BELIEVES" } else { "" };
-                format!("c{i}:{:?}{belief}", c.phase)
+                let parked = match c.parked {
+                    Some(t) => format!(" PARKED@{t}"),
+                    None => String::new(),
+                };
+                let wanted = if c.wanted { " WANTED" } else { "" };
+                format!("c{i}:{:?}{belief}{parked}{wanted}", c.phase)
             })
             .collect();
         let fence: Vec<String> = s

@@ -44,6 +44,61 @@ pub struct Config {
     pub renewals: u8,
     /// Partitions over the whole run.
     pub partitions: u8,
+    /// v2: keeping a lock until it is wanted (`None`: holders never park).
+    pub park: Option<Parking>,
+}
+
+/// Keeping a lock until it is wanted (crates/mqlock `park.rs`, `hold.rs`): a holder that lets
+/// go parks instead of closing, stays the holder (renewing, fenced), takes the lock back with no
+/// broker step, and closes when a waiter's wake-up reaches it, or at the idle limit.
+///
+/// [`Parking::implemented`] is what crates/mqlock does; [`Parking::proposed`] adds the two rules
+/// the check found missing (`wanted_in_grant`, `count_at_park`); the negative controls each
+/// turn one rule off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Parking {
+    /// The idle limit: `v2::ParkExpire` is enabled once `clock >= parked_at + idle`.
+    pub idle: u8,
+    /// A waiter publishes a wake-up at `Acquire` also when the queue has a consumer
+    /// (`consumer_count() > 0 || message_count() == 0`, as `acquire.rs` does now); off: the old
+    /// rule, only when the queue is idle (no consumer, no message).
+    pub wake_behind_consumer: bool,
+    /// A parked holder that receives a wake-up closes; off: it acks it and stays parked.
+    pub release_when_parked: bool,
+    /// A holder that received a wake-up while in use closes at `v2::Park`; off: it parks.
+    pub release_when_wanted: bool,
+    /// Wake-ups carry their publisher, and a grantee that gets another client's wake-up before
+    /// its own `R0` (its first delivery included) is wanted; a holder ignores its own wake-ups.
+    /// Off (as implemented): wake-ups are anonymous, the grant acks every wake-up it sees
+    /// before `R0`, and the holder takes any wake-up (its own nudge too) as wanted.
+    pub wanted_in_grant: bool,
+    /// At `v2::Park`, the holder asks the queue for its consumers (a passive declare, which
+    /// needs its node connected) and closes instead of parking when another client has an up
+    /// consumer. Off: as implemented.
+    pub count_at_park: bool,
+}
+
+impl Parking {
+    /// The rules crates/mqlock implements, with idle limit `idle`.
+    pub fn implemented(idle: u8) -> Self {
+        Parking {
+            idle,
+            wake_behind_consumer: true,
+            release_when_parked: true,
+            release_when_wanted: true,
+            wanted_in_grant: false,
+            count_at_park: false,
+        }
+    }
+
+    /// The implemented rules plus `wanted_in_grant` and `count_at_park`.
+    pub fn proposed(idle: u8) -> Self {
+        Parking {
+            wanted_in_grant: true,
+            count_at_park: true,
+            ..Parking::implemented(idle)
+        }
+    }
 }
 
 impl Default for Config {
@@ -57,6 +112,7 @@ impl Default for Config {
             nudges: 0,
             renewals: 1,
             partitions: 1,
+            park: None,
         }
     }
 }
@@ -129,6 +185,13 @@ pub enum Action {
     Expire(u8),
     /// `client::Close`: release, crash or abandon: the client closes its channel.
     Close(u8),
+    /// `v2::Park`: the holder's user lets go of a kept lock: the holder parks (or closes, if a
+    /// wake-up reached it while in use).
+    Park(u8),
+    /// `v2::Unpark`: the holder's own client takes the parked lock back (no broker step).
+    Unpark(u8),
+    /// `v2::ParkExpire`: the parked holder's idle limit passed: it closes its channel.
+    ParkExpire(u8),
 }
 
 impl LockModel {
@@ -168,6 +231,35 @@ impl LockModel {
             Action::RenewConfirmed(c) => format!("{v}::RenewConfirmed(c{c})"),
             Action::Probe(c) => format!("v1::Probe(c{c})"),
             Action::Expire(c) => format!("{v}::Expire(c{c})"),
+            Action::Park(c) => format!("{v}::Park(c{c})"),
+            Action::Unpark(c) => format!("{v}::Unpark(c{c})"),
+            Action::ParkExpire(c) => format!("{v}::ParkExpire(c{c})"),
+        }
+    }
+
+    /// The parking rules, if holders park (v2 only).
+    pub fn parking(&self) -> Option<Parking> {
+        self.cfg.park.filter(|_| self.version == Version::V2)
+    }
+
+    /// Whether a waiter publishes a wake-up at `Acquire`. Without parking (and with
+    /// `wake_behind_consumer` off) only when the queue is idle: no consumer, no message. With
+    /// parking, as crates/mqlock `acquire.rs` does now, also when the queue has a consumer
+    /// (`consumer_count() > 0 || message_count() == 0`): the holder must learn that it is wanted.
+    /// A consumer of a node declared down is not counted (rabbit_fifo's `query_consumer_count`
+    /// leaves out a `suspected_down` consumer), which publishes fewer wake-ups.
+    pub fn publishes_wake(&self, b: &Broker) -> bool {
+        match self.parking() {
+            Some(p) if p.wake_behind_consumer => !b.consumers.is_empty() || b.ready.is_empty(),
+            _ => b.idle(),
+        }
+    }
+
+    /// A wake-up published by client `c`: tagged with `c` if wake-ups carry their publisher.
+    pub fn wake(&self, c: usize) -> MsgKind {
+        let tagged = self.parking().is_some_and(|p| p.wanted_in_grant);
+        MsgKind::Wake {
+            from: tagged.then_some(c as u8),
         }
     }
 
@@ -320,23 +412,27 @@ impl Model for LockModel {
             }
             Action::Acquire(c) => {
                 let c = usize::from(c);
-                let idle = s.broker.idle();
+                let wake = self.publishes_wake(&s.broker);
                 let cl = &mut s.clients[c];
                 cl.acq += 1;
                 cl.reset();
                 cl.phase = Phase::Waiting;
                 let chan = s.chan(c);
                 s.broker.consume(chan);
-                if idle {
-                    self.publish_lock(&mut s, c, MsgKind::Wake, 0);
+                if wake {
+                    let wake = self.wake(c);
+                    self.publish_lock(&mut s, c, wake, 0);
                 }
             }
             Action::Nudge(c) => {
                 let c = usize::from(c);
                 s.clients[c].nudges_left -= 1;
-                self.publish_lock(&mut s, c, MsgKind::Wake, 0);
+                let wake = self.wake(c);
+                self.publish_lock(&mut s, c, wake, 0);
             }
-            Action::Expire(c) | Action::Close(c) => self.close(&mut s, usize::from(c)),
+            Action::Expire(c) | Action::Close(c) | Action::ParkExpire(c) => {
+                self.close(&mut s, usize::from(c))
+            }
             _ => match self.version {
                 Version::V1 => v1::step(self, &mut s, a),
                 Version::V2Confirm | Version::V2 => v2::step(self, &mut s, a),

@@ -50,8 +50,12 @@ impl fmt::Debug for ChanId {
 /// What a lock-queue message says.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MsgKind {
-    /// An unstamped wake-up (v1: every message; v2: published by waiters).
-    Wake,
+    /// An unstamped wake-up (v1: every message; v2: published by waiters). `from`: its
+    /// publisher, in the proposed parking rule only (wake-ups are anonymous otherwise).
+    Wake {
+        /// The publishing client, if wake-ups carry it.
+        from: Option<u8>,
+    },
     /// A v2 lease renewal `R<n>`, stamped with the holder's token and an id unique to the
     /// holder: its channel plus the renewal's number (0 for the grant's `R0`).
     Renewal {
@@ -68,7 +72,7 @@ impl MsgKind {
     /// The stamp of a renewal, `None` for a wake-up.
     pub fn stamp(self) -> Option<Token> {
         match self {
-            MsgKind::Wake => None,
+            MsgKind::Wake { .. } => None,
             MsgKind::Renewal { stamp, .. } => Some(stamp),
         }
     }
@@ -77,7 +81,8 @@ impl MsgKind {
 impl fmt::Debug for MsgKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MsgKind::Wake => write!(f, "wake"),
+            MsgKind::Wake { from: None } => write!(f, "wake"),
+            MsgKind::Wake { from: Some(c) } => write!(f, "wake(c{c})"),
             MsgKind::Renewal { stamp, chan, n } => write!(f, "R{n}[{stamp:?} {chan:?}]"),
         }
     }

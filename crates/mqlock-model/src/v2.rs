@@ -22,6 +22,11 @@ pub fn actions(m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
     } else {
         confirm::FENCE | confirm::R0
     };
+    if let (Some(at), Some(p)) = (cl.parked, m.cfg.park)
+        && s.clock >= at.saturating_add(p.idle)
+    {
+        out.push(Action::ParkExpire(i));
+    }
     match cl.phase {
         Phase::Waiting if !cl.inbox.is_empty() => out.push(Action::Receive(i)),
         Phase::Holding { deadline, .. } if s.clock < deadline => {
@@ -33,6 +38,12 @@ pub fn actions(m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
             }
             if !delivered_lease && cl.renew_sent.is_some() && cl.confirms & confirm::RENEW != 0 {
                 out.push(Action::RenewConfirmed(i));
+            }
+            if m.parking().is_some() {
+                out.push(match cl.parked {
+                    None => Action::Park(i),
+                    Some(_) => Action::Unpark(i),
+                });
             }
         }
         Phase::AwaitFence { .. } if delivered_lease && !cl.inbox.is_empty() => {
@@ -153,6 +164,24 @@ pub fn step(m: &LockModel, s: &mut State, a: Action) {
                 *deadline = (*deadline).max(sent + m.cfg.m);
             }
         }
+        Action::Park(c) => {
+            let c = usize::from(c);
+            let p = m.parking().expect("parking");
+            let others_registered = p.count_at_park
+                && s.broker.reachable(c)
+                && s.broker
+                    .consumers
+                    .iter()
+                    .any(|k| usize::from(k.chan.client) != c);
+            let cl = &mut s.clients[c];
+            if (cl.wanted && p.release_when_wanted) || others_registered {
+                // Wanted while in use: released instead of parked.
+                m.close(s, c);
+            } else {
+                cl.parked = Some(s.clock);
+            }
+        }
+        Action::Unpark(c) => s.clients[usize::from(c)].parked = None,
         _ => unreachable!("not a v2 action: {a:?}"),
     }
 }
@@ -166,8 +195,15 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
         Phase::Holding { token, .. } | Phase::AwaitFence { token, .. } => token,
         _ => {
             // Waiting: the first delivery; it stays unacked while we record the fence.
-            s.clients[c].held = Some(d);
-            s.clients[c].phase = Phase::ReadFence;
+            let cl = &mut s.clients[c];
+            cl.held = Some(d);
+            cl.phase = Phase::ReadFence;
+            // Proposed parking rule: another client's wake-up is a waiter behind us.
+            if let MsgKind::Wake { from: Some(f) } = d.msg.kind
+                && usize::from(f) != c
+            {
+                cl.wanted = true;
+            }
             return;
         }
     };
@@ -211,6 +247,26 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
             }
         }
         MsgKind::Renewal { stamp, .. } if stamp > token => m.close(s, c), // granted elsewhere
+        // A waiter's wake-up: somebody wants the lock (only parking looks at it).
+        MsgKind::Wake { from } => {
+            ack(m, s, d);
+            if let Some(p) = m.parking() {
+                let cl = &mut s.clients[c];
+                // Proposed rule: wake-ups carry their publisher, and our own mean nothing.
+                let other = from != Some(c as u8);
+                if granting && cl.confirms & confirm::R0_SEEN == 0 {
+                    // Before our R0 the grant acks it like any extra (`own_delivery`); the
+                    // proposed rule keeps another client's as wanted.
+                    cl.wanted |= p.wanted_in_grant && other;
+                } else if granting || cl.parked.is_none() {
+                    // In use (after R0 the holder task sees it): wanted.
+                    cl.wanted |= other;
+                } else if p.release_when_parked && other {
+                    // Parked and wanted: released.
+                    m.close(s, c);
+                }
+            }
+        }
         _ => ack(m, s, d),
     }
 }

@@ -27,6 +27,7 @@ fn v1_config() -> Config {
         nudges: 0,
         renewals: 0,
         partitions: 1,
+        park: None,
     }
 }
 

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::name::{QueueNames, queue_names};
 use crate::protocol::{
     Fault, PREFETCH, break_request, classify, lock_queue_args, stamp, wake_properties,
+    wanted_by_another,
 };
 
 /// How long a waiter whose connection failed keeps trying to reconnect.
@@ -424,7 +425,7 @@ impl LockClient {
                 names.lock.as_str().into(),
                 BasicPublishOptions::default(),
                 b"",
-                wake_properties(),
+                wake_properties(&tag),
             )
         };
         // Someone holds the lock (or is being granted it): tell the holder that we want it, so
@@ -578,9 +579,11 @@ fn registered(
 /// `v2::Receive` checks). `Err(Some(e))`: the channel failed.
 pub(crate) async fn own_delivery(
     consumer: &mut lapin::Consumer,
+    own_tag: &str,
     own_prefix: &str,
     id: &str,
     token: u64,
+    wanted: &mut bool,
 ) -> std::result::Result<lapin::message::Delivery, Option<lapin::Error>> {
     loop {
         let d = match consumer.next().await {
@@ -602,6 +605,9 @@ pub(crate) async fn own_delivery(
                 return Err(None);
             }
             _ => {
+                // Another client's wake-up: it registered behind us and wants the lock; a kept
+                // lock must not park unwanted (docs/protocol.md, "Keeping a lock").
+                *wanted |= wanted_by_another(&d.properties, own_tag);
                 // Sent in the background: a connection the broker blocked (a resource alarm)
                 // would hold this await until the alarm clears.
                 tokio::spawn(async move {

@@ -90,8 +90,9 @@ impl LockClient {
         // active consumer after `sent` (docs/protocol.md, "Lease").
         let consumer = reg.consumer.as_mut().expect("consumer set");
         let own_prefix = renewal_prefix(&tag);
+        let mut wanted = false;
         let renewal = tokio::select! {
-            renewal = own_delivery(consumer, &own_prefix, &first_renewal, fence) => renewal.map_err(|e| match e {
+            renewal = own_delivery(consumer, &tag, &own_prefix, &first_renewal, fence, &mut wanted) => renewal.map_err(|e| match e {
                 Some(e) => fail(&e),
                 None => Retry::Again("the lock was taken back, granted on, or broken during the grant".into()),
             })?,
@@ -144,6 +145,7 @@ impl LockClient {
             max_hold: terms.max_hold,
             keep: terms.keep,
             parking: self.inner.parking.clone(),
+            wanted,
         }
         .spawn(terms.claim.take());
         Ok(LockGuard::new(name, fence, signal, Box::new(handle)))

@@ -22,7 +22,7 @@ use crate::lease::{BootInstant, Lease};
 use crate::loss::{LossReason, LossSignal};
 use crate::metrics::Metrics;
 use crate::park::Parking;
-use crate::protocol::{break_request, loss_reason, renewal_properties, stamp};
+use crate::protocol::{break_request, loss_reason, renewal_properties, stamp, wanted_by_another};
 use crate::release::{Command, HolderHandle, SharedClaim, give_back, release};
 
 /// Publishes a lease renewal (`v2::Renew` in docs/model.md) and returns the moment it was sent.
@@ -94,6 +94,8 @@ pub(crate) struct Holder {
     /// `LockOptions::keep`: the guard parks the lock when it lets go (`park.rs`).
     pub(crate) keep: Option<Duration>,
     pub(crate) parking: Arc<Parking>,
+    /// Another client's wake-up came during the grant: the lock is wanted already.
+    pub(crate) wanted: bool,
 }
 
 /// What a delivery to the holder means (docs/protocol.md, "Hold").
@@ -114,7 +116,7 @@ enum Seen {
     Lost(LossReason),
 }
 
-fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen {
+fn classify_delivery(own_tag: &str, own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen {
     // A break request names the grant it breaks; one for an earlier grant is stale.
     if let Some((token, reason)) = break_request(&d.properties) {
         return if token == fencing_token {
@@ -141,7 +143,7 @@ fn classify_delivery(own_prefix: &str, fencing_token: u64, d: &Delivery) -> Seen
     match stamp(&d.properties) {
         Some(token) if token > fencing_token => Seen::Later(token),
         Some(_) => Seen::Extra,
-        None if d.properties.message_id().is_none() => Seen::Wanted,
+        None if wanted_by_another(&d.properties, own_tag) => Seen::Wanted,
         None => Seen::Extra,
     }
 }
@@ -193,11 +195,28 @@ impl Holder {
             max_hold,
             keep: _,
             parking,
+            mut wanted,
         } = self;
         // Parked (`park.rs`): until when, if nobody wants the lock first.
         let mut parked_until: Option<tokio::time::Instant> = None;
-        // A waiter's wake-up came while the lock was in use: the next park releases instead.
-        let mut wanted = false;
+        // While parked, the lock queue's consumers are counted every renewal period: a waiter
+        // whose wake-up this holder never saw (acked by an earlier holder, or dropped with a
+        // node) still gets the lock within that period.
+        let mut park_check = tokio::time::interval(conn.renewal_period);
+        park_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Somebody else registered on the lock queue (one passive declare; no answer within a
+        // renewal period counts as nobody).
+        let others_wait = async || {
+            let declared = channel.queue_declare(
+                lock_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            );
+            matches!(tokio::time::timeout(conn.renewal_period, declared).await, Ok(Ok(q)) if q.consumer_count() > 1)
+        };
         let end_hold =
             async |reply: Option<tokio::sync::oneshot::Sender<crate::error::Result<()>>>| {
                 let result = release(&name, &conn, &channel, &signal, conn.lease_margin).await;
@@ -241,8 +260,9 @@ impl Holder {
                     Some(Command::Release(reply)) => return end_hold(reply).await,
                     None => return end_hold(None).await,
                     Some(Command::Park(idle)) => {
-                        if !wanted {
+                        if !wanted && !others_wait().await {
                             parked_until = Some(tokio::time::Instant::now() + idle);
+                            park_check.reset();
                             debug!(lock = %name, ?idle, "parked");
                         } else if let Some(own) = parking.take_own(&name, &tag) {
                             debug!(lock = %name, "wanted while in use; released instead of parked");
@@ -252,6 +272,13 @@ impl Holder {
                     }
                     Some(Command::Unpark) => parked_until = None,
                 },
+                _ = park_check.tick(), if parked_until.is_some() => {
+                    if others_wait().await && let Some(own) = parking.take_own(&name, &tag) {
+                        debug!(lock = %name, "a client waits for the parked lock; released");
+                        drop(own);
+                        return end_hold(None).await;
+                    }
+                }
                 // Parked too long: released (if no acquisition took it back this moment).
                 () = sleep_until_opt(parked_until) => {
                     parked_until = None;
@@ -269,7 +296,7 @@ impl Holder {
                 // docs/model.md, the loss and the channel close below.
                 reason = signal.lost() => break reason,
                 delivery = consumer.next() => match delivery {
-                    Some(Ok(d)) => match classify_delivery(&own_prefix, fencing_token, &d) {
+                    Some(Ok(d)) => match classify_delivery(&tag, &own_prefix, fencing_token, &d) {
                         Seen::OwnRenewal(n) => {
                             while let Some(&(m, sent)) = in_flight.front() {
                                 if m > n {
@@ -370,8 +397,15 @@ impl Holder {
         // A lost parked lock is never handed out again: its entry goes (and with it the claim).
         drop(parking.take_own(&name, &tag));
         give_back(&claim);
-        // Wait for the guard to be released or dropped so that `release()` reports the loss.
-        let _ = commands.recv().await;
+        // Wait for the guard to be released or dropped so that `release()` reports the loss. A
+        // guard that parked meanwhile (it had not seen the loss yet) is taken out of the park.
+        while let Some(command) = commands.recv().await {
+            match command {
+                Command::Park(_) => drop(parking.take_own(&name, &tag)),
+                Command::Unpark => {}
+                Command::Release(_) => break,
+            }
+        }
     }
 }
 
@@ -404,6 +438,7 @@ mod tests {
 
     #[test]
     fn deliveries_to_a_holder_are_told_apart() {
+        let tag = "mqlock.1.a.7";
         let ours = "mqlock.1.a.7.r.";
         let token = (5 << 32) + 10;
         let own = |n, redelivered| {
@@ -413,12 +448,12 @@ mod tests {
             )
         };
         assert_eq!(
-            classify_delivery(ours, token, &own(3, false)),
+            classify_delivery(tag, ours, token, &own(3, false)),
             Seen::OwnRenewal(3)
         );
         // Our own renewal redelivered: the broker returned our messages once (H1).
         assert_eq!(
-            classify_delivery(ours, token, &own(3, true)),
+            classify_delivery(tag, ours, token, &own(3, true)),
             Seen::Lost(LossReason::TakenBack)
         );
         // Another acquisition of the same process is not us (its tag differs).
@@ -426,24 +461,40 @@ mod tests {
             renewal_properties("mqlock.1.a.70.r.1".into(), token - 1),
             true,
         );
-        assert_eq!(classify_delivery(ours, token, &sibling), Seen::Extra);
+        assert_eq!(classify_delivery(tag, ours, token, &sibling), Seen::Extra);
         // An earlier holder's renewal, requeued when it released: an extra.
         let earlier = delivery(renewal_properties("x.r.9".into(), token - 1), true);
-        assert_eq!(classify_delivery(ours, token, &earlier), Seen::Extra);
+        assert_eq!(classify_delivery(tag, ours, token, &earlier), Seen::Extra);
         // A renewal stamped above our token: a later grant, or one that gave up (the holder
         // asks the register).
         let later = delivery(renewal_properties("y.r.1".into(), token + 1), true);
         assert_eq!(
-            classify_delivery(ours, token, &later),
+            classify_delivery(tag, ours, token, &later),
             Seen::Later(token + 1)
         );
-        // Waiters' wake-ups, fresh or requeued, say that somebody wants the lock.
+        // Other clients' wake-ups, fresh or requeued, say that somebody wants the lock; its own
+        // (a mint of its acquisition) do not.
+        let theirs = wake_properties("mqlock.2.b.1");
         assert_eq!(
-            classify_delivery(ours, token, &delivery(wake_properties(), false)),
+            classify_delivery(tag, ours, token, &delivery(theirs.clone(), false)),
             Seen::Wanted
         );
         assert_eq!(
-            classify_delivery(ours, token, &delivery(wake_properties(), true)),
+            classify_delivery(tag, ours, token, &delivery(theirs, true)),
+            Seen::Wanted
+        );
+        assert_eq!(
+            classify_delivery(tag, ours, token, &delivery(wake_properties(tag), false)),
+            Seen::Extra
+        );
+        // A wake-up of mqlock 0.1 (no id) is another's.
+        assert_eq!(
+            classify_delivery(
+                tag,
+                ours,
+                token,
+                &delivery(BasicProperties::default(), false)
+            ),
             Seen::Wanted
         );
     }

@@ -41,10 +41,30 @@ pub(crate) fn common_args(config: &ClientConfig) -> FieldTable {
     args
 }
 
-/// Properties of a wake-up published by a waiter (a message the next holder may keep as its
-/// token). Persistent, so a token survives a broker restart on a durable classic queue.
-pub(crate) fn wake_properties() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
+/// Properties of a wake-up published by the acquisition with consumer tag `tag` (a message the
+/// next holder may keep as its token). Persistent, so a token survives a broker restart on a
+/// durable classic queue. Its message id names the publisher (`<tag>.w`), so that a holder
+/// tells another client's wake-up — somebody wants the lock — from its own mint.
+pub(crate) fn wake_properties(tag: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(wake_id(tag)))
+}
+
+/// The message id of the wake-ups of the acquisition with consumer tag `tag`.
+pub(crate) fn wake_id(tag: &str) -> String {
+    format!("{tag}.w")
+}
+
+/// Whether a lock-queue message is a wake-up of another acquisition than `own_tag`'s: plain
+/// (no stamp, no break request) and not published by `own_tag` (wake-ups of mqlock before
+/// 0.2 carry no id and count as another's).
+pub(crate) fn wanted_by_another(properties: &BasicProperties, own_tag: &str) -> bool {
+    stamp(properties).is_none()
+        && break_request(properties).is_none()
+        && properties.message_id().as_ref().is_none_or(|id| {
+            id.as_str() != wake_id(own_tag) && !id.as_str().starts_with(&format!("{own_tag}.r."))
+        })
 }
 
 /// The header in which a holder's lease renewal carries the holder's fencing token.
@@ -218,6 +238,8 @@ mod tests {
             props.message_id().as_ref().map(|s| s.as_str()),
             Some("tag.r.1")
         );
-        assert_eq!(stamp(&wake_properties()), None);
+        assert_eq!(stamp(&wake_properties("t")), None);
+        assert!(wanted_by_another(&wake_properties("t"), "u"));
+        assert!(!wanted_by_another(&wake_properties("t"), "t"));
     }
 }
