@@ -53,6 +53,8 @@ struct Seq {
 struct Loops {
     small_per_s: f64,
     rewrite_per_s: f64,
+    /// The calls of one rewrite, p50 over all rounds: open, write, close.
+    rewrite_calls: [Duration; 3],
     open: Latency,
 }
 
@@ -172,16 +174,26 @@ fn measure_loops(dir: &Path, tag: &str) -> Loops {
         std::fs::write(p, &small).unwrap();
     }
     let mut rewrites = Vec::new();
+    let mut calls: [Vec<Duration>; 3] = Default::default();
     for _ in 0..3 {
         let t = Instant::now();
         for _ in 0..REWRITE_PASSES {
             for p in &files {
+                let t0 = Instant::now();
                 let mut f = OpenOptions::new().write(true).open(p).unwrap();
+                let t1 = Instant::now();
                 f.write_all(&small).unwrap();
+                let t2 = Instant::now();
+                drop(f);
+                let t3 = Instant::now();
+                calls[0].push(t1 - t0);
+                calls[1].push(t2 - t1);
+                calls[2].push(t3 - t2);
             }
         }
         rewrites.push((REWRITE_PASSES * REWRITE_FILES) as f64 / t.elapsed().as_secs_f64());
     }
+    let rewrite_calls = calls.map(|c| Latency::of(c).p50);
     std::fs::remove_dir_all(&d).unwrap();
     let p = dir.join(format!("open-me-{tag}"));
     std::fs::write(&p, b"x").unwrap();
@@ -189,6 +201,7 @@ fn measure_loops(dir: &Path, tag: &str) -> Loops {
     Loops {
         small_per_s: median(smalls),
         rewrite_per_s: median(rewrites),
+        rewrite_calls,
         open,
     }
 }
@@ -240,6 +253,28 @@ fn core_handoff(rt: &tokio::runtime::Runtime, x: &LockClient, y: &LockClient) ->
         std::thread::sleep(Duration::from_millis(3));
     }
     Latency::of(handoffs)
+}
+
+/// The core alone, the case of a write-open of a file the other node keeps parked: `x` keeps
+/// the lock parked (`LockOptions::keep`), `y` asks; from `y`'s call to its grant.
+fn core_parked_handoff(rt: &tokio::runtime::Runtime, x: &LockClient, y: &LockClient) -> Latency {
+    let name = format!("bench-parked-{}", std::process::id());
+    let keep = mqlock::LockOptions {
+        keep: Some(Duration::from_secs(60)),
+        ..mqlock::LockOptions::default()
+    };
+    let mut waits = Vec::with_capacity(CONTENDED);
+    for _ in 0..CONTENDED {
+        let g = rt.block_on(x.lock_with(&name, keep)).unwrap();
+        drop(g);
+        std::thread::sleep(Duration::from_millis(3));
+        let t = Instant::now();
+        let g = rt.block_on(y.lock(&name)).unwrap();
+        waits.push(t.elapsed());
+        rt.block_on(g.release()).unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    Latency::of(waits)
 }
 
 /// Latency of `OPENS` uncontended acquisitions of one lock through the core alone, each
@@ -364,8 +399,17 @@ fn main() {
             us(r.open.p50),
         );
         split.push((format!("{name}, broker locks"), r.open, read_open));
-        loops.push(r);
+        loops.push((name, r));
     }
+    println!();
+    println!("rewrite loop, p50 of each call (open for writing / write 4 KiB / close)");
+    println!("| mode | open | write | close |");
+    println!("|---|---|---|---|");
+    for (name, r) in std::iter::once(("backing dir", native)).chain(loops.iter().copied()) {
+        let [o, w, c] = r.rewrite_calls.map(us);
+        println!("| {name} | {o:.1} µs | {w:.1} µs | {c:.1} µs |");
+    }
+    let loops: Vec<Loops> = loops.into_iter().map(|(_, r)| r).collect();
     let (cached, plain) = (loops[0], loops[1]);
 
     // Two nodes: a file the other mount wrote last, its lock parked there.
@@ -390,12 +434,13 @@ fn main() {
         rt.block_on(cb.close());
         l
     };
-    let handoff = {
+    let (handoff, parked_handoff) = {
         let (x, y) = (connect(), connect());
         let l = core_handoff(&rt, &x, &y);
+        let p = core_parked_handoff(&rt, &x, &y);
         rt.block_on(x.close());
         rt.block_on(y.close());
-        l
+        (l, p)
     };
 
     // The same opens with an in-process locker: what the mount itself costs.
@@ -446,6 +491,11 @@ fn main() {
         "| core hand-off, release → next waiter granted ({CONTENDED}) | {:.1} / {:.1} µs | |",
         us(handoff.p50),
         us(handoff.p90)
+    );
+    println!(
+        "| core `lock()` of a lock another client keeps parked ({CONTENDED}) | {:.1} / {:.1} µs | |",
+        us(parked_handoff.p50),
+        us(parked_handoff.p90)
     );
     let verdict = |ok: bool| if ok { "met" } else { "missed" };
     let small = cached.small_per_s / native.small_per_s;
