@@ -500,3 +500,317 @@ fn signals_to_a_blocked_opener_are_no_error() {
         "the daemon logged an error:\n{logged}"
     );
 }
+
+// ---------------------------------------------------------------- lock caching (issue 12)
+
+/// The broker's view of a file's lock: `(held, holder's fencing token, holder's pid)`.
+fn lock_state(rt: &tokio::runtime::Runtime, prefix: &str, rel: &str) -> (bool, u64, u32) {
+    rt.block_on(async {
+        let client = support::client().await;
+        let status = client
+            .status(&mqlock_fuse::names::lock_name(prefix, rel.as_bytes()))
+            .await
+            .unwrap();
+        client.close().await;
+        let (token, pid) = status.holder.as_ref().map_or((0, 0), |h| (h.token, h.pid));
+        (status.is_held(), token, pid)
+    })
+}
+
+/// Polls the broker's view of a file's lock until `ok` holds (10 s at most).
+fn wait_for_lock(
+    rt: &tokio::runtime::Runtime,
+    prefix: &str,
+    rel: &str,
+    what: &str,
+    ok: impl Fn((bool, u64, u32)) -> bool,
+) -> (bool, u64, u32) {
+    let start = Instant::now();
+    loop {
+        let state = lock_state(rt, prefix, rel);
+        if ok(state) {
+            return state;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}: {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Node A writes a file 100 times (open for writing, write, close): with lock caching its lock
+/// stays parked between the writes, one grant for all of them. Node B's write-open then gets
+/// the lock within one hand-off (the idle limit is 60 s), reads every byte A wrote
+/// (close-to-open), and A's next write-open waits until B closes.
+#[test]
+fn a_parked_lock_goes_to_the_other_node_within_one_hand_off() {
+    let rt = rt();
+    let backing = tempfile::tempdir().unwrap();
+    let prefix = support::unique("fuse");
+    let caching = ["--lock-caching-idle", "60s"];
+    let a = Node::start(backing.path(), &prefix, &caching);
+    let b = Node::start(backing.path(), &prefix, &caching);
+    let line = |i: usize| format!("line {i:03} from A\n");
+    let append = |i: usize| {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(a.path("f"))
+            .unwrap();
+        f.write_all(line(i).as_bytes()).unwrap();
+    };
+    append(0);
+    // The first write's grant, parked: still held by A after A closed the file.
+    let (held, first_token, pid) = wait_for_lock(&rt, &prefix, "f", "A's grant", |(_, t, _)| t > 0);
+    assert!(held, "kept after the last close");
+    assert_eq!(pid, a.pid() as u32);
+    let started = Instant::now();
+    (1..100).for_each(append);
+    let a_loop = started.elapsed();
+    let (held, token, pid) = lock_state(&rt, &prefix, "f");
+    assert!(held && pid == a.pid() as u32);
+    assert_eq!(
+        token, first_token,
+        "100 write-opens on A, one grant: the lock was parked between them"
+    );
+
+    // B asks: A gives the parked lock up at once.
+    let asked = Instant::now();
+    let mut fb = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.path("f"))
+        .unwrap();
+    let handoff = asked.elapsed();
+    let mut seen = String::new();
+    fb.read_to_string(&mut seen).unwrap();
+    let expected: String = (0..100).map(line).collect();
+    assert!(seen == expected, "B must read all of A's writes");
+    let (held, b_token, pid) = lock_state(&rt, &prefix, "f");
+    assert!(held && pid == b.pid() as u32, "B holds it now");
+    assert!(b_token > token, "a new grant: {b_token} <= {token}");
+    assert!(
+        handoff < Duration::from_secs(5),
+        "B waited {handoff:?} for a lock A only kept parked (idle limit 60 s)"
+    );
+
+    // A's next write-open waits for B's close.
+    let a_path = a.path("f");
+    let a_open = std::thread::spawn(move || {
+        let mut f = OpenOptions::new().append(true).open(&a_path).unwrap();
+        let opened = Instant::now();
+        f.write_all(b"A again\n").unwrap();
+        opened
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !a_open.is_finished(),
+        "A's write-open must wait while B holds the file open"
+    );
+    fb.write_all(b"from B\n").unwrap();
+    let b_closes = Instant::now();
+    drop(fb);
+    let a_opened = a_open.join().unwrap();
+    assert!(a_opened >= b_closes, "A opened before B closed");
+    let all = std::fs::read_to_string(a.path("f")).unwrap();
+    assert_eq!(all, format!("{expected}from B\nA again\n"));
+    println!(
+        "A: 99 parked write-opens in {a_loop:?} ({:?} each); B granted after {handoff:?}",
+        a_loop / 99
+    );
+}
+
+/// The connection of the `mqlock mount` process `pid` (its default connection name), closed by
+/// the broker as for a network cut it detected.
+fn kill_connection_of(pid: i32) {
+    let listing = support::main_rabbitmqctl(&["list_connections", "pid", "client_properties"]);
+    let name = format!("\"mqlock pid {pid}\"");
+    let conn = listing
+        .lines()
+        .find(|l| l.contains(&name))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("no connection {name}:\n{listing}"))
+        .to_owned();
+    support::main_rabbitmqctl(&["close_connection", &conn, "test: connection killed"]);
+}
+
+/// A parked lock whose connection dies is lost, and never handed out again: the node's next
+/// write-open takes a fresh grant, with a larger token, and writes through it succeed.
+#[test]
+fn a_parked_lock_that_is_lost_is_never_handed_out_again() {
+    let rt = rt();
+    let backing = tempfile::tempdir().unwrap();
+    let prefix = support::unique("fuse");
+    let a = Node::start(backing.path(), &prefix, &["--lock-caching-idle", "60s"]);
+    std::fs::write(a.path("f"), b"one\n").unwrap();
+    let (_, lost_token, _) = wait_for_lock(&rt, &prefix, "f", "A's parked grant", |(h, t, p)| {
+        h && t > 0 && p == a.pid() as u32
+    });
+    kill_connection_of(a.pid());
+    wait_for_lock(
+        &rt,
+        &prefix,
+        "f",
+        "the broker to drop the lost lock",
+        |(h, ..)| !h,
+    );
+    // A's next write-open: a fresh grant (the lost one would fail its writes with EIO).
+    let mut f = OpenOptions::new().append(true).open(a.path("f")).unwrap();
+    f.write_all(b"two\n").unwrap();
+    let (held, token, pid) = lock_state(&rt, &prefix, "f");
+    assert!(held && pid == a.pid() as u32, "A holds it again");
+    assert!(
+        token > lost_token,
+        "a fresh grant, not the lost one: {token} <= {lost_token}"
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(a.path("f")).unwrap(), b"one\ntwo\n");
+    // And that grant is parked in turn, and taken back by the next write-open.
+    std::fs::write(a.path("f"), b"three\n").unwrap();
+    let (held, again, _) = lock_state(&rt, &prefix, "f");
+    assert!(held);
+    assert_eq!(again, token);
+}
+
+/// Many parked locks on one node are bounded by the idle limit: 200 files written once with a
+/// 10 s limit (short, yet longer than writing them takes on a loaded machine) are all released
+/// by the broker soon after, and the node keeps none.
+#[test]
+fn many_parked_locks_are_released_at_the_idle_limit() {
+    const FILES: usize = 200;
+    const IDLE: Duration = Duration::from_secs(10);
+    let rt = rt();
+    let backing = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    let prefix = support::unique("fuse");
+    let client = rt.block_on(support::client());
+    let config = mqlock_fuse::MountConfig {
+        lock_prefix: prefix.clone(),
+        lock_caching: Some(IDLE),
+        ..mqlock_fuse::MountConfig::default()
+    };
+    let mounted = {
+        let _g = rt.enter();
+        mqlock_fuse::mount(backing.path(), mnt.path(), Arc::new(client.clone()), config).unwrap()
+    };
+    let names: Vec<String> = (0..FILES).map(|i| format!("f{i}")).collect();
+    let started = Instant::now();
+    for n in &names {
+        std::fs::write(mnt.path().join(n), b"x").unwrap();
+    }
+    let wrote = started.elapsed();
+    assert!(
+        wrote < IDLE,
+        "writing took {wrote:?}: the first locks may be gone already"
+    );
+    // Each close parks its lock (a moment after close returns).
+    let start = Instant::now();
+    while client.kept_locks() < FILES {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{} of {FILES} locks parked",
+            client.kept_locks()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(client.metrics().held, FILES as u64);
+    // The idle limit releases them all.
+    let start = Instant::now();
+    while client.kept_locks() > 0 || client.metrics().held > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} locks still parked, {} held, {:?} after the writes",
+            client.kept_locks(),
+            client.metrics().held,
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let released = started.elapsed();
+    assert!(
+        released >= IDLE,
+        "released before the idle limit: {released:?}"
+    );
+    rt.block_on(async {
+        let probe = support::client().await;
+        for n in &names {
+            let name = mqlock_fuse::names::lock_name(&prefix, n.as_bytes());
+            support::wait_until(
+                "the broker to see the release",
+                Duration::from_secs(10),
+                || async { !probe.status(&name).await.unwrap().is_held() },
+            )
+            .await;
+        }
+        probe.close().await;
+    });
+    println!(
+        "{FILES} files written in {wrote:?}; all their locks released {released:?} after the first"
+    );
+    drop(mounted);
+    rt.block_on(client.close());
+}
+
+/// `--no-lock-caching`: the old behaviour, the lock is released at the last close.
+#[test]
+fn without_lock_caching_the_last_close_releases() {
+    let rt = rt();
+    let backing = tempfile::tempdir().unwrap();
+    let prefix = support::unique("fuse");
+    let a = Node::start(backing.path(), &prefix, &["--no-lock-caching"]);
+    let cached = Node::start(backing.path(), &prefix, &[]);
+    std::fs::write(a.path("f"), b"a").unwrap();
+    wait_for_lock(&rt, &prefix, "f", "the release at close", |(h, t, _)| {
+        !h && t > 0
+    });
+    std::fs::write(cached.path("g"), b"b").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (held, _, pid) = lock_state(&rt, &prefix, "g");
+    assert!(held && pid == cached.pid() as u32, "the default keeps it");
+}
+
+#[test]
+fn without_lock_caching_a_writer_blocks_the_other_node_until_close() {
+    writer_blocks_the_other_node_until_close(&["--no-lock-caching"]);
+}
+
+/// With lock caching, an `O_NONBLOCK` write-open (coreutils `touch` and `truncate` use one)
+/// gets a lock the other node only keeps parked, and still fails at once-ish (within the
+/// hand-off budget) while the other node has the file open.
+#[test]
+fn a_nonblocking_open_takes_a_lock_parked_on_the_other_node() {
+    let (_backing, a, b) = two_nodes(&[]);
+    std::fs::write(a.path("f"), b"a").unwrap();
+    let t = Instant::now();
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(b.path("f"))
+        .expect("the parked lock is handed over");
+    println!(
+        "O_NONBLOCK open of a lock parked on the other node: {:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    assert_eq!(
+        errno_of(
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(a.path("f"))
+        ),
+        libc::EWOULDBLOCK
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    drop(f);
+}

@@ -18,7 +18,11 @@
 //!   grant this node last wrote or opened under (the same grant, shared by several handles),
 //!   or the next one. Tokens grow strictly with every grant (F1 in docs/protocol.md), so a
 //!   foreign grant in between would leave a gap. A node that gets the lock thus reads the
-//!   previous holder's bytes even if that holder's write left size and times unchanged.
+//!   previous holder's bytes even if that holder's write left size and times unchanged. With
+//!   lock caching (`MountConfig::lock_caching`) a write-open usually takes back the lock this
+//!   node kept parked since its last close: the same grant, so the same token, and nobody else
+//!   held the lock in between (a parked lock is still held; once another node asks, it is
+//!   released and this node's next grant has a larger token, past the other node's).
 //!
 //! Every other case drops the cache and records the version at this open as the new baseline
 //! (recorded before any byte is read into the fresh cache, so a change racing with the reads
@@ -166,6 +170,24 @@ mod tests {
         // A read-open that saw no change keeps the grant.
         assert!(c.open(1, v(1, 2), None));
         assert!(c.open(1, v(1, 2), Some((&g, 17))));
+    }
+
+    /// Lock caching: each write-open of a file this node keeps parked is the same grant, so
+    /// the same token, again and again; once another node took the lock in between, this
+    /// node's next grant leaves a gap.
+    #[test]
+    fn a_lock_taken_back_from_the_park_keeps_the_cache_and_a_fresh_grant_after_another_does_not() {
+        let c = CacheBaselines::default();
+        let f: Arc<str> = "fs:/f".into();
+        assert!(!c.open(1, v(1, 1), Some((&f, 10))));
+        for i in 2..20 {
+            // Closed (parked), opened again (taken back: token 10), written.
+            assert!(c.open(1, v(i - 1, i - 1), Some((&f, 10))), "round {i}");
+            c.wrote(1, v(i, i), (&f, 10));
+        }
+        // Another node was granted 11 and wrote (here: same size and times, to be sure the
+        // token alone decides); this node's next grant is 12.
+        assert!(!c.open(1, v(19, 19), Some((&f, 12))));
     }
 
     #[test]

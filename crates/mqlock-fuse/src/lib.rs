@@ -23,13 +23,20 @@
 //!   node agrees on it whatever the mount and backing paths are.
 //! - All write handles of one file on one node share one lock; the last release unlocks it.
 //!   The backing fd is closed before the unlock, so the next holder reads every byte.
+//! - Lock caching ([`MountConfig::lock_caching`], on by default): the last release parks the
+//!   lock instead (still held, after the backing fd was closed), and this node's next
+//!   write-open of the file takes it back without a broker round trip. Another node's wait
+//!   for the lock wakes this node, which releases it within one hand-off; unused, it is
+//!   released after the idle limit. The locks stay the [`mqlock::Locker`]'s until then: the
+//!   caller of [`mount`] closes its client to release them at once.
 //! - `truncate(2)` on a path, `unlink` and `rename` hold the locks for the duration of the
 //!   operation; a rename takes its two paths' locks all or none through the core's multi-lock
 //!   ([`mqlock::LockTable::share_all`]: one global order, one timeout for the pair).
 //! - A wait (a rename's, for both locks) ends after [`MountConfig::lock_timeout`] with
-//!   `ETIMEDOUT`; an `O_NONBLOCK` open fails at once with `EWOULDBLOCK` when another node holds
-//!   the lock. Lock waits run on the tokio runtime, never on a FUSE worker thread, so other
-//!   files keep being served.
+//!   `ETIMEDOUT`; an `O_NONBLOCK` open fails with `EWOULDBLOCK` when another node holds the
+//!   lock (with lock caching after up to 250 ms, in which a node that only keeps the lock
+//!   parked hands it over). Lock waits run on the tokio runtime, never on a FUSE worker
+//!   thread, so other files keep being served.
 //! - When a lock is lost while a write handle is open, later writes, `fallocate`, size changes
 //!   and `close` on that handle fail with `EIO`, and the loss is logged with the path and the
 //!   fencing token. In [`MountConfig::passthrough`] mode the kernel writes straight to the
@@ -47,7 +54,7 @@ mod sys;
 pub use error::{Error, LockError};
 pub use fs::LockedFs;
 pub use mount::{Mounted, mount, preflight};
-pub use options::MountConfig;
+pub use options::{DEFAULT_LOCK_CACHING_IDLE, MountConfig};
 
 /// The former name of [`MountConfig`].
 #[deprecated(note = "renamed to MountConfig")]

@@ -6,6 +6,11 @@
 //! behind itself, so every acquisition goes through the core's per-process
 //! [`mqlock::LockTable`] (its shared use: [`mqlock::LockTable::share`]). This module adds the
 //! file system's view: a non-blocking open, and the errno each failure becomes.
+//!
+//! With lock caching ([`crate::MountConfig::lock_caching`]) the table keeps each lock after the
+//! last share is given back ([`mqlock::LockTable::with_keep`]): parked, still held and fenced,
+//! until another node asks for it or it was unused for the idle limit. The next share of the
+//! name on this node takes it back without a broker round trip, with the same fencing token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,37 +24,67 @@ use crate::error::LockError;
 /// One handle's share of the node's grant of a file's lock.
 pub(crate) use mqlock::Share;
 
+/// How long an `O_NONBLOCK` write-open waits, with lock caching, for a lock another node
+/// holds: a node that only keeps it parked gives it up within one hand-off (its wait wakes that
+/// node), while a node that has the file open keeps it, and the open fails with `EWOULDBLOCK`
+/// after this.
+pub(crate) const NONBLOCK_HANDOFF: Duration = Duration::from_millis(250);
+
 /// The locks this node holds for open files, by lock name.
 pub(crate) struct LockTable {
     table: mqlock::LockTable,
     timeout: Duration,
+    /// Lock caching is on: locks are parked after the last share ([`crate::MountConfig::lock_caching`]).
+    caching: bool,
 }
 
 impl LockTable {
-    pub(crate) fn new(locker: Arc<dyn Locker>, timeout: Duration) -> Self {
+    /// `keep`: the idle limit of parked locks ([`crate::MountConfig::lock_caching`]), `None`
+    /// to release at the last share.
+    pub(crate) fn new(locker: Arc<dyn Locker>, timeout: Duration, keep: Option<Duration>) -> Self {
+        let table = mqlock::LockTable::new(locker).with_loss_message(
+            "lost the lock of a file open for writing: further writes through its handles fail with EIO",
+        );
+        let table = match keep {
+            Some(idle) => table.with_keep(idle),
+            None => table,
+        };
         LockTable {
-            table: mqlock::LockTable::new(locker).with_loss_message(
-                "lost the lock of a file open for writing: further writes through its handles fail with EIO",
-            ),
+            table,
             timeout,
+            caching: keep.is_some(),
         }
     }
 
     /// Joins this node's hold of `name`, acquiring it from the lock service if the node does
     /// not hold it. Waits at most the configured timeout; with `nonblock`, not for another
-    /// node (a release in flight on this node is waited out: the lock is about to be free).
+    /// node that uses the file (a release in flight on this node is waited out: the lock is
+    /// about to be free). With lock caching, a non-blocking open waits up to
+    /// [`NONBLOCK_HANDOFF`] for the lock: the broker cannot tell a lock another node keeps
+    /// parked from one it uses, and a parked one is handed over within that.
     ///
     /// Cancel safe: a share is counted only when it is returned (see
     /// [`mqlock::LockTable::share`]).
     pub(crate) async fn acquire(&self, name: &str, nonblock: bool) -> Result<Share, LockError> {
         let started = Instant::now();
-        let share = if nonblock {
+        let busy = || LockError::Busy {
+            name: name.to_owned(),
+        };
+        let share = if nonblock && self.caching {
+            match self
+                .table
+                .share(name, NONBLOCK_HANDOFF.min(self.timeout))
+                .await
+            {
+                Ok(share) => share,
+                Err(mqlock::Error::Timeout { .. }) => return Err(busy()),
+                Err(e) => return Err(e.into()),
+            }
+        } else if nonblock {
             self.table
                 .try_share(name, self.timeout)
                 .await?
-                .ok_or_else(|| LockError::Busy {
-                    name: name.to_owned(),
-                })?
+                .ok_or_else(busy)?
         } else {
             match self.table.share(name, self.timeout).await {
                 Ok(share) => share,
@@ -107,7 +142,7 @@ mod tests {
     use mqlock::MemoryLocker;
 
     fn table(l: &MemoryLocker, t: Duration) -> LockTable {
-        LockTable::new(Arc::new(l.clone()), t)
+        LockTable::new(Arc::new(l.clone()), t, None)
     }
 
     #[tokio::test]
@@ -121,6 +156,34 @@ mod tests {
         assert!(l.is_locked("f"));
         t.release(&b).await;
         assert!(!l.is_locked("f"));
+        assert_eq!(t.slots(), 0);
+    }
+
+    /// With lock caching, a non-blocking open gives a lock held elsewhere one hand-off
+    /// (`NONBLOCK_HANDOFF`) to come, then fails with EWOULDBLOCK, never with ETIMEDOUT.
+    #[tokio::test(start_paused = true)]
+    async fn with_caching_a_nonblocking_open_waits_one_hand_off_at_most() {
+        let l = MemoryLocker::new();
+        let other = l.lock("f").await.unwrap();
+        let t = LockTable::new(
+            Arc::new(l.clone()),
+            Duration::from_secs(30),
+            Some(Duration::from_secs(30)),
+        );
+        let started = Instant::now();
+        let e = t.acquire("f", true).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EWOULDBLOCK);
+        assert!(started.elapsed() >= NONBLOCK_HANDOFF);
+        assert!(started.elapsed() < NONBLOCK_HANDOFF + Duration::from_secs(1));
+        // Handed over within it: granted.
+        let l2 = l.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(NONBLOCK_HANDOFF / 2).await;
+            drop(other);
+            drop(l2);
+        });
+        let share = t.acquire("f", true).await.unwrap();
+        t.release(&share).await;
         assert_eq!(t.slots(), 0);
     }
 

@@ -42,7 +42,19 @@ pub struct MountConfig {
     /// shared directory behind this node's back, and a node that gets a lock must see the
     /// previous holder's size and times).
     pub attr_timeout: Duration,
+    /// Lock caching (default on, [`DEFAULT_LOCK_CACHING_IDLE`]): a file's lock stays held by
+    /// this node after its last write handle is closed — parked
+    /// ([`mqlock::LockTable::with_keep`]) — until another node wants it (its wait wakes this
+    /// node, which then releases within a round trip) or it was unused for this long; this
+    /// node's next write-open of the file takes it back without a broker round trip, with the
+    /// same fencing token. The backing fd is still closed before the lock is parked, so
+    /// close-to-open consistency across nodes is unchanged. `None` releases the lock at the
+    /// last close (`mqlock mount --no-lock-caching`).
+    pub lock_caching: Option<Duration>,
 }
+
+/// How long a mount keeps an unused file lock by default ([`MountConfig::lock_caching`]).
+pub const DEFAULT_LOCK_CACHING_IDLE: Duration = Duration::from_secs(30);
 
 impl Default for MountConfig {
     fn default() -> Self {
@@ -54,6 +66,7 @@ impl Default for MountConfig {
             read_passthrough: true,
             threads: 4,
             attr_timeout: Duration::ZERO,
+            lock_caching: Some(DEFAULT_LOCK_CACHING_IDLE),
         }
     }
 }

@@ -69,9 +69,13 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// `MemoryLocker` keeps no lock after its guard lets go (`Locker::lock_keeping` falls back to a
+/// plain acquisition), so lock caching would change nothing here but the wait of an
+/// `O_NONBLOCK` open: these tests run without it (the real broker's tests have both).
 fn config(timeout_ms: u64) -> MountConfig {
     MountConfig {
         lock_timeout: Duration::from_millis(timeout_ms),
+        lock_caching: None,
         ..MountConfig::default()
     }
 }
