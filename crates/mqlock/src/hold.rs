@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -151,6 +152,7 @@ impl Holder {
     pub(crate) fn spawn(self, claim: Option<NameClaim>) -> HolderHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let claim: SharedClaim = Arc::new(std::sync::Mutex::new(claim));
+        let wanted = Arc::new(AtomicBool::new(false));
         let handle = HolderHandle {
             tx,
             name: self.name.clone(),
@@ -162,16 +164,25 @@ impl Holder {
             token: self.fencing_token,
             keep: self.keep,
             parking: self.parking.clone(),
+            wanted: wanted.clone(),
         };
         self.metrics.hold_started();
-        tokio::spawn(self.run(rx, claim));
+        tokio::spawn(self.run(rx, claim, wanted));
         handle
     }
 
     /// `claim`: the client's claim on the name (`claim.rs`), which the guard's handle gives back
     /// when it ends; this task gives it back when a lost hold's channel was closed, so that a
     /// lost guard the caller still keeps does not stop the client from locking the name again.
-    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>, claim: SharedClaim) {
+    ///
+    /// `wanted_flag`: the handle's copy of `wanted`, for an acquisition that finds the hold
+    /// parked (`park.rs`).
+    async fn run(
+        self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        claim: SharedClaim,
+        wanted_flag: Arc<AtomicBool>,
+    ) {
         let Holder {
             name,
             lock_queue,
@@ -191,13 +202,37 @@ impl Holder {
             metrics,
             granted_at,
             max_hold,
-            keep: _,
+            keep,
             parking,
         } = self;
         // Parked (`park.rs`): until when, if nobody wants the lock first.
         let mut parked_until: Option<tokio::time::Instant> = None;
         // A waiter's wake-up came while the lock was in use: the next park releases instead.
         let mut wanted = false;
+        // Clients that registered before this grant published their wake-ups to the holder
+        // before us (or to us during the grant, where they are acked as extras): a kept lock
+        // learns of them once, from the lock queue's consumer count (us and the waiters), so
+        // that it is not parked while they wait. No answer within the margin: none assumed
+        // (a waiter's nudge, or the idle limit, still ends the park).
+        let waiters_before = async {
+            if keep.is_none() {
+                return std::future::pending().await;
+            }
+            let declared = channel.queue_declare(
+                lock_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            );
+            matches!(
+                tokio::time::timeout(conn.lease_margin, declared).await,
+                Ok(Ok(q)) if q.consumer_count() > 1
+            )
+        };
+        tokio::pin!(waiters_before);
+        let mut counted_waiters = false;
         let end_hold =
             async |reply: Option<tokio::sync::oneshot::Sender<crate::error::Result<()>>>| {
                 let result = release(&name, &conn, &channel, &signal, conn.lease_margin).await;
@@ -261,6 +296,18 @@ impl Holder {
                         return end_hold(None).await;
                     }
                 }
+                found = &mut waiters_before, if !counted_waiters => {
+                    counted_waiters = true;
+                    if found {
+                        wanted_flag.store(true, Ordering::Release);
+                        if parked_until.is_some() && let Some(own) = parking.take_own(&name, &tag) {
+                            debug!(lock = %name, "parked lock wanted by a client that waited before its grant; released");
+                            drop(own);
+                            return end_hold(None).await;
+                        }
+                        wanted = true;
+                    }
+                }
                 // The hold limit: given up like a loss, through the one release path below
                 // (the channel close), with its own reason.
                 limit = &mut hold_limit => break LossReason::HoldLimit { limit },
@@ -287,6 +334,7 @@ impl Holder {
                         Seen::Extra => ack_later(d),
                         Seen::Wanted => {
                             ack_later(d);
+                            wanted_flag.store(true, Ordering::Release);
                             if parked_until.is_some() && let Some(own) = parking.take_own(&name, &tag) {
                                 debug!(lock = %name, "parked lock wanted by another client; released");
                                 drop(own);
