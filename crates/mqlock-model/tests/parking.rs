@@ -11,13 +11,13 @@
 //!
 //! `cargo test -p mqlock-model --test parking -- --nocapture` prints the paths.
 
-use std::collections::BTreeSet;
 use std::time::Instant;
 
 use mqlock_model::client::Phase;
+use mqlock_model::explore::explore_all;
 use mqlock_model::liveness::{self, Liveness};
 use mqlock_model::{Action, Config, LockModel, Parking, State, Version};
-use stateright::{Checker, HasDiscoveries, Model};
+use stateright::Checker;
 
 use Action::*;
 
@@ -50,13 +50,7 @@ fn three_clients(park: Parking) -> Config {
 /// states.
 fn check_invariants(m: &LockModel) -> usize {
     let t = Instant::now();
-    let checker = m
-        .clone()
-        .checker()
-        .threads(2)
-        .finish_when(HasDiscoveries::AnyOf(BTreeSet::from(["(none)"])))
-        .spawn_bfs()
-        .join();
+    let checker = explore_all(m);
     let states = checker.unique_state_count();
     println!("{:?}: {states} states, {:?}", m.cfg, t.elapsed());
     for (name, path) in checker.discoveries() {
