@@ -1,5 +1,10 @@
 //! mqlock-cache against the real broker and Redis: cluster-wide single-flight, exact
-//! read-modify-write, invalidations, the in-flight-load race, failing loaders.
+//! read-modify-write, invalidations, the in-flight-load race, failing loaders, and key locks
+//! kept between one node's mutations (`CacheConfig::lock_keep`).
+//!
+//! The nodes keep their key locks for `LONG_KEEP` (far above the default): a node that waited
+//! for another's kept lock until its idle limit, instead of having it released when it asked,
+//! would show as a wait of half a minute.
 
 mod support;
 
@@ -21,8 +26,17 @@ struct Node<V: CacheValue> {
     locks: LockClient,
 }
 
-/// A two-tier node with its own broker connections and Redis connection.
+/// How long the test nodes keep an unused key lock.
+const LONG_KEEP: Duration = Duration::from_secs(30);
+
+/// A two-tier node with its own broker connections and Redis connection, keeping its key locks
+/// for [`LONG_KEEP`].
 async fn node<V: CacheValue>(ns: &str) -> Node<V> {
+    node_keeping(ns, Some(LONG_KEEP)).await
+}
+
+/// A two-tier node that keeps its key locks for `lock_keep` (`None`: releases them).
+async fn node_keeping<V: CacheValue>(ns: &str, lock_keep: Option<Duration>) -> Node<V> {
     let amqp = support::amqp_url();
     let locks = LockClient::connect(&amqp, ClientConfig::default())
         .await
@@ -44,6 +58,7 @@ async fn node<V: CacheValue>(ns: &str) -> Node<V> {
             redis: Some(store),
             invalidations: Some(bus.clone()),
             lock_timeout: Duration::from_secs(60),
+            lock_keep,
             ..CacheConfig::default()
         },
     )
@@ -159,6 +174,13 @@ async fn stampede_four_nodes_fifty_callers_loader_runs_once() {
         .await
         .unwrap();
     assert_eq!(loads, 1, "the loader ran exactly once in the cluster");
+    // Each node's flight took the key's lock in turn and kept it after finding the value: the
+    // next node's wait (registered before that grant) must end it at once, not at the idle
+    // limit (5 s in the process node, 30 s here).
+    assert!(
+        elapsed < Duration::from_millis(LOADER_MS) + Duration::from_secs(4),
+        "a flight waited for a kept lock's idle limit: {elapsed:?}"
+    );
     eprintln!(
         "stampede: 4 nodes x {CALLERS} callers served in {elapsed:?}, loader runs {loads}, value {values:?}"
     );
@@ -220,11 +242,14 @@ async fn invalidation_on_one_node_reaches_the_others_quickly() {
     nodes[0].cache.insert("k", "v1".into()).await.unwrap();
     for n in &nodes {
         assert_eq!(n.cache.get("k").await.unwrap().as_deref(), Some("v1"));
-        assert_eq!(
-            n.cache.near_get("k").await.as_deref(),
-            Some("v1"),
-            "near tier filled"
-        );
+        // The insert returns once its invalidation is confirmed, not delivered (and, with the
+        // key's lock kept, without a release's round trip): arriving after a node's read began,
+        // it makes the node drop what it read (a miss, never a stale copy). Read again.
+        support::wait_until("near tier filled", Duration::from_secs(5), || async {
+            n.cache.get("k").await.unwrap();
+            n.cache.near_get("k").await.as_deref() == Some("v1")
+        })
+        .await;
     }
     let mut worst = Duration::ZERO;
     for round in 0..20 {
@@ -404,13 +429,22 @@ async fn failing_flight(panic: bool) {
         1,
         "one loader for the whole wave"
     );
-    // The lock is free (probed from a third connection) and nothing was cached.
+    // The lock is not stuck (probed from a third connection): free, or kept by the node that
+    // ran the loader until someone asks, which this wait does.
     let probe = LockClient::connect(&support::amqp_url(), ClientConfig::default())
         .await
         .unwrap();
-    let g = probe.try_lock(&lock_name(&ns, key)).await.unwrap();
-    assert!(g.is_some(), "the key's lock was released");
-    drop(g);
+    let asked = Instant::now();
+    let g = probe
+        .lock_timeout(&lock_name(&ns, key), Duration::from_secs(20))
+        .await
+        .expect("the key's lock is released when another client asks");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the kept lock was released at its idle limit, not when asked: {:?}",
+        asked.elapsed()
+    );
+    g.release().await.unwrap();
     assert_eq!(
         a.cache.get(key).await.unwrap(),
         None,
@@ -442,4 +476,233 @@ async fn loader_error_reaches_all_waiters_and_is_not_cached() {
 async fn loader_panic_reaches_all_waiters_and_releases_the_lock() {
     support::init_tracing();
     failing_flight(true).await;
+}
+
+/// The fence token Redis keeps for `key` (the highest that wrote it).
+async fn fence_of(ns: &str, key: &str) -> u64 {
+    let raw: String = redis::cmd("GET")
+        .arg(format!("{ns}:t:{key}"))
+        .query_async(&mut redis_conn().await)
+        .await
+        .unwrap();
+    raw.parse().unwrap()
+}
+
+/// `update`'s function that appends `entry` to the key's history.
+fn append(entry: String) -> impl FnOnce(Option<Vec<String>>) -> Vec<String> {
+    move |old| {
+        let mut v = old.unwrap_or_default();
+        v.push(entry);
+        v
+    }
+}
+
+/// Issue 12: a hot key updated 100 times by node A keeps A's lock between updates (one grant,
+/// one fencing token, every write accepted); then node B updates it: B is granted when it asks,
+/// far below the idle limit, and sees A's last value; A's next update, asked while B holds the
+/// lock, waits for B's and follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hot_key_kept_by_one_node_goes_to_another_when_it_asks_and_in_order() {
+    support::init_tracing();
+    let ns = namespace();
+    let key = "hot";
+    let a = node::<Vec<String>>(&ns).await;
+    let b = node::<Vec<String>>(&ns).await;
+
+    let mut times = Vec::new();
+    let mut a_token = None;
+    for i in 1..=100 {
+        let t = Instant::now();
+        let v = a.cache.update(key, append(format!("a{i}"))).await.unwrap();
+        times.push(t.elapsed());
+        assert_eq!(v.len(), i);
+        // Every write of the kept grant carries its token, and the fence accepts it again.
+        let token = fence_of(&ns, key).await;
+        assert_eq!(*a_token.get_or_insert(token), token, "update {i}");
+    }
+    let a_token = a_token.unwrap();
+    assert_eq!(a.locks.kept_locks(), 1, "A keeps the key's lock");
+    let first = times[0];
+    times.sort();
+    eprintln!(
+        "hot key: A's first update {first:?}, then median {:?}, max {:?} (lock kept)",
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+
+    // B asks: A gives the kept lock up at once.
+    let asked = Instant::now();
+    let seen = b
+        .cache
+        .update(key, |old| {
+            let old = old.expect("A's value");
+            assert_eq!(old.len(), 100, "B sees all of A's updates");
+            assert_eq!(old.last().map(String::as_str), Some("a100"));
+            append("b1".into())(Some(old))
+        })
+        .await
+        .unwrap();
+    let b_wait = asked.elapsed();
+    eprintln!("hot key: B's update, behind A's kept lock, took {b_wait:?}");
+    assert!(
+        b_wait < Duration::from_secs(5),
+        "B waited for A's idle limit ({LONG_KEEP:?}) rather than a hand-off: {b_wait:?}"
+    );
+    assert_eq!(seen.len(), 101);
+    assert_eq!(a.locks.kept_locks(), 0, "A released the lock B asked for");
+    let b_token = fence_of(&ns, key).await;
+    assert!(
+        b_token > a_token,
+        "B's grant is a new one: {b_token} > {a_token}"
+    );
+
+    // B updates again, slowly, while A asks: A's update waits for B's and follows it.
+    let (in_f, b_in_f) = tokio::sync::oneshot::channel();
+    let slow_b = {
+        let cache = b.cache.clone();
+        tokio::spawn(async move {
+            let v = cache
+                .update(key, move |old| {
+                    let _ = in_f.send(());
+                    // Blocks one of the runtime's workers: B holds the lock meanwhile.
+                    std::thread::sleep(Duration::from_millis(300));
+                    append("b2".into())(old)
+                })
+                .await;
+            (v, Instant::now())
+        })
+    };
+    b_in_f.await.unwrap();
+    let after_a = a.cache.update(key, append("a101".into())).await.unwrap();
+    let a_done = Instant::now();
+    let (after_b, b_done) = slow_b.await.unwrap();
+    let after_b = after_b.unwrap();
+    assert!(b_done <= a_done, "A's update ended before B's");
+    assert_eq!(after_b.len(), 102);
+    assert_eq!(
+        after_a[100..].to_vec(),
+        ["b1", "b2", "a101"],
+        "A's update followed B's"
+    );
+    let expected: Vec<String> = (1..=100)
+        .map(|i| format!("a{i}"))
+        .chain(["b1".into(), "b2".into(), "a101".into()])
+        .collect();
+    assert_eq!(after_a, expected, "every update once, in order");
+    assert!(fence_of(&ns, key).await > b_token);
+    // Both nodes read the last value (B's near copy was invalidated by A's write).
+    for n in [&a, &b] {
+        support::wait_until(
+            "the last value on both nodes",
+            Duration::from_secs(5),
+            || async { n.cache.get(key).await.unwrap().as_ref() == Some(&expected) },
+        )
+        .await;
+    }
+}
+
+/// A node that mutates a key without pause keeps its lock only until another node asks: the
+/// other node is served within a few of the busy node's updates, not when the busy node stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_node_does_not_keep_a_key_from_a_node_that_asks() {
+    support::init_tracing();
+    let ns = namespace();
+    let key = "busy";
+    let a = node::<u64>(&ns).await;
+    let b = node::<u64>(&ns).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let a_updates = Arc::new(AtomicUsize::new(0));
+    // Four tasks of A update the key back to back (they queue in A's process, one lock).
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let (cache, stop, count) = (a.cache.clone(), stop.clone(), a_updates.clone());
+        busy.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                cache.update(key, |v| v.unwrap_or(0) + 1).await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    support::wait_until("A busy on the key", Duration::from_secs(20), || async {
+        a_updates.load(Ordering::SeqCst) >= 50
+    })
+    .await;
+    let before = a_updates.load(Ordering::SeqCst);
+    let asked = Instant::now();
+    b.cache.update(key, |v| v.unwrap() + 1).await.unwrap();
+    let b_wait = asked.elapsed();
+    let during = a_updates.load(Ordering::SeqCst) - before;
+    eprintln!("busy key: B served after {b_wait:?}, A updated {during} times meanwhile");
+    assert!(
+        busy.iter().all(|t| !t.is_finished()),
+        "B was served only when A stopped"
+    );
+    assert!(
+        b_wait < Duration::from_secs(5),
+        "B waited {b_wait:?} behind a busy node"
+    );
+    // Once B's wait reached A, A's next use of the lock is its last before B: a few updates
+    // in flight at most (generous for a loaded machine).
+    assert!(during <= 10, "A updated {during} times while B waited");
+    stop.store(true, Ordering::SeqCst);
+    for t in busy {
+        t.await.unwrap();
+    }
+    let total = a_updates.load(Ordering::SeqCst) as u64 + 1;
+    assert_eq!(
+        b.cache.update(key, |v| v.unwrap()).await.unwrap(),
+        total,
+        "no update lost"
+    );
+}
+
+/// Fencing under kept locks: the fence accepts a grant's token again (the writes of one kept
+/// grant; `a_hot_key_…`) but never a token below the highest that wrote the key. Two caches on
+/// separate in-memory lockers stand for a holder whose lock was granted on without its
+/// knowledge (a frozen node) and the node that got it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_refuses_a_write_with_an_older_token() {
+    support::init_tracing();
+    let ns = namespace();
+    let key = "fenced";
+    let redis_only = |locker: mqlock::MemoryLocker| {
+        let ns = ns.clone();
+        async move {
+            let store = RedisStore::connect(&support::redis_url(), RedisConfig::default())
+                .await
+                .unwrap();
+            LockedCache::<u64>::new(
+                Arc::new(locker),
+                ns,
+                CacheConfig {
+                    redis: Some(store),
+                    ..CacheConfig::default()
+                },
+            )
+            .unwrap()
+        }
+    };
+    let (stale_locks, fresh_locks) = (mqlock::MemoryLocker::new(), mqlock::MemoryLocker::new());
+    // The fresh node's locker has granted the key four times before: its next token is 5.
+    for _ in 0..4 {
+        drop(
+            mqlock::Locker::lock(&fresh_locks, &lock_name(&ns, key))
+                .await
+                .unwrap(),
+        );
+    }
+    let stale = redis_only(stale_locks).await;
+    let fresh = redis_only(fresh_locks).await;
+    stale.insert(key, 1).await.unwrap();
+    fresh.insert(key, 5).await.unwrap();
+    assert_eq!(fence_of(&ns, key).await, 5);
+    let refused = stale.update(key, |v| v.unwrap() + 100).await;
+    assert!(
+        matches!(refused, Err(Error::Fenced { token: 2, .. })),
+        "{refused:?}"
+    );
+    assert_eq!(fresh.get(key).await.unwrap(), Some(5), "nothing written");
+    fresh.insert(key, 6).await.unwrap();
+    assert_eq!(fresh.get(key).await.unwrap(), Some(6));
 }

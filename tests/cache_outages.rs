@@ -184,6 +184,7 @@ async fn redis_going_down_mid_use_gives_typed_errors_then_recovers() {
             redis: Some(store),
             invalidations: Some(bus),
             lock_timeout: Duration::from_secs(10),
+            lock_keep: Some(Duration::from_secs(30)),
             ..CacheConfig::default()
         },
     )
@@ -222,15 +223,26 @@ async fn redis_going_down_mid_use_gives_typed_errors_then_recovers() {
         "errors took {:?}",
         t.elapsed()
     );
-    // The failed mutations released the key's lock.
-    let g = locks
+    // The failed mutations let go of the key's lock: another client gets it at once (it was
+    // released, or kept by this node until someone asks, far below the idle limit).
+    let probe = LockClient::connect(&amqp, ClientConfig::default())
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    let g = probe
         .lock_timeout(
             &mqlock_cache::lock_name(&ns, "cold"),
             Duration::from_secs(5),
         )
         .await
-        .expect("lock released after the Redis error");
-    drop(g);
+        .expect("lock let go after the Redis error");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    g.release().await.unwrap();
+    probe.close().await;
 
     // Redis comes back on the same port: the store reconnects by itself.
     let _server = ThrowawayRedis::start(port);

@@ -1,7 +1,8 @@
 //! Locks kept until they are wanted (`LockOptions::keep`, issue 12) against the real broker: a
 //! kept lock comes back to its client at once with its token, is released as soon as another
-//! client waits (also when the wait began while it was in use), is never handed out again once
-//! lost, and is released at its idle limit, queues and all.
+//! client waits (also when the wait began while it was in use, or before the grant; and not
+//! taken back by its own client once wanted), is never handed out again once lost, and is
+//! released at its idle limit, queues and all.
 
 mod support;
 
@@ -110,6 +111,126 @@ async fn a_lock_wanted_while_in_use_is_released_not_kept() {
     assert!(theirs.fencing_token() > token);
     assert_eq!(a.kept_locks(), 0);
     theirs.release().await.unwrap();
+    a.close().await;
+    b.close().await;
+}
+
+/// Waiters queued behind a holder that hands the lock to a client that keeps it: their wake-ups
+/// went to the earlier holder, so the new holder learns of them from the queue (its consumer
+/// count, once per grant) and releases at its first park, not at its idle limit.
+#[tokio::test]
+async fn waiters_queued_before_a_grant_end_its_park() {
+    let name = support::unique("keep-chain");
+    let (a, b, c) = (
+        support::client().await,
+        support::client().await,
+        support::client().await,
+    );
+    let held = a
+        .lock_with(&name, keep(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let spawn_waiter = |client: LockClient| {
+        let name = name.clone();
+        tokio::spawn(async move {
+            let g = client
+                .lock_with(&name, keep(Duration::from_secs(60)))
+                .await
+                .unwrap();
+            let at = Instant::now();
+            drop(g); // parked, unless wanted
+            (client, at)
+        })
+    };
+    let b_waits = spawn_waiter(b);
+    support::wait_until("B to wait", Duration::from_secs(20), || async {
+        a.status(&name).await.unwrap().waiters() == 1
+    })
+    .await;
+    let c_waits = spawn_waiter(c);
+    support::wait_until("C to wait", Duration::from_secs(20), || async {
+        a.status(&name).await.unwrap().waiters() == 2
+    })
+    .await;
+    drop(held);
+    let (b, b_done) = tokio::time::timeout(Duration::from_secs(20), b_waits)
+        .await
+        .expect("B granted when A let go")
+        .unwrap();
+    let (c, c_done) = tokio::time::timeout(Duration::from_secs(20), c_waits)
+        .await
+        .expect("C granted")
+        .unwrap();
+    let gap = c_done.saturating_duration_since(b_done);
+    println!("C was granted {gap:?} after B let go");
+    assert!(
+        gap < Duration::from_secs(5),
+        "C waited for B's idle limit (or a nudge), not B's release: {gap:?}"
+    );
+    assert_eq!(b.kept_locks(), 0, "B released the lock C waited for");
+    for client in [a, b, c] {
+        client.close().await;
+    }
+}
+
+/// A parked lock that another client waits for is not taken back by its own client, even by
+/// an acquisition that comes before the holder task has seen the guard let go: that
+/// acquisition queues behind the waiter (a client that locks again and again would otherwise
+/// keep the lock from it for good).
+#[tokio::test]
+async fn a_wanted_lock_is_not_taken_back_by_its_client() {
+    let name = support::unique("keep-busy");
+    let (a, b) = (support::client().await, support::client().await);
+    let held = a
+        .lock_with(&name, keep(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let token = held.fencing_token();
+    let waiter = {
+        let (b, name) = (b.clone(), name.clone());
+        tokio::spawn(async move { b.lock_timeout(&name, Duration::from_secs(20)).await })
+    };
+    support::wait_until("B to wait", Duration::from_secs(20), || async {
+        a.status(&name).await.unwrap().waiters() == 1
+    })
+    .await;
+    // B's wake-up reaches A's holder while the lock is in use (nothing to poll for).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let go and lock again at once: the acquisition's first poll, which looks in the park,
+    // runs before the holder task has seen the guard let go.
+    drop(held);
+    let mut again = Box::pin({
+        let (a, name) = (a.clone(), name.clone());
+        async move {
+            a.lock_with(&name, keep(Duration::from_secs(60)))
+                .await
+                .unwrap()
+        }
+    });
+    tokio::select! {
+        biased;
+        g = &mut again => panic!("A took its wanted lock back (token {})", g.fencing_token()),
+        () = std::future::ready(()) => {}
+    }
+    let again = tokio::spawn(again);
+    let theirs = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("B is granted when A lets go, before A's next acquisition")
+        .unwrap()
+        .unwrap();
+    assert!(theirs.fencing_token() > token);
+    assert!(!again.is_finished(), "A's acquisition waits behind B");
+    let their_token = theirs.fencing_token();
+    drop(theirs);
+    let again = tokio::time::timeout(Duration::from_secs(20), again)
+        .await
+        .expect("A granted after B")
+        .unwrap();
+    assert!(
+        again.fencing_token() > their_token,
+        "A's second acquisition is a new grant, after B's"
+    );
+    drop(again);
     a.close().await;
     b.close().await;
 }

@@ -32,7 +32,9 @@ use crate::single_flight::SingleFlight;
 /// [`get`](Self::get) never locks. [`get_or_compute`](Self::get_or_compute),
 /// [`insert`](Self::insert), [`update`](Self::update) and [`invalidate`](Self::invalidate) take
 /// the key's lock, re-read under it, write (to Redis with the grant's fencing token, so a holder
-/// that lost its lock cannot overwrite a newer value), publish an invalidation and release.
+/// that lost its lock cannot overwrite a newer value), publish an invalidation and let the lock
+/// go: released, or kept for this node's next mutation of the key until another node asks for
+/// it ([`CacheConfig::lock_keep`]).
 pub struct LockedCache<V: CacheValue> {
     inner: Arc<Inner<V>>,
 }
@@ -105,7 +107,12 @@ impl<V: CacheValue> LockedCache<V> {
             .map(|n| Arc::new(Near::new(n.max_capacity, n.max_ttl)));
         let inner = Arc::new(Inner {
             id,
-            locks: KeyLocks::new(locker, namespace.clone(), config.lock_timeout),
+            locks: KeyLocks::new(
+                locker,
+                namespace.clone(),
+                config.lock_timeout,
+                config.lock_keep.map(|idle| (idle, config.lock_keep_max)),
+            ),
             namespace,
             near,
             redis: config.redis,
@@ -151,7 +158,8 @@ impl<V: CacheValue> LockedCache<V> {
     /// loader, stores the value and releases the lock. A loader error or panic reaches every
     /// caller waiting for that flight — on this node, and on the nodes whose flight was waiting
     /// for the lock ([`Error::LoadFailedElsewhere`]) — is not cached, and the next call runs a
-    /// loader again. The lock is released on every path.
+    /// loader again. The lock is let go on every path (released, or kept until another node
+    /// asks).
     ///
     /// # Errors
     ///

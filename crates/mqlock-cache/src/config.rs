@@ -40,6 +40,18 @@ pub struct CacheConfig {
     /// Longest wait for a key's lock, the in-process queue included (default 30 s); then
     /// [`Error::Lock`] with [`mqlock::Error::Timeout`].
     pub lock_timeout: Duration,
+    /// Keep a key's lock after the mutation that took it, for at most this long unused
+    /// (default 5 s; `None`: release after every mutation). While kept, this node's next
+    /// mutation or load of the key takes the lock back without a broker round trip, with the
+    /// same fencing token; another node that asks for the lock makes this node release it at
+    /// once (within a round trip; [`mqlock::LockOptions::keep`]). Single-flight, fencing and
+    /// invalidations are unchanged (docs/cache.md, "Kept key locks").
+    pub lock_keep: Option<Duration>,
+    /// At most this many keys' locks are kept at once by this cache (default 512): each kept
+    /// lock holds a broker channel, and a connection has at most 2 047 of them. A mutation
+    /// of a further key releases its lock as usual until kept ones have run out their idle
+    /// time; keys already kept stay kept.
+    pub lock_keep_max: usize,
 }
 
 impl Default for CacheConfig {
@@ -50,6 +62,8 @@ impl Default for CacheConfig {
             invalidations: None,
             redis_ttl: None,
             lock_timeout: Duration::from_secs(30),
+            lock_keep: Some(Duration::from_secs(5)),
+            lock_keep_max: 512,
         }
     }
 }
@@ -75,7 +89,7 @@ impl Default for NearConfig {
 
 impl CacheConfig {
     /// Checks the namespace and the configuration: at least one tier, a bus with both tiers,
-    /// positive durations.
+    /// positive durations and keep bound.
     pub(crate) fn check(&self, namespace: &str) -> Result<()> {
         let ns = namespace;
         if ns.is_empty() || ns.chars().any(|c| c == ':' || c == '/' || c.is_control()) {
@@ -97,6 +111,15 @@ impl CacheConfig {
         if self.near.is_some_and(|n| n.max_ttl.is_zero()) || self.lock_timeout.is_zero() {
             return Err(Error::Config(
                 "max_ttl and lock_timeout must be positive".into(),
+            ));
+        }
+        if self
+            .lock_keep
+            .is_some_and(|k| k.is_zero() || self.lock_keep_max == 0)
+        {
+            return Err(Error::Config(
+                "lock_keep and lock_keep_max must be positive (lock_keep: None keeps no lock)"
+                    .into(),
             ));
         }
         Ok(())
@@ -134,5 +157,20 @@ mod tests {
             ..CacheConfig::default()
         };
         assert!(matches!(zero_ttl.check("ns"), Err(Error::Config(_))));
+        for (keep, max) in [(Some(Duration::ZERO), 1), (Some(Duration::from_secs(1)), 0)] {
+            let bad_keep = CacheConfig {
+                near,
+                lock_keep: keep,
+                lock_keep_max: max,
+                ..CacheConfig::default()
+            };
+            assert!(matches!(bad_keep.check("ns"), Err(Error::Config(_))));
+        }
+        let no_keep = CacheConfig {
+            near,
+            lock_keep: None,
+            ..CacheConfig::default()
+        };
+        assert!(no_keep.check("ns").is_ok());
     }
 }

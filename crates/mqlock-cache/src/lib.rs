@@ -9,7 +9,10 @@
 //! - **Mutations lock, re-check, write.** [`LockedCache::get_or_compute`] (on a miss),
 //!   [`LockedCache::insert`], [`LockedCache::update`] and [`LockedCache::invalidate`] take the
 //!   key's lock (`cache/{namespace}/{key}`), read again under it, write with the grant's fencing
-//!   token, publish an invalidation, and release — on every path, errors and panics included.
+//!   token, publish an invalidation, and let the lock go — on every path, errors and panics
+//!   included. By default the lock is then *kept* ([`CacheConfig::lock_keep`]): the node's next
+//!   mutation of the key takes it back without a broker round trip, and another node's wait for
+//!   it makes this node release it at once.
 //! - **Cluster-wide single-flight.** The callers of one node share one flight; the flights of
 //!   all nodes queue on the key's lock; the first runs the loader, the others find its value
 //!   when their turn comes. A loader error reaches the waiters and is not cached.

@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod explore;
 pub mod graph;
 pub mod liveness;
 pub mod model;

@@ -52,7 +52,7 @@ pub struct Config {
 /// go parks instead of closing, stays the holder (renewing, fenced), takes the lock back with no
 /// broker step, and closes when a waiter's wake-up reaches it, or at the idle limit.
 ///
-/// [`Parking::implemented`] is what crates/mqlock does; [`Parking::proposed`] adds the two rules
+/// [`Parking::implemented`] is what crates/mqlock does; [`Parking::first`] lacks the two rules
 /// the check found missing (`wanted_in_grant`, `count_at_park`); the negative controls each
 /// turn one rule off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -69,33 +69,37 @@ pub struct Parking {
     pub release_when_wanted: bool,
     /// Wake-ups carry their publisher, and a grantee that gets another client's wake-up before
     /// its own `R0` (its first delivery included) is wanted; a holder ignores its own wake-ups.
-    /// Off (as implemented): wake-ups are anonymous, the grant acks every wake-up it sees
-    /// before `R0`, and the holder takes any wake-up (its own nudge too) as wanted.
+    /// Off (the first implementation): wake-ups are anonymous, the grant acks every wake-up it
+    /// sees before `R0`, and the holder takes any wake-up (its own nudge too) as wanted.
     pub wanted_in_grant: bool,
     /// At `v2::Park`, the holder asks the queue for its consumers (a passive declare, which
     /// needs its node connected) and closes instead of parking when another client has an up
-    /// consumer. Off: as implemented.
+    /// consumer. Off: the first implementation.
     pub count_at_park: bool,
 }
 
 impl Parking {
-    /// The rules crates/mqlock implements, with idle limit `idle`.
+    /// The rules crates/mqlock implements, with idle limit `idle`: every rule on. (The core
+    /// also counts the consumers every renewal period while parked, which the model leaves out;
+    /// see docs/model.md.)
     pub fn implemented(idle: u8) -> Self {
         Parking {
             idle,
             wake_behind_consumer: true,
             release_when_parked: true,
             release_when_wanted: true,
-            wanted_in_grant: false,
-            count_at_park: false,
+            wanted_in_grant: true,
+            count_at_park: true,
         }
     }
 
-    /// The implemented rules plus `wanted_in_grant` and `count_at_park`.
-    pub fn proposed(idle: u8) -> Self {
+    /// The first implementation, kept as a control: wake-ups anonymous and acked by the grant
+    /// unseen, no consumer count at park. The checker strands a waiter behind it until the
+    /// idle limit.
+    pub fn first(idle: u8) -> Self {
         Parking {
-            wanted_in_grant: true,
-            count_at_park: true,
+            wanted_in_grant: false,
+            count_at_park: false,
             ..Parking::implemented(idle)
         }
     }

@@ -51,7 +51,7 @@ impl fmt::Debug for ChanId {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum MsgKind {
     /// An unstamped wake-up (v1: every message; v2: published by waiters). `from`: its
-    /// publisher, in the proposed parking rule only (wake-ups are anonymous otherwise).
+    /// publisher (`wanted_in_grant`; anonymous in the first implementation).
     Wake {
         /// The publishing client, if wake-ups carry it.
         from: Option<u8>,

@@ -256,7 +256,7 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
                 let other = from != Some(c as u8);
                 if granting && cl.confirms & confirm::R0_SEEN == 0 {
                     // Before our R0 the grant acks it like any extra (`own_delivery`); the
-                    // proposed rule keeps another client's as wanted.
+                    // rule (`wanted_in_grant`) keeps another client's as wanted.
                     cl.wanted |= p.wanted_in_grant && other;
                 } else if granting || cl.parked.is_none() {
                     // In use (after R0 the holder task sees it): wanted.

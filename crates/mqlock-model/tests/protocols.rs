@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Instant;
 
+use mqlock_model::explore::explore_all;
 use mqlock_model::liveness;
 use mqlock_model::properties::{F1, L2, Z1};
 use mqlock_model::types::Token;
@@ -172,14 +173,7 @@ fn v1_register_can_go_down() {
 fn check_exhaustively(version: Version, cfg: Config) -> usize {
     let m = LockModel::new(version, cfg);
     let t = Instant::now();
-    let checker = m
-        .clone()
-        .checker()
-        .threads(2)
-        // Explore everything even once every property has a discovery.
-        .finish_when(HasDiscoveries::AnyOf(BTreeSet::from(["(none)"])))
-        .spawn_bfs()
-        .join();
+    let checker = explore_all(&m);
     let states = checker.unique_state_count();
     println!(
         "{version:?} {cfg:?}: {states} states, depth {}, {:?}",

@@ -11,6 +11,7 @@ use std::fmt::Debug;
 use std::hash::Hash;
 use std::time::Instant;
 
+use mqlock_model::explore::explore_all;
 use mqlock_model::recipes::rwlock::{self, RwLock};
 use mqlock_model::recipes::semaphore::{self, Semaphore};
 use mqlock_model::recipes::{Action, Lock, graph};
@@ -24,13 +25,7 @@ where
     M::Action: Clone + Debug + Send + Sync + PartialEq,
 {
     let t = Instant::now();
-    let checker = m
-        .clone()
-        .checker()
-        .threads(2)
-        .finish_when(HasDiscoveries::AnyOf(BTreeSet::from(["(none)"])))
-        .spawn_bfs()
-        .join();
+    let checker = explore_all(m);
     let states = checker.unique_state_count();
     println!(
         "{label}: {states} states, depth {}, {:?}",

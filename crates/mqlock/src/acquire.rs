@@ -125,9 +125,16 @@ impl LockClient {
         let names = queue_names(&self.inner.config.prefix, name)?;
         // A lock this client kept after its last use (`park.rs`) is still held: taken back at
         // once, with its grant's token, unless it was lost meanwhile (then it is dropped, and
-        // the acquisition below gets a larger token).
+        // the acquisition below gets a larger token), or another client waits for it (then it
+        // is released, and the acquisition below queues behind that client: a process that
+        // uses the lock again and again would otherwise keep it from a waiter for good).
         if let Some(mut parked) = self.inner.parking.take(name) {
-            if parked.signal.reason().is_none() && ask.kind.is_none() && ask.sibling.is_none() {
+            let wanted = parked.wanted.load(std::sync::atomic::Ordering::Acquire);
+            if parked.signal.reason().is_none()
+                && !wanted
+                && ask.kind.is_none()
+                && ask.sibling.is_none()
+            {
                 let _ = parked.tx.send(crate::release::Command::Unpark);
                 parked.keep = ask.keep;
                 self.inner.metrics.requested();

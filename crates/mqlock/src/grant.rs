@@ -21,7 +21,7 @@ use crate::identity::HolderInfo;
 use crate::lease::Lease;
 use crate::loss::LossSignal;
 use crate::name::QueueNames;
-use crate::protocol::stamp;
+use crate::protocol::{stamp, wanted_by_another};
 
 impl LockClient {
     /// Turns a registration that received its first delivery into a held lock.
@@ -90,7 +90,9 @@ impl LockClient {
         // active consumer after `sent` (docs/protocol.md, "Lease").
         let consumer = reg.consumer.as_mut().expect("consumer set");
         let own_prefix = renewal_prefix(&tag);
-        let mut wanted = false;
+        // Another client's wake-up — the delivery that granted us included — means that client
+        // registered behind us: the lock is wanted (docs/protocol.md, "Keeping a lock").
+        let mut wanted = wanted_by_another(&token.properties, &tag);
         let renewal = tokio::select! {
             renewal = own_delivery(consumer, &tag, &own_prefix, &first_renewal, fence, &mut wanted) => renewal.map_err(|e| match e {
                 Some(e) => fail(&e),

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -153,6 +154,7 @@ impl Holder {
     pub(crate) fn spawn(self, claim: Option<NameClaim>) -> HolderHandle {
         let (tx, rx) = mpsc::unbounded_channel();
         let claim: SharedClaim = Arc::new(std::sync::Mutex::new(claim));
+        let wanted = Arc::new(AtomicBool::new(false));
         let handle = HolderHandle {
             tx,
             name: self.name.clone(),
@@ -164,16 +166,25 @@ impl Holder {
             token: self.fencing_token,
             keep: self.keep,
             parking: self.parking.clone(),
+            wanted: wanted.clone(),
         };
         self.metrics.hold_started();
-        tokio::spawn(self.run(rx, claim));
+        tokio::spawn(self.run(rx, claim, wanted));
         handle
     }
 
     /// `claim`: the client's claim on the name (`claim.rs`), which the guard's handle gives back
     /// when it ends; this task gives it back when a lost hold's channel was closed, so that a
     /// lost guard the caller still keeps does not stop the client from locking the name again.
-    async fn run(self, mut commands: mpsc::UnboundedReceiver<Command>, claim: SharedClaim) {
+    ///
+    /// `wanted_flag`: the handle's copy of `wanted`, for an acquisition that finds the hold
+    /// parked (`park.rs`).
+    async fn run(
+        self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        claim: SharedClaim,
+        wanted_flag: Arc<AtomicBool>,
+    ) {
         let Holder {
             name,
             lock_queue,
@@ -197,6 +208,9 @@ impl Holder {
             parking,
             mut wanted,
         } = self;
+        if wanted {
+            wanted_flag.store(true, Ordering::Release);
+        }
         // Parked (`park.rs`): until when, if nobody wants the lock first.
         let mut parked_until: Option<tokio::time::Instant> = None;
         // While parked, the lock queue's consumers are counted every renewal period: a waiter
@@ -314,6 +328,7 @@ impl Holder {
                         Seen::Extra => ack_later(d),
                         Seen::Wanted => {
                             ack_later(d);
+                            wanted_flag.store(true, Ordering::Release);
                             if parked_until.is_some() && let Some(own) = parking.take_own(&name, &tag) {
                                 debug!(lock = %name, "parked lock wanted by another client; released");
                                 drop(own);

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::release::HolderHandle;
+use crate::release::{HolderHandle, give_back};
 
 /// The parked locks of one client and its clones, by name.
 ///
@@ -30,12 +30,17 @@ impl Parking {
         self.map().remove(name)
     }
 
-    /// Takes the parked hold of `name` out if it is the hold `tag` (its holder task's own):
-    /// `None` when an acquisition took it back first.
+    /// Takes the parked hold of `name` out if it is the hold `tag` (its holder task's own), to
+    /// release it: `None` when an acquisition took it back first. The client's claim on the
+    /// name is given back at once, under the map's lock: an acquisition that finds no parked
+    /// hold must not find the name still claimed by the hold that is leaving
+    /// (`Error::AlreadyHeld`).
     pub(crate) fn take_own(&self, name: &str, tag: &str) -> Option<HolderHandle> {
         let mut map = self.map();
         if map.get(name).is_some_and(|h| &*h.tag == tag) {
-            map.remove(name)
+            let own = map.remove(name)?;
+            give_back(&own.claim);
+            Some(own)
         } else {
             None
         }

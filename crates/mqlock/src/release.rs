@@ -2,6 +2,7 @@
 //! channel close that gives the lock back.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use lapin::Channel;
@@ -47,6 +48,10 @@ pub(crate) struct HolderHandle {
     pub(crate) keep: Option<Duration>,
     /// The client's parked locks.
     pub(crate) parking: Arc<Parking>,
+    /// Set by the holder task when another client is known to wait for the lock: a parked
+    /// hold that is wanted is not handed back to an acquisition of this client, which queues
+    /// behind the waiter instead (a waiter waits at most one use longer because of parking).
+    pub(crate) wanted: Arc<AtomicBool>,
 }
 
 impl HolderHandle {
