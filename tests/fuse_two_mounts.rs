@@ -375,9 +375,18 @@ fn renames_across_one_pair_in_opposite_directions_never_deadlock() {
     let on_b = exchanges(b.path("q"), b.path("p"));
     on_a.join().unwrap();
     on_b.join().unwrap();
-    // An even number of exchanges puts every file back.
-    assert_eq!(std::fs::read(a.path("p")).unwrap(), b"P");
-    assert_eq!(std::fs::read(b.path("q")).unwrap(), b"Q");
+    // Every exchange succeeded, and the two files are still the two files. Not necessarily in
+    // their places: an even number of exchanges would put them back, but the kernel answers an
+    // exchange whose two names it resolved to one inode with success and does nothing (the VFS's
+    // `source == target` check), which another node's exchange between the two lookups can
+    // cause; the lock is taken only once the daemon sees the request (docs/fuse.md, Known
+    // limits). Seen in about 1 run of 10, with and without lock caching.
+    let mut both = [
+        std::fs::read(a.path("p")).unwrap(),
+        std::fs::read(b.path("q")).unwrap(),
+    ];
+    both.sort();
+    assert_eq!(both, [b"P".to_vec(), b"Q".to_vec()]);
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?} for {} exchanges",
@@ -683,12 +692,13 @@ fn a_parked_lock_that_is_lost_is_never_handed_out_again() {
 }
 
 /// Many parked locks on one node are bounded by the idle limit: 200 files written once with a
-/// 10 s limit (short, yet longer than writing them takes on a loaded machine) are all released
-/// by the broker soon after, and the node keeps none.
+/// 15 s limit (short, yet longer than writing them takes on a loaded machine: each new file's
+/// first grant declares its lock's queues durably, up to 30 ms each) are all released by the
+/// broker soon after, and the node keeps none.
 #[test]
 fn many_parked_locks_are_released_at_the_idle_limit() {
     const FILES: usize = 200;
-    const IDLE: Duration = Duration::from_secs(10);
+    const IDLE: Duration = Duration::from_secs(15);
     let rt = rt();
     let backing = tempfile::tempdir().unwrap();
     let mnt = tempfile::tempdir().unwrap();
@@ -705,9 +715,17 @@ fn many_parked_locks_are_released_at_the_idle_limit() {
     };
     let names: Vec<String> = (0..FILES).map(|i| format!("f{i}")).collect();
     let started = Instant::now();
-    for n in &names {
-        std::fs::write(mnt.path().join(n), b"x").unwrap();
-    }
+    // Four writers: each new file's first grant is a few broker round trips and durable declares.
+    std::thread::scope(|s| {
+        for chunk in names.chunks(FILES / 4) {
+            let dir = mnt.path();
+            s.spawn(move || {
+                for n in chunk {
+                    std::fs::write(dir.join(n), b"x").unwrap();
+                }
+            });
+        }
+    });
     let wrote = started.elapsed();
     assert!(
         wrote < IDLE,
@@ -728,7 +746,7 @@ fn many_parked_locks_are_released_at_the_idle_limit() {
     let start = Instant::now();
     while client.kept_locks() > 0 || client.metrics().held > 0 {
         assert!(
-            start.elapsed() < Duration::from_secs(20),
+            start.elapsed() < IDLE + Duration::from_secs(10),
             "{} locks still parked, {} held, {:?} after the writes",
             client.kept_locks(),
             client.metrics().held,
