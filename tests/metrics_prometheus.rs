@@ -354,7 +354,13 @@ fn mount_serves_grants_waits_losses_and_held_locks_over_http() {
     let lock = |f: &str| format!("fs:{prefix}/{f}");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let node = common::Node::start(backing.path(), &prefix, &["--metrics-addr", &addr]);
+    // Without lock caching: each last close releases, so the history is one grant and one
+    // release per open (caching would keep the locks parked, still held).
+    let node = common::Node::start(
+        backing.path(),
+        &prefix,
+        &["--no-lock-caching", "--metrics-addr", &addr],
+    );
     let scrape = || http_get(port, "/metrics").expect("the endpoint is up").2;
     let open_for_writing = |f: &str| -> (std::fs::File, Duration) {
         let t = Instant::now();

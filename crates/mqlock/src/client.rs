@@ -426,6 +426,7 @@ impl LockClient {
     /// let options = LockOptions {
     ///     timeout: Some(Duration::from_secs(10)),
     ///     max_hold: Some(Duration::from_secs(60)),
+    ///     ..LockOptions::default()
     /// };
     /// let guard = client.lock_with("jobs/nightly", options).await?;
     /// tokio::select! {
