@@ -1,7 +1,7 @@
-//! The fence register and the holder's reading of its lock queue, against the real broker
-//! (docs/protocol.md, F4 and "Hold"): writes that arrive late or out of order never lower the
-//! next token, a message stamped by a later grant ends a hold, and a register declared by the
-//! previous protocol version is refused with the way out.
+//! Tokens carried by the lock queue and the holder's reading of it, against the real broker
+//! (docs/protocol.md, F1, Z1 and "Hold"): stamps out of order never lower the next token, a
+//! message stamped by a later grant ends a hold, and a lock queue declared by the previous
+//! protocol version is refused with the way out.
 
 mod support;
 
@@ -39,36 +39,40 @@ fn queues(name: &str) -> mqlock::name::QueueNames {
     mqlock::name::queue_names(&ClientConfig::default().prefix, name).unwrap()
 }
 
+/// A message stamped below the lock's latest token can sit in the lock queue ahead of it (an
+/// earlier holder's renewal that a holder had not acked yet when it released, requeued in its
+/// original place). The grant counts from the first delivery, then meets the larger stamp
+/// before its own renewal comes back, and counts from that instead (docs/protocol.md, Grant 3).
 #[tokio::test]
-async fn late_and_requeued_register_writes_never_lower_the_next_token() {
+async fn a_stale_stamp_ahead_of_the_token_never_lowers_the_next_token() {
     let c = support::client().await;
-    let name = support::unique("late-write");
+    let name = support::unique("stale-stamp");
     let q = queues(&name);
-    let first = c.lock(&name).await.unwrap();
-    let t1 = first.fencing_token();
-    first.release().await.unwrap();
+    // Two grants, so that `t1 - 1` is a token of the same epoch (the first grant's token has
+    // counter 0, one below it would be an exhausted counter of the epoch before: a new epoch).
+    c.lock(&name).await.unwrap().release().await.unwrap();
+    let g = c.lock(&name).await.unwrap();
+    let t1 = g.fencing_token();
+    g.release().await.unwrap();
     let (_conn, ch) = raw_channel().await;
-    // A holder deposed while it recorded writes its value after a newer grant's: lower, and
-    // then the same again (a crash between its write and its ack requeues the old one too).
-    publish(&ch, &q.fence, b"7", BasicProperties::default()).await;
-    publish(
-        &ch,
-        &q.fence,
-        (t1 - 1).to_string().as_bytes(),
-        BasicProperties::default(),
-    )
-    .await;
+    ch.queue_purge(q.lock.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let latest = t1 + 50;
+    publish(&ch, &q.lock, b"", stamp(t1 - 1)).await;
+    publish(&ch, &q.lock, b"", stamp(latest)).await;
     let second = c.lock(&name).await.unwrap();
     assert_eq!(
         second.fencing_token(),
-        t1 + 1,
-        "the register's largest value wins, not its last or first"
+        latest + 1,
+        "the largest stamp in the queue wins, not the first"
     );
     second.release().await.unwrap();
-    // The register holds one value again: the grant took all three and acked them.
+    // The grant acked the stamps it replaced: one message is left, the released token.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let declared = ch
         .queue_declare(
-            q.fence.as_str().into(),
+            q.lock.as_str().into(),
             QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -89,9 +93,9 @@ async fn a_grant_is_above_the_stamp_of_the_message_that_granted_it() {
     let t1 = g.fencing_token();
     g.release().await.unwrap();
     let (_conn, ch) = raw_channel().await;
-    // A renewal of a holder whose register write was lost (a register deleted by hand) is the
-    // only message left in the lock queue: the next grant must still be above its stamp.
-    ch.queue_delete(q.fence.as_str().into(), Default::default())
+    // A renewal stamped far above the last grant's token is the only message left in the lock
+    // queue (the epoch queue deleted by hand too): the next grant must still be above it.
+    ch.queue_delete(q.epoch.as_str().into(), Default::default())
         .await
         .unwrap();
     let stamped = t1 + 1000;
@@ -120,7 +124,7 @@ fn stamp(token: u64) -> BasicProperties {
 }
 
 #[tokio::test]
-async fn a_later_grants_renewal_ends_the_hold_and_a_given_up_grants_does_not() {
+async fn a_later_grants_renewal_ends_the_hold_and_older_ones_do_not() {
     let c = support::client().await;
     let name = support::unique("granted-elsewhere");
     let q = queues(&name);
@@ -130,20 +134,13 @@ async fn a_later_grants_renewal_ends_the_hold_and_a_given_up_grants_does_not() {
     // Older holders' renewals and wake-ups are extras: the hold goes on.
     publish(&ch, &q.lock, b"", stamp(token - 1)).await;
     publish(&ch, &q.lock, b"", BasicProperties::default()).await;
-    // A renewal stamped above our token whose write never reached the register: a grant that
-    // gave up. The holder asks the register, finds its own token on top, and holds on.
-    publish(&ch, &q.lock, b"", stamp(token + 3)).await;
+    // A renewal stamped with our own token by another client: a grant that gave up after
+    // counting from a stamp below ours (docs/protocol.md, Z1). The hold goes on.
+    publish(&ch, &q.lock, b"", stamp(token)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(g.is_held(), "{:?}", g.loss_reason());
-    // A later grant recorded its token, and its renewal reaches this holder: the broker
-    // handed the lock on at some point (a partition healed, H1).
-    publish(
-        &ch,
-        &q.fence,
-        (token + 5).to_string().as_bytes(),
-        BasicProperties::default(),
-    )
-    .await;
+    // A renewal stamped above our token: only a grant that was handed our token stamps one,
+    // so the broker handed the lock on at some point (a partition healed, H1).
     publish(&ch, &q.lock, b"", stamp(token + 5)).await;
     let reason = tokio::time::timeout(Duration::from_secs(5), g.lost())
         .await
@@ -160,26 +157,25 @@ async fn a_later_grants_renewal_ends_the_hold_and_a_given_up_grants_does_not() {
     next.release().await.unwrap();
 }
 
+/// A lock queue declared by protocol 2 (no kind mark on a plain lock) is refused with the way
+/// out, and nothing is registered on it: a client of each protocol on one lock would count
+/// tokens differently (docs/protocol.md, "Upgrading from protocol 2").
 #[tokio::test]
-async fn a_register_of_the_previous_version_is_refused_with_the_way_out() {
+async fn a_lock_queue_of_the_previous_protocol_is_refused_with_the_way_out() {
     let c = support::client().await;
-    let name = support::unique("old-register");
+    let name = support::unique("old-protocol");
     let q = queues(&name);
     let (_conn, ch) = raw_channel().await;
-    // mqlock 0.1 declared the register with a length limit of one and drop-head.
+    // What protocol 2 declared for a plain lock: no `x-max-length-bytes` mark.
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("classic".into()),
     );
     args.insert("x-expires".into(), AMQPValue::LongLongInt(3_600_000));
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("drop-head".into()),
-    );
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     ch.queue_declare(
-        q.fence.as_str().into(),
+        q.lock.as_str().into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -194,7 +190,8 @@ async fn a_register_of_the_previous_version_is_refused_with_the_way_out() {
         .unwrap_err();
     match &err {
         Error::IncompatibleQueue { queue, detail, .. } => {
-            assert_eq!(queue, &q.fence, "{err}");
+            assert_eq!(queue, &q.lock, "{err}");
+            assert!(detail.contains("earlier mqlock"), "{detail}");
             assert!(detail.contains("delete_queue"), "{detail}");
         }
         other => panic!("expected IncompatibleQueue, got {other:?}"),
@@ -202,8 +199,8 @@ async fn a_register_of_the_previous_version_is_refused_with_the_way_out() {
     // Nothing left behind: no consumer on the lock queue.
     let status = c.status(&name).await.unwrap();
     assert_eq!(status.consumers, 0, "{status:?}");
-    // Once the old register is gone, the lock works.
-    ch.queue_delete(q.fence.as_str().into(), Default::default())
+    // Once the old queue is gone, the lock works.
+    ch.queue_delete(q.lock.as_str().into(), Default::default())
         .await
         .unwrap();
     let g = c.lock(&name).await.unwrap();

@@ -419,6 +419,7 @@ fn hostile_names() -> Vec<String> {
         "x:lock:y",
         "lock:",
         "fence:",
+        "holder:",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -444,13 +445,19 @@ fn every_name_maps_inside_the_prefix_or_is_refused() {
                 q.lock
             );
             assert!(
-                q.fence.starts_with(&format!("{prefix}fence:")),
+                q.holder.starts_with(&format!("{prefix}holder:")),
                 "{name:?} -> {}",
-                q.fence
+                q.holder
             );
-            assert!(q.lock.len() <= mqlock::name::MAX_QUEUE_NAME_BYTES);
-            assert!(q.fence.len() <= mqlock::name::MAX_QUEUE_NAME_BYTES);
-            assert!(!q.lock.contains('\0') && !q.fence.contains('\0'));
+            assert!(
+                q.epoch.starts_with(&format!("{prefix}epoch:")),
+                "{name:?} -> {}",
+                q.epoch
+            );
+            for queue in [&q.lock, &q.holder, &q.epoch] {
+                assert!(queue.len() <= mqlock::name::MAX_QUEUE_NAME_BYTES);
+                assert!(!queue.contains('\0'));
+            }
         }
     }
     // Refused: empty, NUL and every other control character (C0, DEL, C1).

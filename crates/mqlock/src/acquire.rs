@@ -24,7 +24,8 @@ use crate::connection::Conn;
 use crate::error::{Error, Result};
 use crate::fence;
 use crate::guard::LockGuard;
-use crate::kind::LockKind;
+use crate::identity;
+use crate::kind::{Found, LockKind};
 use crate::loss::LossReason;
 use crate::metrics::Metrics;
 use crate::name::{QueueNames, queue_names};
@@ -59,8 +60,6 @@ pub(crate) struct Candidate {
     pub(crate) tag: String,
     /// The delivery that made us the holder.
     pub(crate) first: Delivery,
-    /// When the fence register was last declared (it expires `idle_expiry` after its last use).
-    pub(crate) register_declared: Instant,
     /// When the acquisition started (for the wait time).
     pub(crate) started: Instant,
 }
@@ -333,24 +332,41 @@ impl LockClient {
             }
             Fault::NotFound(d) | Fault::ConsumerTimeout(d) => Retry::Again(d),
             Fault::Precondition(d) if let Some(found) = LockKind::from_refusal(&d) => {
-                Retry::Fail(Error::KindMismatch {
-                    name: name.into(),
-                    addr: conn.addr.clone(),
-                    wanted: kind,
-                    found,
+                Retry::Fail(match found {
+                    Found::Kind(found) => Error::KindMismatch {
+                        name: name.into(),
+                        addr: conn.addr.clone(),
+                        wanted: kind,
+                        found: Some(found),
+                    },
+                    Found::Unknown => Error::KindMismatch {
+                        name: name.into(),
+                        addr: conn.addr.clone(),
+                        wanted: kind,
+                        found: None,
+                    },
+                    // Never a silent mix: the two protocols count tokens differently.
+                    Found::EarlierProtocol => Error::IncompatibleQueue {
+                        name: name.into(),
+                        queue: names.lock.clone(),
+                        addr: conn.addr.clone(),
+                        detail: format!(
+                            "{d}; the queue was declared by an earlier mqlock (protocol 2, with a fence register per lock), whose clients must not share a lock with this version: stop them, then delete the queue (rabbitmqctl delete_queue {}) or let it expire after idle_expiry",
+                            names.lock
+                        ),
+                    },
                 })
             }
             fault => Retry::Fail(to_error(name, &conn.addr, &names.lock, fault)),
         };
-        // A register declared by mqlock 0.1 had a length limit; the broker refuses the new
-        // arguments on it (406), never silently: name the queue and the way out.
+        // A holder record or epoch queue the broker refuses (406): name the queue.
         let fail_register = |(queue, e): &(String, lapin::Error)| match classify(e) {
             Fault::Precondition(detail) => Retry::Fail(Error::IncompatibleQueue {
                 name: name.into(),
                 queue: queue.clone(),
                 addr: conn.addr.clone(),
                 detail: format!(
-                    "{detail}; if mqlock 0.1 declared it (x-max-length = 1), stop the old clients of this lock and delete the queue (rabbitmqctl delete_queue {queue}), or let it expire after idle_expiry"
+                    "{detail}; clients of one lock must agree on queue type and idle expiry; stop the other clients of this lock and delete the queue (rabbitmqctl delete_queue {queue}), or let it expire after idle_expiry"
                 ),
             }),
             _ => fail(e),
@@ -383,13 +399,11 @@ impl LockClient {
             BasicConsumeOptions::default(),
             FieldTable::default(),
         );
-        // Declaring the fence register now, while waiting, takes its declaration off the path
-        // after the grant (`fence::draft`); declaring changes no value in it. The epoch queue is
-        // declared too, so that its idle expiry restarts with every use of the lock: written
-        // only when an epoch starts, it would otherwise expire an hour after that while the lock
-        // is in use, and a broker restart would then leave only the clock (F3).
-        let register_args = fence::register_args(config);
-        let declare_one = |queue: &str| {
+        // The epoch queue and the holder record are declared with every acquisition, pipelined,
+        // so that their idle expiry restarts with every use of the lock: the epoch, written only
+        // when an epoch starts, would otherwise expire an hour after that while the lock is in
+        // use, and a broker restart would then leave only the clock (F3).
+        let declare_one = |queue: &str, args: FieldTable| {
             let queue = queue.to_owned();
             let declared = channel.queue_declare(
                 queue.as_str().into(),
@@ -397,13 +411,17 @@ impl LockClient {
                     durable: true,
                     ..Default::default()
                 },
-                register_args.clone(),
+                args,
             );
             async move { declared.await.map(drop).map_err(|e| (queue, e)) }
         };
         let declare_register = async {
-            let (fence, epoch) = join(declare_one(&names.fence), declare_one(&names.epoch)).await;
-            fence.and(epoch)
+            let (epoch, record) = join(
+                declare_one(&names.epoch, fence::epoch_args(config)),
+                declare_one(&names.holder, identity::record_args(config)),
+            )
+            .await;
+            epoch.and(record)
         };
         // The declare is answered before our consumer exists, so its counts are about others.
         let queue = if let Wait::Try = wait {
@@ -423,7 +441,6 @@ impl LockClient {
             reg.consumer = Some(registered(consumed, register, &fail, &fail_register)?);
             queue
         };
-        let register_declared = Instant::now();
         // No consumer and no ready message: the lock has no token yet (new queue) or lost it,
         // so mint one. Two clients may both mint; the holder acks extras away.
         let publish_wake = || {
@@ -489,7 +506,6 @@ impl LockClient {
             reg,
             tag,
             first: token,
-            register_declared,
             started,
         };
         let granted = self
@@ -559,9 +575,10 @@ impl Drop for Registration {
     }
 }
 
-/// The consumer of a registration whose register declaration was pipelined with it.
+/// The consumer of a registration whose declarations of the epoch queue and holder record were
+/// pipelined with it.
 ///
-/// A register the broker refuses (406) closes the channel, which fails the consume too: the
+/// A queue the broker refuses (406) closes the channel, which fails the consume too: the
 /// refusal is the cause to report. (A consumer on a channel the broker closed sends no cancel.)
 fn registered(
     consumed: lapin::Result<lapin::Consumer>,
@@ -579,11 +596,21 @@ fn registered(
     Ok(consumer)
 }
 
-/// Waits for our renewal `id` on the consumer, acking wake-ups and earlier holders' renewals
-/// that arrive before it. Gives up (`Err(None)`) on what the holder would take as a loss: one of
-/// our renewals redelivered (the broker took the lock from us already), a renewal stamped above
-/// `token`, or a break request naming `token` (docs/protocol.md, Grant 3, which the model's
-/// `v2::Receive` checks). `Err(Some(e))`: the channel failed.
+/// What ended a grant's wait for its renewal.
+pub(crate) enum Turn {
+    /// Our renewal, delivered back to us for the first time.
+    Own(Delivery),
+    /// Another client's message stamped at least as high as our candidate token.
+    Higher(Delivery),
+}
+
+/// Waits for our renewal `id` on the consumer, acking wake-ups, renewals stamped below `token`
+/// (our candidate) and our own earlier renewals that arrive before it; a message of another
+/// client stamped `token` or higher ends the wait too (`Turn::Higher`: the grant counts from
+/// it). Gives up (`Err(None)`) on what the holder would take as a loss: one of our renewals
+/// redelivered (the broker took the lock from us already) or a break request naming `token`
+/// (docs/protocol.md, Grant 3, which the model's `v3::Receive` checks). `Err(Some(e))`: the
+/// channel failed.
 pub(crate) async fn own_delivery(
     consumer: &mut lapin::Consumer,
     own_tag: &str,
@@ -591,7 +618,7 @@ pub(crate) async fn own_delivery(
     id: &str,
     token: u64,
     wanted: &mut bool,
-) -> std::result::Result<lapin::message::Delivery, Option<lapin::Error>> {
+) -> std::result::Result<Turn, Option<lapin::Error>> {
     loop {
         let d = match consumer.next().await {
             Some(Ok(d)) => d,
@@ -603,13 +630,15 @@ pub(crate) async fn own_delivery(
             .message_id()
             .as_ref()
             .map(|s| s.as_str().to_owned());
+        let ours = d_id.as_ref().is_some_and(|i| i.starts_with(own_prefix));
         match d_id {
-            Some(ref i) if i == id && !d.redelivered => return Ok(d),
-            Some(ref i) if i.starts_with(own_prefix) && d.redelivered => return Err(None),
-            _ if stamp(&d.properties).is_some_and(|s| s > token)
-                || break_request(&d.properties).is_some_and(|(t, _)| t == token) =>
-            {
+            Some(ref i) if i == id && !d.redelivered => return Ok(Turn::Own(d)),
+            _ if ours && d.redelivered => return Err(None),
+            _ if break_request(&d.properties).is_some_and(|(t, _)| t == token) => {
                 return Err(None);
+            }
+            _ if !ours && stamp(&d.properties).is_some_and(|s| s >= token) => {
+                return Ok(Turn::Higher(d));
             }
             _ => {
                 // Another client's wake-up: it registered behind us and wants the lock; a kept

@@ -98,11 +98,11 @@ pub struct LockStatus {
     pub consumers: u32,
     /// Wake-ups ready in the lock queue (not a count of waiters).
     pub ready_messages: u32,
-    /// The latest grant recorded in the fence register: the holder while the lock is held,
-    /// the last holder when it is free. `None` for a lock never granted, one whose register
-    /// expired, one last granted by mqlock 0.1 (which recorded no identity), and when the
-    /// register could not be read or its value was taken at that moment by a grant in progress
-    /// or another reader.
+    /// The latest grant in the lock's holder record: the holder while the lock is held, the
+    /// last holder when it is free. `None` for a lock never granted, one whose record expired,
+    /// and when the record could not be read or was taken at that moment by another reader.
+    /// The record is written beside the grant, not waited for: right after a hand-off it may
+    /// still name the previous holder for a moment.
     pub holder: Option<HolderInfo>,
 }
 
@@ -270,9 +270,9 @@ impl LockClient {
     /// Waits until the lock is granted. Waiters are granted in the order they registered with
     /// the broker.
     ///
-    /// The guard is returned once its fencing token is stored in the lock's register and its
-    /// lease has started (a renewal came back through the lock queue), so the token can be used
-    /// at once. If the connection fails while waiting, the client reconnects and registers
+    /// The guard is returned once its lease has started: a renewal stamped with its fencing
+    /// token came back through the lock queue, which keeps that stamp for the next holder to
+    /// count on from, so the token can be used at once. If the connection fails while waiting, the client reconnects and registers
     /// again, at the back of the queue.
     ///
     /// # Errors
@@ -288,10 +288,12 @@ impl LockClient {
     ///   interrupted, reconnecting is retried until 60 s after that first interruption.
     /// - [`Error::Tls`], [`Error::Config`] (TLS files), [`Error::NotOneCluster`]: a
     ///   reconnection failed so; not retried.
-    /// - [`Error::IncompatibleQueue`]: the lock's queues exist with other arguments.
+    /// - [`Error::IncompatibleQueue`]: the lock's queues exist with other arguments (another
+    ///   queue type or idle expiry, or declared by an earlier protocol version: the error says
+    ///   how to move on).
     /// - [`Error::AccessRefused`]: the broker user lacks a permission.
-    /// - [`Error::Protocol`]: a register holds something other than tokens, or the wait was
-    ///   interrupted 200 times.
+    /// - [`Error::Protocol`]: the epoch queue holds something other than epochs, or the wait
+    ///   was interrupted 200 times.
     ///
     /// Never [`Error::Timeout`] nor [`Error::Lost`].
     ///
@@ -305,10 +307,10 @@ impl LockClient {
     ///   spawned on the current runtime, which removes its consumer and hands any delivery on
     ///   to the next waiter; until the broker has read that close (one round trip) the consumer
     ///   still counts in [`LockClient::status`];
-    /// - in the grant: the token may already be stored in the register, and a new epoch in the
-    ///   epoch queue; the next grant counts on from them, so tokens skip a number and never go
-    ///   down. Register values the grant had taken go back when its channel closes (F4 in
-    ///   docs/protocol.md). A wake-up or a renewal it published may stay in the lock queue,
+    /// - in the grant: a renewal stamped with its token, and a new epoch in the epoch queue,
+    ///   may already be stored; the next grant counts on from them, so tokens skip a number
+    ///   and never go down. The message the grant kept goes back when its channel closes (F1
+    ///   in docs/protocol.md). A wake-up or a renewal it published may stay in the lock queue,
     ///   where later holders tell it apart (docs/protocol.md, "Hold").
     ///
     /// Drop it inside a tokio runtime: without one the consumer is cancelled before the channel
@@ -342,7 +344,7 @@ impl LockClient {
     /// that.
     ///
     /// The deadline covers the whole acquisition: reconnecting, registering, waiting, and the
-    /// grant's register write and first renewal. A grant still in progress at the deadline is
+    /// grant's first renewal (and a new epoch, for a lock that has none). A grant still in progress at the deadline is
     /// abandoned (its token number is skipped).
     ///
     /// # Errors
@@ -495,10 +497,9 @@ impl LockClient {
     /// holds it (or held it last).
     ///
     /// Registers nothing and creates no queue: a passive declare of the lock queue, then a
-    /// look at the fence register, whose values are taken for one round trip and put back. A
-    /// grant that reads the register in that moment finds it empty and starts a new epoch: its
-    /// token jumps ahead, never back (docs/protocol.md, "Holder identity"). Reading the
-    /// register needs read permission on the prefix; without it, `holder` is `None`.
+    /// look at the holder record, which is taken for one round trip and put back (tokens never
+    /// depend on it: docs/protocol.md, "Holder identity"). Reading the record needs read
+    /// permission on the prefix; without it, `holder` is `None`.
     ///
     /// # Errors
     ///
@@ -508,14 +509,13 @@ impl LockClient {
     /// - [`Error::Unreachable`], [`Error::AccessRefused`] or [`Error::Protocol`]: the channel
     ///   failed or the broker refused the declare.
     ///
-    /// A missing lock queue is not an error (`exists: false`), nor a register that cannot be
+    /// A missing lock queue is not an error (`exists: false`), nor a record that cannot be
     /// read (`holder: None`).
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: nothing is registered. Dropped while it holds the register's values, they
-    /// go back when lapin closes the dropped channel (asynchronously, one round trip), which
-    /// lengthens the moment in which a grant starts a new epoch.
+    /// Cancel safe: nothing is registered. Dropped while it holds the holder record, the
+    /// record goes back when lapin closes the dropped channel (asynchronously, one round trip).
     ///
     /// # Panics
     ///
@@ -560,12 +560,11 @@ impl LockClient {
             }
             Err(e) => return Err(self.fatal(name, &e)),
         };
-        // The register holds the latest grant's token with its holder's identity. Reading it
-        // takes its values for one round trip and requeues them; a grant that reads the register
-        // in that moment finds it empty and starts an epoch (docs/protocol.md, "Holder
-        // identity"). A missing register (404) closes the channel: no holder recorded.
-        if let Ok(Some((token, props))) = fence::peek_max(&channel, &names.fence).await {
-            status.holder = HolderInfo::from_register(token, &props);
+        // The holder record keeps the latest grant's token with its holder's identity. Reading
+        // it takes it for one round trip and requeues it. A missing record (404) closes the
+        // channel: no holder recorded.
+        if let Ok(Some((token, props))) = fence::peek_max(&channel, &names.holder).await {
+            status.holder = HolderInfo::from_record(token, &props);
         }
         let _ = channel.close(200, "status".into()).await;
         Ok(status)
@@ -584,7 +583,7 @@ impl LockClient {
     /// is published ([`Error::AccessRefused`] names it otherwise); a monitoring user with read
     /// permission only can see `status` but not break.
     /// Returns once the broker confirmed the request, not when the holder acted on it. The
-    /// request names the grant the register recorded when the lock was looked at; if that
+    /// request names the grant the holder record named when the lock was looked at; if that
     /// grant ended in between, the request is ignored and the outcome still says
     /// [`BreakOutcome::Requested`] with the old grant.
     ///
@@ -593,9 +592,9 @@ impl LockClient {
     /// Those of [`LockClient::status`], which it runs first, and:
     ///
     /// - [`Error::AccessRefused`]: no write permission on `amq.default`.
-    /// - [`Error::Protocol`]: the lock is held but its register shows no holder (granted by
-    ///   mqlock 0.1, or the register's value taken at that moment by a grant in progress or
-    ///   another reader: try again), or the broker refused to store the request.
+    /// - [`Error::Protocol`]: the lock is held but its holder record shows no holder (taken
+    ///   at that moment by another reader, or not yet written by a grant in progress: try
+    ///   again), or the broker refused to store the request.
     /// - [`Error::Unreachable`] or [`Error::Protocol`]: the channel failed.
     ///
     /// # Cancel safety
@@ -621,7 +620,7 @@ impl LockClient {
             return Err(Error::Protocol {
                 name: name.into(),
                 addr: self.inner.addr.clone(),
-                detail: "the lock is held but its register records no holder (granted by mqlock 0.1?); close the holder's connection instead".into(),
+                detail: "the lock is held but its holder record names no holder (read by another client at that moment, or a grant in progress?); try again, or close the holder's connection instead".into(),
             });
         };
         let names = queue_names(&self.inner.config.prefix, name)?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::lease::{BootClock, Clock};
 
-/// The RabbitMQ queue type of a lock's queues (lock queue, fence register, epoch queue).
+/// The RabbitMQ queue type of a lock's queues (lock queue, epoch queue, holder record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum QueueType {
     /// Classic queues: the default on a single broker.
@@ -52,7 +52,7 @@ pub struct ClientConfig {
     /// (docs/protocol.md, B7 and F3).
     pub idle_expiry: Duration,
     /// The longest time between two renewals of a holder's token, and how often a holder
-    /// declares its fence register and epoch queue again so that they do not expire under a
+    /// declares its epoch queue and holder record again so that they do not expire under a
     /// long hold (default 5 min; at least 100 ms, at most half of `idle_expiry`). A holder
     /// renews far more often anyway (three times per lease margin).
     pub renew_interval: Duration,

@@ -2,7 +2,7 @@
 //!
 //! Leadership of the election `NAME` is holding the lock [`election_lock_name`]`(NAME)`
 //! (`elect:NAME`). The leader's value travels in the holder identity its grant already writes to
-//! the fence register ([`HolderInfo::value`]), so campaigning adds no protocol step and no round
+//! the lock's holder record ([`HolderInfo::value`]), so campaigning adds no protocol step and no round
 //! trip; [`LockClient::leader`] reads it back through [`LockClient::status`], and
 //! [`LockClient::observe`] polls that.
 
@@ -23,7 +23,7 @@ use crate::metrics::{LeaderMark, Metrics};
 pub const ELECTION_PREFIX: &str = "elect:";
 
 /// The longest value a candidate may campaign with, in bytes. The value rides in the headers of
-/// the register message, which must fit one AMQP frame.
+/// the holder record's message, which must fit one AMQP frame.
 pub const MAX_VALUE_LEN: usize = 4096;
 
 /// How often [`LockClient::observe`] looks at the election by default.
@@ -189,11 +189,11 @@ impl LockClient {
 
     /// The current leader of the election `name`, or `None` if nobody leads.
     ///
-    /// One [`LockClient::status`] of the election's lock: the leader is the holder the register
-    /// records while the lock is held. During a hand-over it may still name the previous leader
-    /// for the moment the new one is being granted. A register whose value another reader or a
-    /// grant has taken at that moment is looked at again, up to 5 times in 100 ms; if it still
-    /// shows no holder, `None`.
+    /// One [`LockClient::status`] of the election's lock: the leader is the holder the holder
+    /// record names while the lock is held. During a hand-over it may still name the previous
+    /// leader for the moment the new one is being granted. A record another reader has taken at
+    /// that moment is looked at again, up to 5 times in 100 ms; if it still shows no holder,
+    /// `None`.
     ///
     /// # Errors
     ///
@@ -209,7 +209,7 @@ impl LockClient {
         })
     }
 
-    /// The leader, nobody, or held by someone the register does not show (after retries).
+    /// The leader, nobody, or held by someone the holder record does not show (after retries).
     async fn read_leader(&self, name: &str) -> Result<Reading> {
         let lock = election_lock_name(name);
         for attempt in 0..5 {
@@ -288,7 +288,7 @@ impl LockClient {
                 }
                 match s.client.read_leader(&s.name).await {
                     Err(e) => return Some((Err(e), s)),
-                    // Held, but the register did not show by whom: nothing to tell yet.
+                    // Held, but the record did not show by whom: nothing to tell yet.
                     Ok(Reading::Unknown) => {}
                     Ok(Reading::Nobody) => {
                         if s.first || s.leading {

@@ -123,8 +123,8 @@ pub enum Error {
     },
 
     /// One of the lock's queues exists on the broker with arguments that differ from this
-    /// client's configuration (queue type, idle expiry, quorum delivery limit), or is a fence
-    /// register or epoch queue declared by mqlock 0.1 (`detail` says how to remove it). All
+    /// client's configuration (queue type, idle expiry, quorum delivery limit), or is a lock
+    /// queue declared by an earlier protocol version (`detail` says how to move on). All
     /// clients of one lock must agree.
     #[error(
         "lock {name:?}: queue {queue:?} at {addr} exists with different arguments ({detail}); all clients of a lock must use the same queue type and idle expiry"
@@ -141,9 +141,9 @@ pub enum Error {
     },
 
     /// The broker did something the protocol does not expect, or an acquisition gave up: a
-    /// register holds a message that is not a token (or more than 64 values), fencing tokens
-    /// overflowed, the broker refused to store a break request, a held lock's register records
-    /// no holder to break, one acquisition was interrupted 200 times (connection lost, queue
+    /// epoch queue holds a message that is not an epoch (or more than 64 values), fencing tokens
+    /// overflowed, the broker refused to store a break request, a held lock's holder record
+    /// names no holder to break, one acquisition was interrupted 200 times (connection lost, queue
     /// expired in between...), or the broker or lapin reported an error that no other variant
     /// covers.
     #[error("protocol error on lock {name:?} at {addr}: {detail}")]

@@ -1,23 +1,23 @@
 //! Fencing tokens: how every grant gets a number larger than every earlier grant's.
 //!
-//! A token is `epoch << 32 | counter` (docs/protocol.md, "Fencing tokens"). Two queues per lock
-//! hold the state:
+//! A token is `epoch << 32 | counter` (docs/protocol.md, "Fencing tokens"). The lock queue
+//! carries the latest one: every renewal a holder publishes is stamped with its token, and the
+//! holder keeps one of them unacknowledged until its hold ends, when the broker gives it to the
+//! next holder, which counts on from the largest stamp it sees (`grant.rs`). Only a grant that
+//! is handed no stamp — a new lock, one whose queue expired, one whose transient renewals a
+//! broker restart dropped — needs more: a new **epoch**, from the `epoch:` queue, which keeps
+//! the lock's epoch as a *persistent* message, written (and synced by the broker before it
+//! confirms) only when an epoch starts.
 //!
-//! - the **register** (`fence:`) keeps the last token granted, as a *transient* message: writing
-//!   it costs one confirmed round trip and no disk sync on a classic queue;
-//! - the **epoch** queue (`epoch:`) keeps the current epoch as a *persistent* message, written
-//!   (and synced by the broker before it confirms) only when the register is found empty.
+//! The epoch queue is a **max-register** built from a plain queue (invariant F4): a reader
+//! takes *every* value (unacknowledged) and uses the largest; a writer publishes a larger value,
+//! waits for the confirm, and only then acks what it took. No value leaves the queue before a
+//! larger one is stored, whatever happens in between: a crash requeues what was taken, and a
+//! late write adds a value that the next reader compares with the others instead of replacing
+//! them.
 //!
-//! Both are **max-registers** built from plain queues (invariant F4): a reader takes *every*
-//! value (unacknowledged) and uses the largest; a writer publishes a larger value, waits for the
-//! confirm, and only then acks what it took. No value leaves a queue before a larger one is
-//! stored, whatever happens in between: a crash requeues what was taken, and a late write from a
-//! holder that was deposed while it recorded adds a value that the next reader compares with
-//! the others instead of replacing them (a length limit with `drop-head` kept the *last* value
-//! written, which a late write could lower: H4 of the cluster-safety review).
-//!
-//! Only the lock queue's active consumer runs [`draft`] and [`Draft::commit`]; it hands the
-//! token out only after the broker confirmed every write and its lease is valid.
+//! Only the lock queue's active consumer runs [`mint`]; it hands the token out only after the
+//! broker confirmed the epoch and its lease is valid.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,7 +28,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 
 use crate::config::{ClientConfig, QueueType};
-use crate::identity::HolderInfo;
 use crate::name::QueueNames;
 
 /// Bits of a token below the epoch.
@@ -38,11 +37,11 @@ const COUNTER_MASK: u64 = (1 << COUNTER_BITS) - 1;
 /// 2^63 (and fit a signed 64-bit database column) until the 2090s.
 const CLOCK_EPOCH_BASE_SECS: u64 = 1_704_067_200;
 
-/// Why the token could not be recorded.
+/// Why a token could not be chosen.
 pub(crate) enum FenceError {
     /// The channel or connection failed.
     Amqp(lapin::Error),
-    /// The write was not stored this time (nacked, e.g. by a quorum queue changing leader, or
+    /// The epoch was not stored this time (nacked, e.g. by a quorum queue changing leader, or
     /// the queue vanished in between): the grant is given up and the acquisition retried.
     Transient(String),
     /// The broker answered, but not in a way that lets us hand out a token.
@@ -55,14 +54,12 @@ impl From<lapin::Error> for FenceError {
     }
 }
 
-/// Arguments of the register and the epoch queue: no length limit, so that a value leaves only
-/// when its reader acks it after storing a larger one. (Registers declared by mqlock 0.1 carry
-/// `x-max-length = 1` and `drop-head`; the broker refuses to redeclare them with these
-/// arguments, and the client reports it as [`crate::Error::IncompatibleQueue`].)
+/// Arguments of the epoch queue: no length limit, so that a value leaves only when its reader
+/// acks it after storing a larger one.
 ///
-/// A quorum register also gets the lock queues' delivery limit: RabbitMQ 4.0–4.2 count every
-/// requeue against a default limit of 20, and `status` requeues what it reads.
-pub(crate) fn register_args(config: &ClientConfig) -> FieldTable {
+/// A quorum epoch queue also gets the lock queues' delivery limit: RabbitMQ 4.0–4.2 count every
+/// requeue against a default limit of 20.
+pub(crate) fn epoch_args(config: &ClientConfig) -> FieldTable {
     let mut args = crate::protocol::common_args(config);
     if let (QueueType::Quorum, Some(limit)) = (config.queue_type, config.quorum_delivery_limit) {
         args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
@@ -70,66 +67,28 @@ pub(crate) fn register_args(config: &ClientConfig) -> FieldTable {
     args
 }
 
-/// A token chosen for a grant, and the register values it will replace.
-pub(crate) struct Draft {
-    /// The token: above every value found in the register and above `floor`.
-    pub(crate) token: u64,
-    taken: Vec<BasicGetMessage>,
-}
-
-/// Chooses the token of the grant the caller was just given: one round trip (a `basic.get` of
-/// the register), three more when the lock starts a new epoch.
+/// The first token of a new epoch of the lock: one round trip to read the epoch queue, one to
+/// store the next epoch durably (`v3::StartEpoch` and `v3::EpochConfirmed` in docs/model.md).
 ///
-/// The caller must be the lock queue's active consumer (it has received a delivery).
-/// `register_declared`: the caller declared the register recently enough that it cannot have
-/// expired since. `floor`: a token known to have been granted (the stamp of the delivery that
-/// made the caller the holder), which the new token must exceed too.
-pub(crate) async fn draft(
+/// The caller must be the lock queue's active consumer (it has received a delivery). `last`: a
+/// token known to have been granted (the stamp that made the caller the holder, if its counter
+/// is exhausted), which the new token must exceed too.
+pub(crate) async fn mint(
     channel: &Channel,
     names: &QueueNames,
     config: &ClientConfig,
-    register_declared: bool,
-    floor: Option<u64>,
-) -> Result<Draft, FenceError> {
-    let args = register_args(config);
-    // Declaring first recreates a register that expired, and resets its idle timer. (If it
-    // vanished anyway, the get fails with 404, which closes this channel: the acquisition is
-    // retried, and declares again.)
-    let (values, taken) = if register_declared {
-        take_all(channel, &names.fence).await?
-    } else {
-        read_all(channel, &names.fence, &args).await?
-    };
-    let last = values.into_iter().chain(floor).max();
-    let token = match last.and_then(next_in_epoch) {
-        Some(token) => token,
-        None => start_epoch(channel, names, &args, last).await? << COUNTER_BITS,
-    };
-    Ok(Draft { token, taken })
-}
-
-impl Draft {
-    /// Stores the token in the register (confirmed), then acks the values it replaces.
-    pub(crate) async fn commit(
-        self,
-        channel: &Channel,
-        names: &QueueNames,
-        holder: &HolderInfo,
-    ) -> Result<u64, FenceError> {
-        // The holder's identity rides in the same message: no round trip of its own.
-        write(channel, &names.fence, self.token, holder.properties()).await?;
-        ack_all(self.taken).await?;
-        Ok(self.token)
-    }
+    last: Option<u64>,
+) -> Result<u64, FenceError> {
+    Ok(start_epoch(channel, names, &epoch_args(config), last).await? << COUNTER_BITS)
 }
 
 /// The next token of the current epoch, unless its counter is exhausted.
-fn next_in_epoch(last: u64) -> Option<u64> {
+pub(crate) fn next_in_epoch(last: u64) -> Option<u64> {
     (last & COUNTER_MASK != COUNTER_MASK).then(|| last + 1)
 }
 
-/// The epoch after `stored` (the epoch queue's value) and after the register's `last` token,
-/// and never below the clock.
+/// The epoch after `stored` (the epoch queue's value) and after the `last` token granted, and
+/// never below the clock.
 fn following_epoch(stored: Option<u64>, last: Option<u64>, clock: u64) -> Option<u64> {
     let after_stored = stored.map_or(Some(0), |e| e.checked_add(1))?;
     let after_last = last.map_or(0, |t| (t >> COUNTER_BITS) + 1);
@@ -137,9 +96,7 @@ fn following_epoch(stored: Option<u64>, last: Option<u64>, clock: u64) -> Option
     (epoch <= u64::MAX >> COUNTER_BITS).then_some(epoch)
 }
 
-/// Moves the lock to a new epoch, durably, and returns it: reading the epoch queue and
-/// publishing the new epoch is `v2::StartEpoch` in docs/model.md, its confirm and the ack of the
-/// old values `v2::EpochConfirmed` (the token's write that follows is `Draft::commit`).
+/// Moves the lock to a new epoch, durably, and returns it.
 async fn start_epoch(
     channel: &Channel,
     names: &QueueNames,
@@ -160,7 +117,7 @@ async fn start_epoch(
 /// is confirmed).
 type Values = (Vec<u64>, Vec<BasicGetMessage>);
 
-/// More values than this in one register means something other than mqlock writes to it.
+/// More values than this in one queue means something other than mqlock writes to it.
 const MAX_VALUES: usize = 64;
 
 /// Declares a max-register and takes all its values (unacknowledged), like [`take_all`].
@@ -214,11 +171,9 @@ async fn take_all(channel: &Channel, queue: &str) -> Result<Values, FenceError> 
     Ok((values, taken))
 }
 
-/// The largest value in the register, leaving every value in place (taken, then requeued).
+/// The largest value in a queue of decimal values, leaving every value in place (taken, then requeued).
 ///
-/// Used by a holder that saw a renewal stamped above its own token: a value above its token in
-/// the register means a later active consumer recorded one, so the broker took the lock away at
-/// some point; none means the stamp came from a grant that gave up before its write was stored.
+/// Used by `status` on the holder record (`identity.rs`), which keeps one value.
 pub(crate) async fn peek_max(
     channel: &Channel,
     queue: &str,
@@ -236,7 +191,7 @@ pub(crate) async fn peek_max(
 }
 
 /// Acks the values a larger, confirmed value replaced. Each is acked on its own: a `multiple`
-/// ack would also ack the lock's token, delivered on the same channel.
+/// ack would also ack the message the grant holds, delivered on the same channel.
 async fn ack_all(taken: Vec<BasicGetMessage>) -> Result<(), FenceError> {
     for message in taken {
         message
@@ -248,7 +203,7 @@ async fn ack_all(taken: Vec<BasicGetMessage>) -> Result<(), FenceError> {
     Ok(())
 }
 
-/// Publishes `value` to a max-register and waits for the broker's confirm. A persistent
+/// Publishes `value` to the epoch queue and waits for the broker's confirm. A persistent
 /// message on a durable queue is confirmed only once the broker wrote it to disk.
 async fn write(
     channel: &Channel,
@@ -308,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_epoch_is_above_the_stored_one_the_register_and_the_clock() {
+    fn a_new_epoch_is_above_the_stored_one_the_last_token_and_the_clock() {
         let clock = 90_000_000;
         // Fresh lock: the clock.
         assert_eq!(following_epoch(None, None, clock), Some(clock));
@@ -317,12 +272,12 @@ mod tests {
             following_epoch(Some(clock + 5), None, clock),
             Some(clock + 6)
         );
-        // Register lost (broker restart) while the epoch survived.
+        // Stamps lost (broker restart) while the epoch survived.
         assert_eq!(
             following_epoch(Some(clock - 100), None, clock - 200),
             Some(clock - 99)
         );
-        // Exhausted counter: the register's epoch + 1 even if the epoch queue expired.
+        // Exhausted counter: the stamp's epoch + 1 even if the epoch queue expired.
         let last = ((clock + 10) << 32) | COUNTER_MASK;
         assert_eq!(following_epoch(None, Some(last), clock), Some(clock + 11));
         // A token from the older all-clock format (microseconds) is far below any epoch.

@@ -1,23 +1,23 @@
-//! Grant (docs/protocol.md, "Grant"; `v2::ReadFence` .. `v2::Grant` in docs/model.md): from
-//! the first delivery to the guard, in two round trips. Choose the token (one `basic.get` of
-//! the register), then store it and send the first lease renewal together; the guard is
-//! returned once the register confirmed the token and the renewal came back to us, within the
-//! lease it started.
+//! Grant (docs/protocol.md, "Grant"; `v3::Receive` .. `v3::Grant` in docs/model.md): from the
+//! first delivery to the guard, normally in one round trip. The token is one above the largest
+//! stamp the lock queue handed us (a new epoch when it handed us none); the grant publishes a
+//! renewal stamped with it and is granted when that renewal comes back to us, within the lease
+//! it started, with nothing stamped as high seen before it.
 
 use std::sync::Arc;
 
-use futures_util::future::join;
+use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use tracing::debug;
 
-use crate::acquire::{Candidate, HoldTerms, Retry, own_delivery};
+use crate::acquire::{Candidate, HoldTerms, Retry, Turn, own_delivery};
 use crate::client::LockClient;
 use crate::connection::Conn;
 use crate::error::Error;
 use crate::fence::{self, FenceError};
 use crate::guard::LockGuard;
 use crate::hold::{Holder, publish_renewal, renewal_id, renewal_prefix};
-use crate::identity::HolderInfo;
+use crate::identity::{self, HolderInfo};
 use crate::lease::Lease;
 use crate::loss::LossSignal;
 use crate::name::QueueNames;
@@ -29,8 +29,8 @@ impl LockClient {
     /// The name's claim moves into the guard's release handle (after the last await point).
     ///
     /// Cancel safe like the acquisition: dropping the future drops the registration, which
-    /// closes the channel and hands the lock on; a token written to the register and never
-    /// returned is only a gap in the sequence.
+    /// closes the channel and hands the lock on, with every message this grant kept; a renewal
+    /// it published and never saw back only makes the next grant count from a larger stamp.
     pub(crate) async fn grant(
         &self,
         conn: &Arc<Conn>,
@@ -43,19 +43,15 @@ impl LockClient {
         let Candidate {
             mut reg,
             tag,
-            first: token,
-            register_declared,
+            first,
             started,
         } = candidate;
         let config = &self.inner.config;
         let channel = reg.channel.clone().expect("channel set");
-        // An idle register expires `idle_expiry` after its last use; ours was declared a moment
-        // ago unless the wait was long.
-        let register_fresh = register_declared.elapsed() < config.idle_expiry / 2;
         let fence_fail = |e: FenceError| match e {
             FenceError::Amqp(e) => fail(&e),
-            // The token was never used: closing this registration hands the lock on, and
-            // the retry registers again.
+            // No token was handed out: closing this registration hands the lock on, and the
+            // retry registers again.
             FenceError::Transient(d) => Retry::Again(d),
             FenceError::Refused(d) => Retry::Fail(Error::Protocol {
                 name: name.into(),
@@ -63,47 +59,64 @@ impl LockClient {
                 detail: d,
             }),
         };
-        let draft = fence::draft(
-            &channel,
-            names,
-            config,
-            register_fresh,
-            stamp(&token.properties),
-        )
-        .await
-        .map_err(fence_fail)?;
-        let fence = draft.token;
         let lease = Arc::new(Lease::with_clock(config.clock.clone(), conn.lease_margin));
-        let first_renewal = renewal_id(&tag, 0);
-        let (committed, published) = join(
-            draft.commit(
-                &channel,
-                names,
-                &HolderInfo::this_process(&conn.name, fence, terms.value.clone()),
-            ),
-            publish_renewal(&channel, &names.lock, &lease, first_renewal.clone(), fence),
-        )
-        .await;
-        committed.map_err(fence_fail)?;
-        let sent = published.map_err(|e| fail(&e))?;
-        // The lease starts when the renewal comes back to us: the lock queue still had us as its
-        // active consumer after `sent` (docs/protocol.md, "Lease").
-        let consumer = reg.consumer.as_mut().expect("consumer set");
         let own_prefix = renewal_prefix(&tag);
         // Another client's wake-up — the delivery that granted us included — means that client
         // registered behind us: the lock is wanted (docs/protocol.md, "Keeping a lock").
-        let mut wanted = wanted_by_another(&token.properties, &tag);
-        let renewal = tokio::select! {
-            renewal = own_delivery(consumer, &tag, &own_prefix, &first_renewal, fence, &mut wanted) => renewal.map_err(|e| match e {
-                Some(e) => fail(&e),
-                None => Retry::Again("the lock was taken back, granted on, or broken during the grant".into()),
-            })?,
-            // Slower than the lease: the lock may already have been handed on (L2).
-            _ = lease.expired() => {
-                return Err(Retry::Again(format!(
-                    "the grant took longer than the lease of {:?}",
-                    conn.lease_margin
-                )));
+        let mut wanted = wanted_by_another(&first.properties, &tag);
+        // The message with the largest stamp handed to us so far. It stays unacknowledged until
+        // a renewal stamped above it is back in the queue and delivered to us: whatever happens
+        // in between, the queue keeps a message stamped at least as high as every grant so far
+        // (F1).
+        let mut held: Delivery = first;
+        let mut candidates = 0u64;
+        let (fence, renewal, sent) = loop {
+            let floor = stamp(&held.properties);
+            let fence = match floor.and_then(fence::next_in_epoch) {
+                Some(next) => next,
+                // Nothing stamped handed to us (a new lock, an expired queue, renewals dropped
+                // by a broker restart), or the epoch's counter is exhausted: a new epoch.
+                None => fence::mint(&channel, names, config, floor)
+                    .await
+                    .map_err(fence_fail)?,
+            };
+            let id = renewal_id(&tag, candidates);
+            identity::record(
+                &channel,
+                &names.holder,
+                &HolderInfo::this_process(&conn.name, fence, terms.value.clone()),
+            )
+            .await;
+            let sent = publish_renewal(&channel, &names.lock, &lease, id.clone(), fence)
+                .await
+                .map_err(|e| fail(&e))?;
+            // The lease starts when the renewal comes back to us: the lock queue still had us as
+            // its active consumer after `sent` (docs/protocol.md, "Lease"). Everything the queue
+            // held before it has been delivered to us by then (FIFO).
+            let consumer = reg.consumer.as_mut().expect("consumer set");
+            let turn = tokio::select! {
+                turn = own_delivery(consumer, &tag, &own_prefix, &id, fence, &mut wanted) => turn.map_err(|e| match e {
+                    Some(e) => fail(&e),
+                    None => Retry::Again("the lock was taken back or broken during the grant".into()),
+                })?,
+                // Slower than the lease: the lock may already have been handed on (L2).
+                _ = lease.expired() => {
+                    return Err(Retry::Again(format!(
+                        "the grant took longer than the lease of {:?}",
+                        conn.lease_margin
+                    )));
+                }
+            };
+            match turn {
+                Turn::Own(renewal) => break (fence, renewal, sent),
+                // A message stamped at least as high as our candidate was in the queue behind
+                // the one we were handed (requeued out of order, or a grant that gave up): count
+                // from it instead. Its stamp is above the one we keep, so ours is acked.
+                Turn::Higher(d) => {
+                    debug!(lock = name, candidate = fence, stamped = ?stamp(&d.properties), "a larger stamp behind the first delivery; counting from it");
+                    ack_in_background(std::mem::replace(&mut held, d));
+                    candidates += 1;
+                }
             }
         };
         lease.extend_to(sent + conn.lease_margin);
@@ -114,12 +127,8 @@ impl LockClient {
                 conn.lease_margin
             )));
         }
-        // The renewal is the token now; the delivery that granted us is not needed. (Acked in
-        // the background: a connection blocked by a resource alarm would hold the await.)
-        tokio::spawn(async move {
-            let _ = token.acker.ack(BasicAckOptions::default()).await;
-        });
-        let token = renewal;
+        // The renewal is the token now; the message we counted from is acked by the holder task
+        // before anything else it does (`Holder::settle`).
         debug!(lock = name, fence, waited = ?started.elapsed(), "granted");
         self.prepare_spare(conn);
 
@@ -129,15 +138,17 @@ impl LockClient {
         let handle = Holder {
             name: name.clone(),
             lock_queue: names.lock.clone(),
-            fence_queue: names.fence.clone(),
-            epoch_queue: names.epoch.clone(),
-            fence_args: fence::register_args(config),
+            touched: vec![
+                (names.epoch.clone(), fence::epoch_args(config)),
+                (names.holder.clone(), identity::record_args(config)),
+            ],
             tag,
             channel,
             consumer,
-            token,
+            token: renewal,
+            settle: Some(held),
             fencing_token: fence,
-            renewals: 0,
+            renewals: candidates,
             lease,
             signal: signal.clone(),
             conn: conn.clone(),
@@ -152,4 +163,12 @@ impl LockClient {
         .spawn(terms.claim.take());
         Ok(LockGuard::new(name, fence, signal, Box::new(handle)))
     }
+}
+
+/// Acks a delivery from a spawned task: a connection the broker blocked (a resource alarm)
+/// would hold the await until the alarm clears.
+fn ack_in_background(d: Delivery) {
+    tokio::spawn(async move {
+        let _ = d.acker.ack(BasicAckOptions::default()).await;
+    });
 }

@@ -18,7 +18,6 @@ use tracing::{debug, warn};
 use crate::claim::NameClaim;
 use crate::connection::Conn;
 
-use crate::fence;
 use crate::lease::{BootInstant, Lease};
 use crate::loss::{LossReason, LossSignal};
 use crate::metrics::Metrics;
@@ -41,7 +40,7 @@ pub(crate) async fn publish_renewal(
     token: u64,
 ) -> lapin::Result<BootInstant> {
     let sent = lease.now();
-    // The confirm is not awaited (see above); the channel is in confirm mode for the fence
+    // The confirm is not awaited (see above); the channel is in confirm mode for the epoch
     // writes, and lapin drops an unawaited confirm when it arrives.
     channel
         .basic_publish(
@@ -68,17 +67,21 @@ pub(crate) fn renewal_prefix(tag: &str) -> String {
 pub(crate) struct Holder {
     pub(crate) name: Arc<str>,
     pub(crate) lock_queue: String,
-    /// The fence register and its arguments: declared again every `renew_interval` so that
-    /// its idle expiry never runs out under a long hold.
-    pub(crate) fence_queue: String,
-    /// The epoch queue, declared with the register for the same reason.
-    pub(crate) epoch_queue: String,
-    pub(crate) fence_args: FieldTable,
+    /// The epoch queue and the holder record, with their arguments: declared again every
+    /// `renew_interval` so that their idle expiry never runs out under a long hold (the epoch
+    /// is what keeps tokens rising across a broker restart: F3).
+    pub(crate) touched: Vec<(String, FieldTable)>,
     pub(crate) tag: String,
     pub(crate) channel: Channel,
     pub(crate) consumer: Consumer,
-    /// The delivery that made us the holder; replaced by each renewal as it arrives.
+    /// The held token message: the grant's renewal that came back; replaced by each renewal as
+    /// it arrives.
     pub(crate) token: Delivery,
+    /// The message the grant counted from, acked by this task before it reads any command, so
+    /// that the ack reaches the broker before a release's close: otherwise the broker could
+    /// requeue it ahead of the token message, and the next holder, handed a message older than
+    /// the token first, would count from it or start an epoch (docs/protocol.md, Grant 4).
+    pub(crate) settle: Option<Delivery>,
     pub(crate) fencing_token: u64,
     /// Renewals published so far (the grant published number 0).
     pub(crate) renewals: u64,
@@ -110,8 +113,8 @@ enum Seen {
     Wanted,
     /// A renewal of an earlier holder, or a stale break request: ack it.
     Extra,
-    /// A renewal stamped above our token: either a later grant (we lost the lock) or a grant
-    /// that gave up before its register write was stored. The register tells which.
+    /// A renewal stamped above our token: only a later grant stamps one (docs/protocol.md,
+    /// Z1), so the broker took the lock from us.
     Later(u64),
     /// The broker took the lock from us at some point.
     Lost(LossReason),
@@ -188,9 +191,7 @@ impl Holder {
         let Holder {
             name,
             lock_queue,
-            fence_queue,
-            epoch_queue,
-            fence_args,
+            touched,
             tag,
             channel,
             mut consumer,
@@ -207,7 +208,17 @@ impl Holder {
             keep: _,
             parking,
             mut wanted,
+            settle,
         } = self;
+        if let Some(d) = settle {
+            // lapin sends an ack through its own task: awaited, it is on the wire before any
+            // later frame of ours. Bounded, for a connection the broker stopped reading (B9).
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                d.acker.ack(BasicAckOptions::default()),
+            )
+            .await;
+        }
         if wanted {
             wanted_flag.store(true, Ordering::Release);
         }
@@ -336,20 +347,7 @@ impl Holder {
                             }
                             wanted = true;
                         }
-                        // Only a value in the register at most our own token shows that the
-                        // stamp is a grant's that gave up; anything else (a larger value, none
-                        // visible because another reader holds them, no answer) is a loss.
-                        Seen::Later(stamped) => match tokio::time::timeout(margin, fence::peek_max(&channel, &fence_queue)).await {
-                            Ok(Ok(Some((recorded, _)))) if recorded <= fencing_token => {
-                                debug!(lock = %name, stamped, "a renewal of a grant that gave up; acked");
-                                ack_later(d);
-                            }
-                            Ok(Ok(Some((recorded, _)))) => {
-                                break LossReason::GrantedElsewhere { token: recorded.max(stamped) };
-                            }
-                            Ok(Err(fence::FenceError::Amqp(e))) => break loss_reason(&e),
-                            _ => break LossReason::GrantedElsewhere { token: stamped },
-                        },
+                        Seen::Later(stamped) => break LossReason::GrantedElsewhere { token: stamped },
                         // Never ack it: it may be the lock's only token, and the broker must get
                         // it back when we close the channel.
                         Seen::Lost(reason) => break reason,
@@ -374,8 +372,8 @@ impl Holder {
                     });
                 }
                 _ = touch.tick() => {
-                    for queue in [fence_queue.clone(), epoch_queue.clone()] {
-                        let (channel, args) = (channel.clone(), fence_args.clone());
+                    for (queue, args) in touched.iter().cloned() {
+                        let channel = channel.clone();
                         tokio::spawn(async move {
                             let _ = channel.queue_declare(
                                 queue.as_str().into(),
@@ -480,8 +478,7 @@ mod tests {
         // An earlier holder's renewal, requeued when it released: an extra.
         let earlier = delivery(renewal_properties("x.r.9".into(), token - 1), true);
         assert_eq!(classify_delivery(tag, ours, token, &earlier), Seen::Extra);
-        // A renewal stamped above our token: a later grant, or one that gave up (the holder
-        // asks the register).
+        // A renewal stamped above our token: a later grant (Z1).
         let later = delivery(renewal_properties("y.r.1".into(), token + 1), true);
         assert_eq!(
             classify_delivery(tag, ours, token, &later),

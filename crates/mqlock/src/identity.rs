@@ -1,13 +1,18 @@
 //! Who holds a lock (docs/protocol.md, "Holder identity").
 //!
-//! Every grant writes its fencing token to the fence register; the same message carries the
-//! holder's identity in its headers, so recording it costs no round trip. [`crate::LockClient::status`]
-//! reads it back from the register without taking it away.
+//! Every grant records its fencing token and its holder's identity in the lock's **holder
+//! record** (`holder:`, a queue of at most one message): published beside the grant's first
+//! renewal and never waited for, so it costs the grant no round trip.
+//! [`crate::LockClient::status`] reads it back without taking it away. It is advisory: tokens
+//! never depend on it (docs/protocol.md, "Holder identity").
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+
+use crate::config::ClientConfig;
 
 const HOST: &str = "x-mqlock-host";
 const PID: &str = "x-mqlock-pid";
@@ -46,7 +51,7 @@ impl HolderInfo {
         }
     }
 
-    /// The register message's properties: transient, with the identity in its headers.
+    /// The record's properties: transient, with the identity in its headers.
     pub(crate) fn properties(&self) -> BasicProperties {
         let mut h = FieldTable::default();
         h.insert(
@@ -73,9 +78,8 @@ impl HolderInfo {
             .with_headers(h)
     }
 
-    /// The identity recorded with a register value, if the writer recorded one (mqlock 0.1
-    /// did not).
-    pub(crate) fn from_register(token: u64, properties: &BasicProperties) -> Option<Self> {
+    /// The identity recorded with a token, if the writer recorded one.
+    pub(crate) fn from_record(token: u64, properties: &BasicProperties) -> Option<Self> {
         let h = properties.headers().as_ref()?.inner();
         let text = |k: &str| match h.get(k)? {
             AMQPValue::LongString(s) => Some(s.to_string()),
@@ -97,6 +101,29 @@ impl HolderInfo {
             value: text(VALUE),
         })
     }
+}
+
+/// Arguments of the holder record: at most one message, the latest (`drop-head`, the
+/// broker's default overflow). A quorum record gets the lock queues' delivery limit, since
+/// `status` requeues what it reads.
+pub(crate) fn record_args(config: &ClientConfig) -> FieldTable {
+    let mut args = crate::fence::epoch_args(config);
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args
+}
+
+/// Records `holder` as the lock's latest grant, without waiting for the broker: the publish is
+/// queued on the grant's channel before its first renewal.
+pub(crate) async fn record(channel: &Channel, queue: &str, holder: &HolderInfo) {
+    let _ = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            holder.token.to_string().as_bytes(),
+            holder.properties(),
+        )
+        .await;
 }
 
 impl std::fmt::Display for HolderInfo {
@@ -138,9 +165,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_identity_survives_the_register_headers() {
+    fn an_identity_survives_the_record_headers() {
         let me = HolderInfo::this_process("mqlock pid 7", 42, None);
-        let back = HolderInfo::from_register(42, &me.properties()).unwrap();
+        let back = HolderInfo::from_record(42, &me.properties()).unwrap();
         assert_eq!(back.host, me.host);
         assert_eq!(back.pid, std::process::id());
         assert_eq!(back.client, "mqlock pid 7");
@@ -155,11 +182,11 @@ mod tests {
             value: Some("10.0.0.7:8080 ü".into()),
             ..me
         };
-        let back = HolderInfo::from_register(42, &leader.properties()).unwrap();
+        let back = HolderInfo::from_record(42, &leader.properties()).unwrap();
         assert_eq!(back.value.as_deref(), Some("10.0.0.7:8080 ü"));
         // A value written without identity (mqlock 0.1) has none.
         assert_eq!(
-            HolderInfo::from_register(1, &BasicProperties::default()),
+            HolderInfo::from_record(1, &BasicProperties::default()),
             None
         );
         assert!(!host_name().is_empty());

@@ -20,8 +20,9 @@
 //! registers a consumer; the broker activates consumers one at a time in registration order,
 //! and the active consumer — the holder — keeps one message unacknowledged. When the holder
 //! releases (or its connection dies), the broker activates the next consumer and hands it the
-//! message: FIFO hand-off pushed by the broker, no polling. Every grant records a fencing token
-//! in a small register queue before it is returned, so tokens strictly increase.
+//! message: FIFO hand-off pushed by the broker, no polling. That message carries the holder's
+//! fencing token, and every grant counts on from the one it is handed, so tokens strictly
+//! increase.
 //!
 //! What the lock promises, and what it cannot, is in `docs/protocol.md`. In short: the broker
 //! never has two active consumers, but a holder that is cut off or frozen may not know yet that

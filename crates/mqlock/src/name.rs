@@ -2,7 +2,7 @@
 //!
 //! A lock name is any non-empty UTF-8 string without control characters (`U+0000..=U+001F`,
 //! `U+007F..=U+009F`). Slashes, dots, spaces and non-ASCII letters are fine: a file path is a
-//! good lock name. Each lock uses three queues, `{prefix}lock:{name}`, `{prefix}fence:{name}`
+//! good lock name. Each lock uses three queues, `{prefix}lock:{name}`, `{prefix}holder:{name}`
 //! and `{prefix}epoch:{name}`; because the prefix is always prepended, no lock name can reach a queue outside the prefix.
 //! When a queue name would exceed RabbitMQ's 255-byte limit, the name part is replaced by a
 //! readable head plus the SHA-256 of the whole name, so every name maps to a valid, distinct
@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 /// RabbitMQ's limit on queue names, in bytes.
 pub const MAX_QUEUE_NAME_BYTES: usize = 255;
 const LOCK_KIND: &str = "lock:";
-const FENCE_KIND: &str = "fence:";
+const HOLDER_KIND: &str = "holder:";
 const EPOCH_KIND: &str = "epoch:";
 /// 32 hex digits of SHA-256 (128 bits) plus the separator.
 const HASH_SUFFIX_BYTES: usize = 1 + 32;
@@ -25,8 +25,9 @@ const HASH_SUFFIX_BYTES: usize = 1 + 32;
 pub struct QueueNames {
     /// The lock queue: single active consumer; its active consumer is the holder.
     pub lock: String,
-    /// The fence register: holds the last fencing token granted.
-    pub fence: String,
+    /// The holder record: the latest grant's token and holder identity, for `status`, `list`
+    /// and `break` (advisory: tokens never depend on it).
+    pub holder: String,
     /// The epoch queue: holds the fencing tokens' current epoch (docs/protocol.md).
     pub epoch: String,
 }
@@ -40,7 +41,7 @@ pub struct QueueNames {
 pub fn queue_names(prefix: &str, name: &str) -> Result<QueueNames> {
     validate(name)?;
     let budget = MAX_QUEUE_NAME_BYTES
-        .checked_sub(prefix.len() + FENCE_KIND.len().max(LOCK_KIND.len()).max(EPOCH_KIND.len()))
+        .checked_sub(prefix.len() + HOLDER_KIND.len().max(LOCK_KIND.len()).max(EPOCH_KIND.len()))
         .filter(|b| *b > HASH_SUFFIX_BYTES)
         .ok_or_else(|| Error::Config(format!("queue name prefix {prefix:?} is too long")))?;
     let part = if name.len() <= budget {
@@ -56,7 +57,7 @@ pub fn queue_names(prefix: &str, name: &str) -> Result<QueueNames> {
     };
     Ok(QueueNames {
         lock: format!("{prefix}{LOCK_KIND}{part}"),
-        fence: format!("{prefix}{FENCE_KIND}{part}"),
+        holder: format!("{prefix}{HOLDER_KIND}{part}"),
         epoch: format!("{prefix}{EPOCH_KIND}{part}"),
     })
 }
@@ -97,11 +98,11 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
             "queue name prefix may not start with \"amq.\" (reserved by RabbitMQ)".into(),
         ));
     }
-    if prefix.len() + FENCE_KIND.len() + HASH_SUFFIX_BYTES + 8 > MAX_QUEUE_NAME_BYTES {
+    if prefix.len() + HOLDER_KIND.len() + HASH_SUFFIX_BYTES + 8 > MAX_QUEUE_NAME_BYTES {
         return Err(Error::Config(format!(
             "queue name prefix is {} bytes; at most {} leave room for lock names",
             prefix.len(),
-            MAX_QUEUE_NAME_BYTES - FENCE_KIND.len() - HASH_SUFFIX_BYTES - 8
+            MAX_QUEUE_NAME_BYTES - HOLDER_KIND.len() - HASH_SUFFIX_BYTES - 8
         )));
     }
     Ok(())
@@ -156,7 +157,7 @@ mod tests {
     fn short_names_are_kept_readable() {
         let q = queue_names("mqlock.", "files/a b.txt").unwrap();
         assert_eq!(q.lock, "mqlock.lock:files/a b.txt");
-        assert_eq!(q.fence, "mqlock.fence:files/a b.txt");
+        assert_eq!(q.holder, "mqlock.holder:files/a b.txt");
         assert_eq!(q.epoch, "mqlock.epoch:files/a b.txt");
     }
 
@@ -184,10 +185,10 @@ mod tests {
             let qa = queue_names("mqlock.", &a).unwrap();
             let qb = queue_names("mqlock.", &b).unwrap();
             assert!(qa.lock.len() <= MAX_QUEUE_NAME_BYTES, "{len}");
-            assert!(qa.fence.len() <= MAX_QUEUE_NAME_BYTES, "{len}");
+            assert!(qa.holder.len() <= MAX_QUEUE_NAME_BYTES, "{len}");
             assert!(qa.epoch.len() <= MAX_QUEUE_NAME_BYTES, "{len}");
             assert_ne!(qa.lock, qb.lock);
-            assert_ne!(qa.fence, qa.lock);
+            assert_ne!(qa.holder, qa.lock);
         }
     }
 

@@ -1,5 +1,5 @@
 //! The broker-facing details of the protocol in `docs/protocol.md`: queue arguments, the
-//! wake-up message, the fence register's encoding, and how broker errors are classified.
+//! wake-up and renewal messages, and how broker errors are classified.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,13 +41,13 @@ pub(crate) fn common_args(config: &ClientConfig) -> FieldTable {
     args
 }
 
-/// Properties of a wake-up published by the acquisition with consumer tag `tag` (a message the
-/// next holder may keep as its token). Persistent, so a token survives a broker restart on a
-/// durable classic queue. Its message id names the publisher (`<tag>.w`), so that a holder
-/// tells another client's wake-up — somebody wants the lock — from its own mint.
+/// Properties of a wake-up published by the acquisition with consumer tag `tag`. Transient: a
+/// wake-up carries no token (a broker restart drops it, and the waiters publish again when they
+/// register again). Its message id names the publisher (`<tag>.w`), so that a holder tells
+/// another client's wake-up — somebody wants the lock — from its own.
 pub(crate) fn wake_properties(tag: &str) -> BasicProperties {
     BasicProperties::default()
-        .with_delivery_mode(2)
+        .with_delivery_mode(1)
         .with_message_id(ShortString::from(wake_id(tag)))
 }
 
@@ -214,7 +214,7 @@ pub(crate) fn loss_reason(e: &lapin::Error) -> LossReason {
 }
 
 /// Puts a message taken with `basic.get` back at the head of its queue, for a reader that only
-/// looks (the registers' `peek_max`, the cluster mark).
+/// looks (the holder record's `peek_max`, the cluster mark).
 pub(crate) async fn put_back(message: &lapin::message::BasicGetMessage) -> lapin::Result<bool> {
     message
         .delivery
