@@ -19,5 +19,6 @@ pub mod recipes;
 pub mod types;
 pub mod v1;
 pub mod v2;
+pub mod v3;
 
-pub use model::{Action, Config, LockModel, Parking, State, Version};
+pub use model::{Action, Config, LockModel, Parking, State, V3Fault, Version};
