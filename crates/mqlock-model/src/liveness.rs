@@ -17,6 +17,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use stateright::Model;
 
+use crate::client::Phase;
 use crate::graph;
 use crate::model::{Action, LockModel, State};
 
@@ -61,13 +62,39 @@ pub fn check_wanted(m: &LockModel) -> Liveness {
     })
 }
 
+/// LV-G, "a newcomer is granted": from every reachable state in which a client is registered
+/// and has not had its first delivery yet (`Phase::Waiting`), a grant (to any client) is
+/// reachable, on LV's graph (without a waiter's own `client::Close`). Unlike LV, nobody
+/// waiting is not a goal. So a lock that every consumer gives up in turn is caught even when
+/// the bounded acquisitions end the wait; a grantee that gives up because its grant came too
+/// late (`now >= t0 + M`), with nobody behind it, is not (it has had its first delivery).
+pub fn check_grantable(m: &LockModel) -> Liveness {
+    check_with_goal(
+        m,
+        |s| s.clients.iter().any(|c| c.phase == Phase::Waiting),
+        |_| false,
+        |_, _| true,
+    )
+}
+
 /// LV over the edges `keep` accepts (and without a waiter's own `client::Close`).
 fn check_with(m: &LockModel, keep: impl Fn(&State, &Action) -> bool) -> Liveness {
     let waiting = |s: &State| s.clients.iter().any(|c| c.waiting());
+    check_with_goal(m, waiting, move |s| !waiting(s), keep)
+}
+
+/// `AG(from -> EF(goal or a grant))` over the edges `keep` accepts, without a waiter's own
+/// `client::Close`.
+fn check_with_goal(
+    m: &LockModel,
+    from: impl Fn(&State) -> bool,
+    goal: impl Fn(&State) -> bool,
+    keep: impl Fn(&State, &Action) -> bool,
+) -> Liveness {
     let report = graph::check(
         m,
-        waiting,
-        |s| !waiting(s),
+        from,
+        goal,
         |_, a, t| matches!(a, Action::Grant(c) if t.clients[usize::from(*c)].token().is_some()),
         // A waiter that walks away does not count as the wait ending.
         |s, a| !matches!(a, Action::Close(c) if s.clients[usize::from(*c)].waiting()) && keep(s, a),
@@ -95,6 +122,15 @@ fn check_with(m: &LockModel, keep: impl Fn(&State, &Action) -> bool) -> Liveness
 /// multi-block search does not promise shortest paths). `None` if there is none.
 pub fn shortest_counterexample(m: &LockModel, name: &'static str) -> Option<Vec<(Action, State)>> {
     let cond = m.property(name).condition;
+    shortest_path_to(m, |s| !cond(m, s))
+}
+
+/// A shortest path (actions, with the state after each) from the initial state to a state
+/// `target` accepts, by breadth-first search. `None` if there is none.
+pub fn shortest_path_to(
+    m: &LockModel,
+    target: impl Fn(&State) -> bool,
+) -> Option<Vec<(Action, State)>> {
     let init = m.init_states().remove(0);
     let mut index: HashMap<u64, u32> = HashMap::new();
     let mut parent: Vec<(u32, Option<Action>)> = vec![(0, None)];
@@ -103,7 +139,7 @@ pub fn shortest_counterexample(m: &LockModel, name: &'static str) -> Option<Vec<
     queue.push_back((0u32, init));
     let mut actions = Vec::new();
     while let Some((i, s)) = queue.pop_front() {
-        if !cond(m, &s) {
+        if target(&s) {
             let mut acts = Vec::new();
             let mut at = i as usize;
             while let (p, Some(a)) = parent[at] {

@@ -23,6 +23,31 @@ pub enum Version {
     /// renewals, max-registers, and a lease that starts and is extended only when the client's
     /// own renewal is *delivered* back to it, not redelivered.
     V2,
+    /// The grant without the fence register (what the core implements next): v2's delivered
+    /// lease, renewals, holding and parking rules, but the token comes from the lock queue
+    /// alone. A first delivery stamped `s` makes the candidate `s + 1`; an unstamped one (a
+    /// wake-up) starts a new epoch. The candidate is published as the grant's renewal and
+    /// granted when that renewal is delivered back; another channel's renewal stamped at or
+    /// above the candidate, delivered meanwhile, makes a new candidate above it (see
+    /// [`crate::v3`]).
+    V3,
+}
+
+/// A rule of [`Version::V3`] turned off, to show that the checker finds why it is needed
+/// (the negative controls of `tests/v3.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum V3Fault {
+    /// (a) During the grant, another channel's renewal stamped at or above the candidate makes
+    /// the grantee give up (close its channel) instead of making a new candidate.
+    GiveUpOnHigher,
+    /// (b) The grant completes at once with the candidate, without waiting for the grantee's
+    /// own renewal to be delivered back.
+    GrantAtOnce,
+    /// (c) A new epoch reuses the largest stored epoch (`max(e, clock)`, no `+ 1`).
+    ReuseEpoch,
+    /// (d) The held delivery is acked as soon as the candidate's renewal is published, before
+    /// that renewal comes back.
+    AckHeldEarly,
 }
 
 /// The bounds and timing constants of one model.
@@ -44,6 +69,11 @@ pub struct Config {
     pub renewals: u8,
     /// Partitions over the whole run.
     pub partitions: u8,
+    /// Times over the whole run that the lock queue loses its ready messages while it has no
+    /// consumer (`broker::LoseMessages`: an unused lock queue that expired and is declared
+    /// again, or a broker restart that drops transient messages while nobody is connected);
+    /// the `epoch:` register keeps its values (persistent).
+    pub losses: u8,
     /// v2: keeping a lock until it is wanted (`None`: holders never park).
     pub park: Option<Parking>,
 }
@@ -116,6 +146,7 @@ impl Default for Config {
             nudges: 0,
             renewals: 1,
             partitions: 1,
+            losses: 0,
             park: None,
         }
     }
@@ -128,6 +159,8 @@ pub struct LockModel {
     pub version: Version,
     /// The bounds.
     pub cfg: Config,
+    /// A V3 rule turned off (a negative control); `None`: V3 as specified.
+    pub fault: Option<V3Fault>,
 }
 
 /// The global state: the clock, the broker, the clients, and the grant history the
@@ -138,6 +171,8 @@ pub struct State {
     pub clock: u8,
     /// Partitions still allowed.
     pub partitions_left: u8,
+    /// Message losses still allowed.
+    pub losses_left: u8,
     /// The broker.
     pub broker: Broker,
     /// The clients.
@@ -165,6 +200,8 @@ pub enum Action {
     Land(u8),
     /// `broker::Deliver`: the active consumer gets the head of the lock queue.
     Deliver,
+    /// `broker::LoseMessages`: the lock queue, with no consumer, loses its ready messages.
+    LoseMessages,
     /// `vN::Acquire`: open a channel, declare, register a consumer, wake an idle queue.
     Acquire(u8),
     /// `vN::Nudge`: a waiter publishes another wake-up.
@@ -201,7 +238,29 @@ pub enum Action {
 impl LockModel {
     /// A model of `version` under `cfg`.
     pub fn new(version: Version, cfg: Config) -> Self {
-        LockModel { version, cfg }
+        LockModel {
+            version,
+            cfg,
+            fault: None,
+        }
+    }
+
+    /// The same model with the V3 rule `fault` turned off (a negative control).
+    pub fn with_fault(self, fault: V3Fault) -> Self {
+        LockModel {
+            fault: Some(fault),
+            ..self
+        }
+    }
+
+    /// Whether the clients run V3.
+    pub fn v3(&self) -> bool {
+        self.version == Version::V3
+    }
+
+    /// Whether the V3 rule `f` is turned off.
+    pub fn faulty(&self, f: V3Fault) -> bool {
+        self.v3() && self.fault == Some(f)
     }
 
     /// v1's registers have `x-max-length = 1` with drop-head; v2's have no limit.
@@ -215,10 +274,12 @@ impl LockModel {
             Version::V1 => "v1",
             Version::V2Confirm => "v2-confirm",
             Version::V2 => "v2",
+            Version::V3 => "v3",
         };
         match a {
             Action::Tick => "env::Tick".to_string(),
             Action::Deliver => "broker::Deliver".to_string(),
+            Action::LoseMessages => "broker::LoseMessages".to_string(),
             Action::Partition(c) => format!("broker::Partition(c{c})"),
             Action::Heal(c) => format!("broker::Heal(c{c})"),
             Action::ReturnConsumers(c) => format!("broker::ReturnConsumers(c{c})"),
@@ -241,9 +302,11 @@ impl LockModel {
         }
     }
 
-    /// The parking rules, if holders park (v2 only).
+    /// The parking rules, if holders park (v2 and v3 only).
     pub fn parking(&self) -> Option<Parking> {
-        self.cfg.park.filter(|_| self.version == Version::V2)
+        self.cfg
+            .park
+            .filter(|_| matches!(self.version, Version::V2 | Version::V3))
     }
 
     /// Whether a waiter publishes a wake-up at `Acquire`. Without parking (and with
@@ -339,6 +402,7 @@ impl Model for LockModel {
         vec![State {
             clock: 1,
             partitions_left: self.cfg.partitions,
+            losses_left: self.cfg.losses,
             broker: Broker::new(n),
             clients: vec![Client::new(self.cfg.nudges, self.cfg.renewals); n],
             max_grant: None,
@@ -353,6 +417,13 @@ impl Model for LockModel {
         }
         if s.broker.can_deliver() {
             out.push(Action::Deliver);
+        }
+        if s.losses_left > 0
+            && s.broker.consumers.is_empty()
+            && s.broker.suspected.is_empty()
+            && !s.broker.ready.is_empty()
+        {
+            out.push(Action::LoseMessages);
         }
         for c in 0..usize::from(self.cfg.clients) {
             let i = c as u8;
@@ -383,7 +454,7 @@ impl Model for LockModel {
             }
             match self.version {
                 Version::V1 => v1::actions(self, s, c, out),
-                Version::V2Confirm | Version::V2 => v2::actions(self, s, c, out),
+                Version::V2Confirm | Version::V2 | Version::V3 => v2::actions(self, s, c, out),
             }
             if cl.open() {
                 out.push(Action::Close(i));
@@ -401,6 +472,10 @@ impl Model for LockModel {
                 s.broker.cut[usize::from(c)] = Some(s.clock);
             }
             Action::Heal(c) => s.broker.heal(usize::from(c)),
+            Action::LoseMessages => {
+                s.losses_left -= 1;
+                s.broker.ready.clear();
+            }
             Action::ReturnConsumers(c) => s.broker.return_consumers(usize::from(c), dh),
             Action::Land(c) => {
                 if let Some((chan, bit)) = s.broker.land(usize::from(c), dh) {
@@ -439,7 +514,7 @@ impl Model for LockModel {
             }
             _ => match self.version {
                 Version::V1 => v1::step(self, &mut s, a),
-                Version::V2Confirm | Version::V2 => v2::step(self, &mut s, a),
+                Version::V2Confirm | Version::V2 | Version::V3 => v2::step(self, &mut s, a),
             },
         }
         Some(s)

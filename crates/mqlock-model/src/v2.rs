@@ -3,21 +3,28 @@
 //! confirmed and `R0` came back to it; the lease runs to `sent + M` of the last of the holder's
 //! own renewals *delivered* back to it (not redelivered), and deliveries are checked for signs
 //! of loss. `Version::V2Confirm`, the rejected design, takes the lease from renewals' publisher
-//! confirms instead.
+//! confirms instead. `Version::V3` runs here too, with its grant in [`crate::v3`].
 
 use crate::broker::Op;
 use crate::client::Phase;
-use crate::model::{Action, LockModel, State, Version};
+use crate::model::{Action, LockModel, State, V3Fault, Version};
 use crate::types::{MsgKind, Reg, Token, confirm};
+use crate::v3;
 
 /// Pushes the v2-specific actions enabled for client `c`.
 pub fn actions(m: &LockModel, s: &State, c: usize, out: &mut Vec<Action>) {
     let cl = &s.clients[c];
     let i = c as u8;
     let reachable = s.broker.reachable(c);
-    let delivered_lease = m.version == Version::V2;
-    // v2 (not v2-confirm): the grant needs the fence confirm and its own R0 delivered back.
-    let grant_bits = if delivered_lease {
+    let delivered_lease = m.version != Version::V2Confirm;
+    // v2 (not v2-confirm): the grant needs the fence confirm and its own R0 delivered back;
+    // v3 only the latter (and nothing with the control `GrantAtOnce`).
+    let stamped = cl.held.is_some_and(|d| d.msg.kind.stamp().is_some());
+    let grant_bits = if m.faulty(V3Fault::GrantAtOnce) && stamped {
+        0
+    } else if m.v3() {
+        confirm::R0_SEEN
+    } else if delivered_lease {
         confirm::FENCE | confirm::R0_SEEN
     } else {
         confirm::FENCE | confirm::R0
@@ -83,7 +90,7 @@ pub fn step(m: &LockModel, s: &mut State, a: Action) {
             let c = usize::from(c);
             let chan = s.chan(c);
             let e = s.broker.epoch.take_all(chan).into_iter().max();
-            let e2 = e.map_or(0, |e| e as u8 + 1).max(s.clock);
+            let e2 = v3::new_epoch(m, e.map(|e| e as u8), s.clock);
             s.clients[c].confirms = 0;
             s.clients[c].phase = Phase::AwaitEpoch { e: e2 };
             m.send(
@@ -111,7 +118,11 @@ pub fn step(m: &LockModel, s: &mut State, a: Action) {
                     chan,
                 },
             );
-            publish_token(m, s, c, Token::start(e));
+            if m.v3() {
+                v3::publish_candidate(m, s, c, Token::start(e));
+            } else {
+                publish_token(m, s, c, Token::start(e));
+            }
         }
         Action::Grant(c) => {
             let c = usize::from(c);
@@ -119,14 +130,16 @@ pub fn step(m: &LockModel, s: &mut State, a: Action) {
                 unreachable!()
             };
             let chan = s.chan(c);
-            m.send(
-                s,
-                c,
-                Op::AckTaken {
-                    reg: Reg::Fence,
-                    chan,
-                },
-            );
+            if !m.v3() {
+                m.send(
+                    s,
+                    c,
+                    Op::AckTaken {
+                        reg: Reg::Fence,
+                        chan,
+                    },
+                );
+            }
             let deadline = t0 + m.cfg.m;
             if s.clock >= deadline {
                 // Too late to use: hand on (close the channel) and retry later.
@@ -191,6 +204,7 @@ pub fn step(m: &LockModel, s: &mut State, a: Action) {
 fn receive(m: &LockModel, s: &mut State, c: usize) {
     let d = s.clients[c].inbox.remove(0);
     let chan = s.chan(c);
+    let delivered_lease = m.version != Version::V2Confirm;
     let token = match s.clients[c].phase {
         Phase::Holding { token, .. } | Phase::AwaitFence { token, .. } => token,
         _ => {
@@ -204,10 +218,16 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
             {
                 cl.wanted = true;
             }
+            if m.v3() {
+                // No register: a candidate above the stamp, or a new epoch.
+                v3::start(m, s, c, d);
+            }
             return;
         }
     };
     let granting = matches!(s.clients[c].phase, Phase::AwaitFence { .. });
+    // v3: the grant's own renewal has not come back yet (after it, the holder's rules apply).
+    let candidate = m.v3() && granting && s.clients[c].confirms & confirm::R0_SEEN == 0;
     let ack = |m: &LockModel, s: &mut State, d: crate::types::Delivery| {
         m.send(
             s,
@@ -220,15 +240,18 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
         )
     };
     match d.msg.kind {
-        MsgKind::Renewal { chan: own, .. } if own == chan => {
+        MsgKind::Renewal { chan: own, n, .. } if own == chan => {
             if d.msg.redelivered {
                 // The broker once took it back from us: token taken back.
                 m.close(s, c);
+            } else if candidate && n < s.clients[c].renewal_n {
+                // v3: an earlier candidate of ours, replaced by a re-candidate.
+                ack(m, s, d);
             } else {
                 if let Some(old) = s.clients[c].held.replace(d) {
                     ack(m, s, old);
                 }
-                if m.version == Version::V2 {
+                if delivered_lease {
                     // The broker delivered it to us: we were the active consumer after it was
                     // sent. That proves the grant (R0) or extends the lease (Rn).
                     let cl = &mut s.clients[c];
@@ -245,6 +268,10 @@ fn receive(m: &LockModel, s: &mut State, c: usize) {
                     }
                 }
             }
+        }
+        // v3: another candidate at or above ours (or a holder's renewal): a candidate above it.
+        MsgKind::Renewal { stamp, .. } if candidate && stamp >= token => {
+            v3::recandidate(m, s, c, d, stamp)
         }
         MsgKind::Renewal { stamp, .. } if stamp > token => m.close(s, c), // granted elsewhere
         // A waiter's wake-up: somebody wants the lock (only parking looks at it).

@@ -33,6 +33,7 @@ fn config(park: Parking, partitions: u8) -> Config {
         nudges: 0,
         renewals: 1,
         partitions,
+        losses: 0,
         park: Some(park),
     }
 }

@@ -28,6 +28,7 @@ fn v1_config() -> Config {
         nudges: 0,
         renewals: 0,
         partitions: 1,
+        losses: 0,
         park: None,
     }
 }
