@@ -12,8 +12,8 @@ use futures_util::future::{join, join3};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use tracing::{debug, warn};
@@ -415,13 +415,22 @@ impl LockClient {
             );
             async move { declared.await.map(drop).map_err(|e| (queue, e)) }
         };
+        // Declared by this client less than half an idle expiry ago, they cannot have expired
+        // since: skipping them takes two broker operations off the acquisition (the lock queue is
+        // still declared every time: its declaration checks the kind and the protocol, K1).
+        let refresh = !self.inner.declared.fresh(name, config.idle_expiry / 2);
         let declare_register = async {
+            if !refresh {
+                return Ok(());
+            }
             let (epoch, record) = join(
                 declare_one(&names.epoch, fence::epoch_args(config)),
                 declare_one(&names.holder, identity::record_args(config)),
             )
             .await;
-            epoch.and(record)
+            epoch.and(record)?;
+            self.inner.declared.mark(name);
+            Ok(())
         };
         // The declare is answered before our consumer exists, so its counts are about others.
         let queue = if let Wait::Try = wait {
@@ -596,6 +605,31 @@ fn registered(
     Ok(consumer)
 }
 
+/// When this client last declared each lock's epoch queue and holder record (`attempt`).
+#[derive(Default)]
+pub(crate) struct Declared(std::sync::Mutex<std::collections::HashMap<String, Instant>>);
+
+impl Declared {
+    /// The most names remembered; past it, the stalest are forgotten (and declared again).
+    const MAX: usize = 65_536;
+
+    fn fresh(&self, name: &str, within: Duration) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(name).is_some_and(|t| t.elapsed() < within)
+    }
+
+    fn mark(&self, name: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX {
+            let mut ages: Vec<Instant> = map.values().copied().collect();
+            ages.sort_unstable();
+            let cutoff = ages[ages.len() / 2];
+            map.retain(|_, t| *t > cutoff);
+        }
+        map.insert(name.to_owned(), Instant::now());
+    }
+}
+
 /// What ended a grant's wait for its renewal.
 pub(crate) enum Turn {
     /// Our renewal, delivered back to us for the first time.
@@ -618,6 +652,7 @@ pub(crate) async fn own_delivery(
     id: &str,
     token: u64,
     wanted: &mut bool,
+    acks: &crate::hold::Acks,
 ) -> std::result::Result<Turn, Option<lapin::Error>> {
     loop {
         let d = match consumer.next().await {
@@ -644,11 +679,7 @@ pub(crate) async fn own_delivery(
                 // Another client's wake-up: it registered behind us and wants the lock; a kept
                 // lock must not park unwanted (docs/protocol.md, "Keeping a lock").
                 *wanted |= wanted_by_another(&d.properties, own_tag);
-                // Sent in the background: a connection the broker blocked (a resource alarm)
-                // would hold this await until the alarm clears.
-                tokio::spawn(async move {
-                    let _ = d.acker.ack(BasicAckOptions::default()).await;
-                });
+                acks.ack(d);
             }
         }
     }

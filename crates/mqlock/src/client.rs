@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     pub(crate) claims: Arc<Claims>,
     /// The locks kept after their guards let go (`LockOptions::keep`), still held.
     pub(crate) parking: Arc<Parking>,
+    /// Locks whose epoch queue and holder record this client declared lately.
+    pub(crate) declared: crate::acquire::Declared,
 }
 
 /// A channel opened in the background, with `basic.qos` and `confirm.select` done, on `conn`.
@@ -246,6 +248,7 @@ impl LockClient {
                 first_mark,
                 claims: Arc::new(Claims::default()),
                 parking: Arc::new(Parking::default()),
+                declared: Default::default(),
             }),
         })
     }

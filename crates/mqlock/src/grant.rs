@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
 use tracing::debug;
 
 use crate::acquire::{Candidate, HoldTerms, Retry, Turn, own_delivery};
@@ -16,7 +15,7 @@ use crate::connection::Conn;
 use crate::error::Error;
 use crate::fence::{self, FenceError};
 use crate::guard::LockGuard;
-use crate::hold::{Holder, publish_renewal, renewal_id, renewal_prefix};
+use crate::hold::{Acks, Holder, publish_renewal, renewal_id, renewal_prefix};
 use crate::identity::{self, HolderInfo};
 use crate::lease::Lease;
 use crate::loss::LossSignal;
@@ -70,6 +69,7 @@ impl LockClient {
         // (F1).
         let mut held: Delivery = first;
         let mut candidates = 0u64;
+        let acks = Acks::default();
         let (fence, renewal, sent) = loop {
             let floor = stamp(&held.properties);
             let fence = match floor.and_then(fence::next_in_epoch) {
@@ -95,7 +95,7 @@ impl LockClient {
             // held before it has been delivered to us by then (FIFO).
             let consumer = reg.consumer.as_mut().expect("consumer set");
             let turn = tokio::select! {
-                turn = own_delivery(consumer, &tag, &own_prefix, &id, fence, &mut wanted) => turn.map_err(|e| match e {
+                turn = own_delivery(consumer, &tag, &own_prefix, &id, fence, &mut wanted, &acks) => turn.map_err(|e| match e {
                     Some(e) => fail(&e),
                     None => Retry::Again("the lock was taken back or broken during the grant".into()),
                 })?,
@@ -114,7 +114,7 @@ impl LockClient {
                 // from it instead. Its stamp is above the one we keep, so ours is acked.
                 Turn::Higher(d) => {
                     debug!(lock = name, candidate = fence, stamped = ?stamp(&d.properties), "a larger stamp behind the first delivery; counting from it");
-                    ack_in_background(std::mem::replace(&mut held, d));
+                    acks.ack(std::mem::replace(&mut held, d));
                     candidates += 1;
                 }
             }
@@ -127,8 +127,8 @@ impl LockClient {
                 conn.lease_margin
             )));
         }
-        // The renewal is the token now; the message we counted from is acked by the holder task
-        // before anything else it does (`Holder::settle`).
+        // The renewal is the token now; the message we counted from is not needed.
+        acks.ack(held);
         debug!(lock = name, fence, waited = ?started.elapsed(), "granted");
         self.prepare_spare(conn);
 
@@ -146,7 +146,7 @@ impl LockClient {
             channel,
             consumer,
             token: renewal,
-            settle: Some(held),
+            acks,
             fencing_token: fence,
             renewals: candidates,
             lease,
@@ -163,12 +163,4 @@ impl LockClient {
         .spawn(terms.claim.take());
         Ok(LockGuard::new(name, fence, signal, Box::new(handle)))
     }
-}
-
-/// Acks a delivery from a spawned task: a connection the broker blocked (a resource alarm)
-/// would hold the await until the alarm clears.
-fn ack_in_background(d: Delivery) {
-    tokio::spawn(async move {
-        let _ = d.acker.ack(BasicAckOptions::default()).await;
-    });
 }

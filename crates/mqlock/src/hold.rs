@@ -77,11 +77,8 @@ pub(crate) struct Holder {
     /// The held token message: the grant's renewal that came back; replaced by each renewal as
     /// it arrives.
     pub(crate) token: Delivery,
-    /// The message the grant counted from, acked by this task before it reads any command, so
-    /// that the ack reaches the broker before a release's close: otherwise the broker could
-    /// requeue it ahead of the token message, and the next holder, handed a message older than
-    /// the token first, would count from it or start an epoch (docs/protocol.md, Grant 4).
-    pub(crate) settle: Option<Delivery>,
+    /// The acks sent so far (the grant's among them), flushed before a release's close.
+    pub(crate) acks: Acks,
     pub(crate) fencing_token: u64,
     /// Renewals published so far (the grant published number 0).
     pub(crate) renewals: u64,
@@ -208,17 +205,9 @@ impl Holder {
             keep: _,
             parking,
             mut wanted,
-            settle,
+            acks,
         } = self;
-        if let Some(d) = settle {
-            // lapin sends an ack through its own task: awaited, it is on the wire before any
-            // later frame of ours. Bounded, for a connection the broker stopped reading (B9).
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                d.acker.ack(BasicAckOptions::default()),
-            )
-            .await;
-        }
+        let ack_later = |d: Delivery| acks.ack(d);
         if wanted {
             wanted_flag.store(true, Ordering::Release);
         }
@@ -244,6 +233,7 @@ impl Holder {
         };
         let end_hold =
             async |reply: Option<tokio::sync::oneshot::Sender<crate::error::Result<()>>>| {
+                acks.flush().await;
                 let result = release(&name, &conn, &channel, &signal, conn.lease_margin).await;
                 metrics.hold_ended(granted_at.elapsed());
                 if result.is_ok() {
@@ -431,10 +421,38 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 
 /// Acks a delivery in the background: a connection the broker blocked (a resource alarm) holds
 /// every frame, and the holder must stay free to notice its lease ending and to release.
-fn ack_later(d: Delivery) {
-    tokio::spawn(async move {
-        let _ = d.acker.ack(BasicAckOptions::default()).await;
-    });
+/// The acks of one registration, each sent from a spawned task: a connection the broker blocked
+/// (a resource alarm, B9) holds every frame, and an awaited ack would hold the holder task
+/// with it.
+///
+/// A release flushes them first: lapin sends an ack through its own task, so an ack spawned
+/// just before a close could reach the broker after it, and the broker would requeue that
+/// message — a wake-up, an older renewal — ahead of the token message. The next holder, handed
+/// it first, would count from a lower stamp (and count again) or start a needless epoch
+/// (docs/protocol.md, Grant 4 and Release).
+#[derive(Default)]
+pub(crate) struct Acks(std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>);
+
+impl Acks {
+    /// Acks `d` in the background.
+    pub(crate) fn ack(&self, d: Delivery) {
+        let mut pending = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|h| !h.is_finished());
+        pending.push(tokio::spawn(async move {
+            let _ = d.acker.ack(BasicAckOptions::default()).await;
+        }));
+    }
+
+    /// Waits until every ack sent so far is queued for the broker, for at most a second (a
+    /// blocked connection queues them anyway, in order, before a later close).
+    pub(crate) async fn flush(&self) {
+        let pending = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            futures_util::future::join_all(pending),
+        )
+        .await;
+    }
 }
 
 #[cfg(test)]
