@@ -5,15 +5,17 @@
 //! cancelling the active consumer of a classic lock queue can crash the queue,
 //! rabbitmq-server #5460; docs/protocol.md). A connection carries at most its negotiated
 //! `channel_max` channels (2 047 on RabbitMQ by default), so one connection caps a client at
-//! about 2 000 locks held or waited for at once. The pool spreads lock channels over several
-//! connections to the same broker:
+//! about 2 000 locks held or waited for at once, and lapin's cost per frame grows with the
+//! channels of its connection (`MAX_LOCK_CHANNELS`). The pool spreads lock channels over
+//! several connections to the same broker:
 //!
 //! - **Counting.** Each connection counts its lock channels ([`LockChannels`]): a place is
 //!   reserved ([`ChannelPermit`]) when an acquisition (or the spare channel opened ahead of
 //!   one) chooses the connection, and the channel's status is kept from its opening on. A
 //!   channel counts until lapin reports it closed; closed ones are only noticed when the
 //!   statuses are looked through (pruned), so the count errs on the high side, never the low.
-//!   A connection takes at most `channel_max` less a reserve ([`room_for_locks`]): the reserve
+//!   A connection takes at most `channel_max` less a reserve, and at most 256
+//!   ([`room_for_locks`]): the reserve
 //!   is for the connection's own channels (the liveness probe; `status`, `break_lock` and the
 //!   cluster mark open short-lived ones) and for channels lapin still knows after it reported
 //!   them closed.
@@ -52,13 +54,23 @@ use crate::error::{Error, Result};
 /// How often a choice also prunes the counts and closes the extra connections left empty.
 pub(crate) const MAINTAIN_EVERY: Duration = Duration::from_secs(5);
 
+/// The most lock channels one connection takes, whatever its `channel_max`.
+///
+/// lapin (4.12) reads the flow state of every channel of a connection for each frame it writes
+/// (`Channels::flow`, called by the I/O loop's `serialize`), so the cost of every frame on a
+/// connection grows with its channels: measured, one client with 2 000 lock channels on one
+/// connection stalled that connection's I/O thread (renewals came back too late and leases
+/// expired) while 64 acquisitions ran. Several smaller connections, each with its own I/O
+/// thread, keep every frame cheap.
+pub(crate) const MAX_LOCK_CHANNELS: usize = 256;
+
 /// How many lock channels a connection whose negotiated `channel_max` is `channel_max` takes:
-/// all but a thirty-second of them (1 984 of RabbitMQ's 2 047), at least one kept back for the
-/// liveness probe, at most 64.
+/// all but a thirty-second of them (at least one kept back for the liveness probe, at most
+/// 64), and at most [`MAX_LOCK_CHANNELS`].
 pub(crate) fn room_for_locks(channel_max: u16) -> usize {
     let max = usize::from(channel_max);
     let reserve = (max / 32).clamp(1, 64);
-    max.saturating_sub(reserve).max(1)
+    max.saturating_sub(reserve).clamp(1, MAX_LOCK_CHANNELS)
 }
 
 /// The lock channels of one connection (see the module docs, "Counting").
@@ -369,5 +381,22 @@ impl LockClient {
     pub(crate) async fn close_connections(&self) {
         let conns = self.inner.pool.take_all();
         futures_util::future::join_all(conns.iter().map(|c| c.close())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_takes_its_channel_max_less_a_reserve_and_at_most_256() {
+        // RabbitMQ's default channel_max: lapin's cost per frame caps it.
+        assert_eq!(room_for_locks(2047), MAX_LOCK_CHANNELS);
+        assert_eq!(room_for_locks(0xffff), MAX_LOCK_CHANNELS);
+        // A small channel_max (the URL's `channel_max`) keeps a thirty-second back, at least one.
+        assert_eq!(room_for_locks(128), 124);
+        assert_eq!(room_for_locks(16), 15);
+        assert_eq!(room_for_locks(2), 1);
+        assert_eq!(room_for_locks(1), 1);
     }
 }
