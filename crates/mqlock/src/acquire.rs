@@ -29,6 +29,7 @@ use crate::kind::{Found, LockKind};
 use crate::loss::LossReason;
 use crate::metrics::Metrics;
 use crate::name::{QueueNames, queue_names};
+use crate::pool::ChannelPermit;
 use crate::protocol::{
     Fault, PREFETCH, break_request, classify, lock_queue_args, stamp, wake_properties,
     wanted_by_another,
@@ -164,11 +165,12 @@ impl LockClient {
         let mut reconnect_until: Option<Instant> = None;
         loop {
             attempts += 1;
-            // Opening a connection may take seconds (TCP connect and handshake timeouts); a
-            // timed acquisition must not outlive its deadline there either.
+            // A place for the lock channel on a connection with room (`pool.rs`). Opening a
+            // connection may take seconds (TCP connect and handshake timeouts); a timed
+            // acquisition must not outlive its deadline there either.
             let connected = match wait {
                 Wait::Until(deadline) => {
-                    match tokio::time::timeout_at(deadline.into(), self.connection()).await {
+                    match tokio::time::timeout_at(deadline.into(), self.lock_connection()).await {
                         Ok(connected) => connected,
                         Err(_) => {
                             metrics.timed_out();
@@ -180,10 +182,10 @@ impl LockClient {
                         }
                     }
                 }
-                _ => self.connection().await,
+                _ => self.lock_connection().await,
             };
-            let conn = match connected {
-                Ok(c) => c,
+            let permit = match connected {
+                Ok(p) => p,
                 Err(e @ (Error::Unreachable { .. } | Error::AuthRefused { .. }))
                     if reconnect_until.is_some_and(|t| Instant::now() < t)
                         && !matches!(wait, Wait::Try) =>
@@ -205,9 +207,10 @@ impl LockClient {
                 }
                 Err(e) => return Err(e),
             };
+            let conn = permit.conn().clone();
             // Every step of an attempt (channel, declare, fence write, reconnects) counts
             // against the caller's deadline, not only the wait for the first delivery.
-            let attempt = self.attempt(&conn, name, &names, wait, started, &mut terms);
+            let attempt = self.attempt(&conn, permit, name, &names, wait, started, &mut terms);
             let outcome = match wait {
                 Wait::Until(deadline) => tokio::time::timeout_at(deadline.into(), attempt)
                     .await
@@ -270,17 +273,20 @@ impl LockClient {
         }
     }
 
-    /// A fresh channel for one acquisition, set up as a lock channel needs.
+    /// A fresh channel for one acquisition, set up as a lock channel needs, on the connection
+    /// `permit` holds a place on (`pool.rs`).
     ///
     /// Release closes a lock's channel, so every acquisition needs a new one; opening it and
     /// setting it up costs two round trips. The client opens the next one in the background
-    /// after each grant (see `prepare_spare`), so an acquisition usually finds it ready.
+    /// after each grant (see `prepare_spare`), so an acquisition usually finds it ready; it
+    /// then gives the permit's place back, the spare having one of its own.
     /// Cancel safe: a channel whose taker was dropped is closed when the background task's
     /// result is dropped.
-    async fn lock_channel(&self, conn: &Arc<Conn>) -> lapin::Result<Channel> {
+    async fn lock_channel(&self, permit: ChannelPermit) -> lapin::Result<Channel> {
+        let conn = permit.conn().clone();
         let taken = {
             let mut slot = self.inner.spare.lock().unwrap_or_else(|p| p.into_inner());
-            slot.take().filter(|s| Arc::ptr_eq(&s.conn, conn))
+            slot.take().filter(|s| Arc::ptr_eq(&s.conn, &conn))
         };
         if let Some(spare) = taken
             && let Ok(Ok(channel)) = spare.channel.await
@@ -288,10 +294,20 @@ impl LockClient {
         {
             return Ok(channel);
         }
-        open_lock_channel(conn).await
+        let opened = open_lock_channel(permit).await;
+        if let Err(e) = &opened
+            && matches!(e.kind(), lapin::ErrorKind::ChannelsLimitReached)
+        {
+            // Short-lived channels (`status`, `break_lock`) took more than the reserve: choose
+            // another connection (the caller retries).
+            conn.lock_channels.saturate();
+        }
+        opened
     }
 
-    /// Starts opening the next acquisition's channel on `conn`, unless one is on its way.
+    /// Starts opening the next acquisition's channel on `conn`, unless one is on its way or
+    /// `conn` has no room left for it (`pool.rs`; the next acquisition then goes to another
+    /// connection, which gets the next spare).
     ///
     /// Called after a grant rather than when a spare is taken: opened during an acquisition,
     /// the spare's round trips queue on the same connection and broker ahead of that
@@ -301,10 +317,12 @@ impl LockClient {
         if slot.as_ref().is_some_and(|s| Arc::ptr_eq(&s.conn, conn)) {
             return;
         }
-        let next = conn.clone();
+        let Some(permit) = ChannelPermit::reserve(conn) else {
+            return;
+        };
         *slot = Some(Spare {
             conn: conn.clone(),
-            channel: tokio::spawn(async move { open_lock_channel(&next).await }),
+            channel: tokio::spawn(open_lock_channel(permit)),
         });
     }
 
@@ -314,9 +332,11 @@ impl LockClient {
     ///
     /// Everything lives in this future's locals: dropping it drops the channel, which the
     /// broker treats like a crash (consumer removed, deliveries requeued).
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         conn: &Arc<Conn>,
+        permit: ChannelPermit,
         name: &str,
         names: &QueueNames,
         wait: Wait,
@@ -371,7 +391,13 @@ impl LockClient {
             }),
             _ => fail(e),
         };
-        let channel = self.lock_channel(conn).await.map_err(|e| fail(&e))?;
+        let channel = self
+            .lock_channel(permit)
+            .await
+            .map_err(|e| match e.kind() {
+                lapin::ErrorKind::ChannelsLimitReached => Retry::Again(e.to_string()),
+                _ => fail(&e),
+            })?;
         // From here on, dropping this future closes the channel (see `Registration`).
         let mut reg = Registration {
             channel: Some(channel.clone()),
@@ -534,8 +560,10 @@ fn declared(terms: &mut HoldTerms) {
     }
 }
 
-pub(crate) async fn open_lock_channel(conn: &Conn) -> lapin::Result<Channel> {
-    let channel = conn.connection.create_channel().await?;
+/// Opens a lock channel in the place `permit` reserved, which counts it from then on.
+pub(crate) async fn open_lock_channel(permit: ChannelPermit) -> lapin::Result<Channel> {
+    let channel = permit.conn().connection.create_channel().await?;
+    permit.track(&channel);
     let (qos, confirm) = join(
         channel.basic_qos(PREFETCH, BasicQosOptions::default()),
         channel.confirm_select(ConfirmSelectOptions::default()),

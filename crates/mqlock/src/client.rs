@@ -9,7 +9,6 @@ use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
-use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::acquire::{Ask, Wait, to_error};
@@ -27,20 +26,25 @@ use crate::loss::LossReason;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::name::queue_names;
 use crate::park::Parking;
+use crate::pool::Pool;
 use crate::protocol::{Fault, break_properties, classify};
 
 /// Clients created by this process (part of every consumer tag).
 static CLIENTS: AtomicU64 = AtomicU64::new(0);
 
-/// A lock client: one broker connection shared by every lock taken through it.
+/// A lock client: broker connections shared by every lock taken through it.
 ///
-/// Cheap to clone: clones share the connection, the metrics and the closed state
-/// ([`LockClient::close`] on one closes them all). The connection is opened by
-/// [`LockClient::connect`] and reopened on demand, by the next acquisition, after it fails;
-/// locks held on a failed connection are reported lost (see [`LockGuard::lost`]), never moved to
-/// the new one.
+/// Cheap to clone: clones share the connections, the metrics and the closed state
+/// ([`LockClient::close`] on one closes them all). The first connection is opened by
+/// [`LockClient::connect`]. Every held lock owns a channel, and a connection carries at most its
+/// `channel_max` channels (2 047 on RabbitMQ), so a client that holds more locks than that
+/// opens more connections to the same broker, lazily, and closes the extra ones once they carry
+/// no lock again: a client with few locks has one connection. A connection that fails is
+/// replaced on demand, by the next acquisition; locks held on a failed connection are reported
+/// lost (see [`LockGuard::lost`]), never moved to another, and the locks on the other
+/// connections are not affected.
 ///
-/// The connection's I/O and liveness probe, and each held lock's holder task, run on the tokio
+/// The connections' I/O and liveness probes, and each held lock's holder task, run on the tokio
 /// runtime that opened them: keep that runtime running while the client and its guards are in
 /// use.
 #[derive(Clone)]
@@ -52,7 +56,9 @@ pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
     pub(crate) uris: Vec<AMQPUri>,
     pub(crate) addr: String,
-    pub(crate) conn: Mutex<Option<Arc<Conn>>>,
+    /// The broker connections lock channels are spread over (`pool.rs`): one until the
+    /// client holds more locks than a connection carries.
+    pub(crate) pool: Pool,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) closed: AtomicBool,
     pub(crate) tag_prefix: String,
@@ -233,7 +239,7 @@ impl LockClient {
                 config,
                 uris,
                 addr,
-                conn: Mutex::new(Some(conn)),
+                pool: Pool::new(conn),
                 metrics: Arc::new(Metrics::default()),
                 closed: AtomicBool::new(false),
                 // pid, start time and a per-process sequence: two clients of one process never
@@ -688,20 +694,20 @@ impl LockClient {
         self.inner.parking.len()
     }
 
-    /// Closes the client: its connection, for this handle and every clone.
+    /// Closes the client: its connections, for this handle and every clone.
     ///
-    /// Held locks are released by the broker, which closes their channels with the connection,
+    /// Held locks are released by the broker, which closes their channels with their connection,
     /// and reported lost ([`LossReason::ConnectionLost`], or [`LossReason::ChannelClosed`] if
     /// the holder notices its channel first); their guards' `release` then returns
     /// [`Error::Lost`]. Acquisitions waiting on the connection end, usually with
     /// [`Error::Closed`] (`try_lock` with `Ok(None)`), and every later acquisition, `status` and
-    /// `break_lock` returns [`Error::Closed`]. Waits at most 2 s for the broker to confirm the
-    /// close. Calling it again does nothing.
+    /// `break_lock` returns [`Error::Closed`]. Closes the connections together and waits at most
+    /// 2 s for the broker to confirm their close. Calling it again does nothing.
     ///
     /// # Cancel safety
     ///
     /// The client is marked closed at the first poll, whatever happens next. Dropped before the
-    /// close has gone out, the connection may stay open, and its held locks held and renewed,
+    /// close has gone out, the connections may stay open, and their held locks held and renewed,
     /// until their guards and every handle of the client are dropped.
     ///
     /// # Panics
@@ -714,32 +720,7 @@ impl LockClient {
         for parked in self.inner.parking.drain() {
             let _ = parked.tx.send(crate::release::Command::Release(None));
         }
-        if let Some(conn) = self.inner.conn.lock().await.take() {
-            conn.close().await;
-        }
-    }
-
-    pub(crate) async fn connection(&self) -> Result<Arc<Conn>> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
-        }
-        let mut slot = self.inner.conn.lock().await;
-        if let Some(conn) = slot.as_ref().filter(|c| c.is_alive()) {
-            return Ok(conn.clone());
-        }
-        if slot.take().is_some() {
-            info!(broker = %self.inner.addr, "reconnecting");
-        }
-        let conn = Conn::open(&self.inner.uris, &self.inner.config).await?;
-        check_mark(
-            &conn,
-            &self.inner.config,
-            self.inner.uris.len(),
-            &self.inner.first_mark,
-        )
-        .await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
+        self.close_connections().await;
     }
 
     fn fatal(&self, name: &str, e: &lapin::Error) -> Error {
@@ -750,7 +731,7 @@ impl LockClient {
 /// With several broker URLs, refuses a broker that is not in the same cluster as the first one
 /// this client used ([`Error::NotOneCluster`]); see `cluster_mark`. A mark that cannot be read
 /// (no permission, its queue's node down) is logged and the connection used anyway.
-async fn check_mark(
+pub(crate) async fn check_mark(
     conn: &Arc<Conn>,
     config: &ClientConfig,
     urls: usize,

@@ -23,9 +23,11 @@ use crate::config::ClientConfig;
 use crate::error::Error;
 use crate::lease::Lease;
 use crate::loss::LossReason;
+use crate::pool::LockChannels;
 use crate::protocol::{Fault, classify};
 
-/// A live connection shared by every lock of one client.
+/// A live connection shared by the locks of one client (a client spreads its locks over as
+/// many as their channels need: `pool.rs`).
 pub(crate) struct Conn {
     pub(crate) connection: Connection,
     pub(crate) addr: String,
@@ -39,6 +41,9 @@ pub(crate) struct Conn {
     pub(crate) lease_margin: Duration,
     /// How often a holder renews its lease on this connection.
     pub(crate) renewal_period: Duration,
+    /// The lock channels open on this connection, counted against its negotiated
+    /// `channel_max` (`pool.rs`).
+    pub(crate) lock_channels: LockChannels,
     dead: watch::Sender<Option<LossReason>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -175,6 +180,8 @@ impl Conn {
         let margin = heartbeat * 3 / 2;
         let lease = Arc::new(Lease::with_clock(config.clock.clone(), margin));
         let (dead, _) = watch::channel(None);
+        // Negotiated: the lower of the broker's and the URL's `channel_max`.
+        let lock_channels = LockChannels::new(connection.configuration().channel_max());
 
         let mut conn = Conn {
             connection,
@@ -183,6 +190,7 @@ impl Conn {
             lease: lease.clone(),
             lease_margin: config.lease_margin(heartbeat),
             renewal_period: config.renewal_period(heartbeat),
+            lock_channels,
             dead,
             tasks: Vec::new(),
         };

@@ -57,6 +57,7 @@ mod metrics;
 mod multi;
 pub mod name;
 mod park;
+mod pool;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 mod protocol;
