@@ -13,6 +13,11 @@
 #   http://guest:guest@127.0.0.1:15672/  (the main broker's management API: `mqlock list`)
 #   REDIS_URL=redis://127.0.0.1:6379/
 #   DATABASE_URL=postgres://mqlock:mqlock@127.0.0.1:5432/mqlock
+# Not started by default (the test suite does not use them; scripts/bench.sh asks for them):
+#   etcd          ETCD_ENDPOINTS=http://127.0.0.1:2379   (one etcd 3.4 member, peer port 2380)
+#   etcd-cluster  ETCD_CLUSTER_ENDPOINTS=http://127.0.0.1:2381,http://127.0.0.1:2382,http://127.0.0.1:2383
+#                 (three etcd 3.4 members on one machine, peer ports 2391-2393)
+# e.g. `MQLOCK_SERVICES="etcd etcd-cluster" scripts/services.sh up`.
 set -euo pipefail
 
 SERVICES=${MQLOCK_SERVICES:-"rabbitmq rabbitmq-faults redis postgres fuse"}
@@ -219,6 +224,86 @@ pg_up() {
 }
 pg_down() { local v; v=$(pg_version); [ -n "$v" ] && pg_ctlcluster "$v" main stop 2>/dev/null || true; }
 
+# ---------------------------------------------------------------- etcd
+# Debian's etcd 3.4 (`etcd-server`, and `etcd-client` for etcdctl), for the anchor measurements
+# of crates/mqlock-bench. Each member starts with a fresh data directory under $RUN_DIR (like
+# the brokers above: scratch state) and the default durability (a WAL fsync per write). A
+# member is our process when its pid file in $RUN_DIR names a live etcd.
+ETCD_DIR=$RUN_DIR/etcd
+ETCD_PORT=${MQLOCK_ETCD_PORT:-2379}
+ETCD_CLUSTER_PORTS=(2381 2382 2383)
+ETCD_CLUSTER_PEER_PORTS=(2391 2392 2393)
+etcd_health() { # CLIENT-URL...: every endpoint answers a health check (a quorum read)
+  local eps; eps=$(IFS=,; echo "$*")
+  ETCDCTL_API=3 etcdctl --endpoints="$eps" --dial-timeout=2s --command-timeout=3s endpoint health >/dev/null 2>&1
+}
+etcd_install() {
+  apt_install etcd-server etcd-client
+  # The Debian package may have started its own etcd (localhost:2379, data in /var/lib/etcd)
+  # where an init system runs; ours must own the port, so that one is stopped.
+  if [ -x /etc/init.d/etcd ] && pgrep -u etcd -x etcd >/dev/null 2>&1; then
+    say "stopping the etcd the Debian package started"
+    /etc/init.d/etcd stop >/dev/null 2>&1 || true
+  fi
+}
+etcd_kill() { # NAME: stop the member whose pid file is $RUN_DIR/NAME.pid
+  local f=$RUN_DIR/$1.pid pid
+  [ -s "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null && grep -q etcd "/proc/$pid/comm" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+}
+# etcd_start NAME CLIENT-PORT PEER-PORT INITIAL-CLUSTER TOKEN: one member, in the background
+# (the members of one cluster share its INITIAL-CLUSTER and TOKEN).
+etcd_start() {
+  local name=$1 cport=$2 pport=$3 initial=$4 token=$5 dir=$ETCD_DIR/$1
+  rm -rf "$dir"; mkdir -p "$dir"
+  setsid etcd --name "$name" --data-dir "$dir" \
+    --listen-client-urls "http://127.0.0.1:$cport" --advertise-client-urls "http://127.0.0.1:$cport" \
+    --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
+    --initial-cluster "$initial" --initial-cluster-state new --initial-cluster-token "$token" \
+    --logger zap --log-outputs stderr \
+    </dev/null >"$RUN_DIR/$name.log" 2>&1 &
+  echo $! >"$RUN_DIR/$name.pid"
+}
+etcd_up() {
+  etcd_install
+  local url=http://127.0.0.1:$ETCD_PORT
+  if etcd_health "$url"; then say "etcd already up on $url"; return 0; fi
+  port_open "$ETCD_PORT" && fail "127.0.0.1:$ETCD_PORT is taken by something that is not a healthy etcd"
+  etcd_kill mqlock-etcd
+  say "starting etcd $(etcd --version 2>/dev/null | head -n1 | awk '{print $3}') on $url (fresh data in $ETCD_DIR/mqlock-etcd)"
+  etcd_start mqlock-etcd "$ETCD_PORT" 2380 "mqlock-etcd=http://127.0.0.1:2380" mqlock-etcd
+  wait_for "etcd on $url (log: $RUN_DIR/mqlock-etcd.log)" 60 etcd_health "$url"
+  say "etcd up: $url"
+}
+etcd_down() { etcd_kill mqlock-etcd; }
+etcd_cluster_urls() { local p; for p in "${ETCD_CLUSTER_PORTS[@]}"; do printf 'http://127.0.0.1:%s\n' "$p"; done; }
+etcd_cluster_up() {
+  etcd_install
+  local urls; mapfile -t urls < <(etcd_cluster_urls)
+  if etcd_health "${urls[@]}"; then say "etcd-cluster already up"; return 0; fi
+  local i initial=""
+  for i in 0 1 2; do
+    etcd_kill "mqlock-etcd$((i + 1))"
+    initial+="${initial:+,}mqlock-etcd$((i + 1))=http://127.0.0.1:${ETCD_CLUSTER_PEER_PORTS[$i]}"
+  done
+  for i in 0 1 2; do
+    port_open "${ETCD_CLUSTER_PORTS[$i]}" && fail "127.0.0.1:${ETCD_CLUSTER_PORTS[$i]} is taken by something else"
+  done
+  say "starting a 3-member etcd cluster on 127.0.0.1:${ETCD_CLUSTER_PORTS[*]} (fresh data in $ETCD_DIR)"
+  for i in 0 1 2; do
+    etcd_start "mqlock-etcd$((i + 1))" "${ETCD_CLUSTER_PORTS[$i]}" "${ETCD_CLUSTER_PEER_PORTS[$i]}" "$initial" mqlock-etcd-cluster
+  done
+  wait_for "etcd-cluster (logs: $RUN_DIR/mqlock-etcd[123].log)" 90 etcd_health "${urls[@]}"
+  say "etcd-cluster up: $(IFS=,; echo "${urls[*]}")"
+}
+etcd_cluster_down() { local i; for i in 1 2 3; do etcd_kill "mqlock-etcd$i"; done; }
+
 # ---------------------------------------------------------------- FUSE
 fuse_up() {
   apt_install fuse3
@@ -235,6 +320,8 @@ status() {
       rabbitmq-faults) if rabbit_ping "${FAULTS_NODE[@]}"; then say "rabbitmq-faults: up"; else say "rabbitmq-faults: DOWN"; rc=1; fi ;;
       redis)    if redis_ping 2>/dev/null; then say "redis: up"; else say "redis: DOWN"; rc=1; fi ;;
       postgres) if pg_ping 2>/dev/null; then say "postgres: up"; else say "postgres: DOWN"; rc=1; fi ;;
+      etcd)     if etcd_health "http://127.0.0.1:$ETCD_PORT"; then say "etcd: up"; else say "etcd: DOWN"; rc=1; fi ;;
+      etcd-cluster) if etcd_health $(etcd_cluster_urls); then say "etcd-cluster: up"; else say "etcd-cluster: DOWN"; rc=1; fi ;;
       fuse)     if command -v fusermount3 >/dev/null && [ -e /dev/fuse ]; then say "fuse: ready"; else say "fuse: MISSING"; rc=1; fi ;;
     esac
   done
@@ -250,13 +337,14 @@ case $cmd in
         rabbitmq) rabbit_up "${MAIN_NODE[@]}" "" "$MAIN_TLS_PORT" "$MAIN_MGMT_PORT" ;;
         rabbitmq-faults) rabbit_up "${FAULTS_NODE[@]}" "$FAULTS_ADVANCED" ;;
         redis) redis_up ;; postgres) pg_up ;; fuse) fuse_up ;;
-        *) fail "unknown service '$s' (known: rabbitmq rabbitmq-faults redis postgres fuse)" ;;
+        etcd) etcd_up ;; etcd-cluster) etcd_cluster_up ;;
+        *) fail "unknown service '$s' (known: rabbitmq rabbitmq-faults redis postgres fuse etcd etcd-cluster)" ;;
       esac
     done ;;
   down)
     need_root "$@"
     for s in $SERVICES; do
-      case $s in rabbitmq) rabbit_down "${MAIN_NODE[@]}" ;; rabbitmq-faults) rabbit_down "${FAULTS_NODE[@]}" ;; redis) redis_down ;; postgres) pg_down ;; fuse) ;; esac
+      case $s in rabbitmq) rabbit_down "${MAIN_NODE[@]}" ;; rabbitmq-faults) rabbit_down "${FAULTS_NODE[@]}" ;; redis) redis_down ;; postgres) pg_down ;; etcd) etcd_down ;; etcd-cluster) etcd_cluster_down ;; fuse) ;; esac
     done ;;
   status) status ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;

@@ -1,13 +1,16 @@
-//! `cargo bench -p mqlock`: mqlock against its baselines, in one run, on loopback.
+//! `cargo bench -p mqlock`: mqlock's own measurements, in one run, on loopback.
 //!
-//! Prints p50/p99 of: the raw AMQP publish→deliver hop; a Redis `SET NX PX` + scripted-delete
-//! lock cycle; a PostgreSQL advisory lock+unlock cycle; mqlock's uncontended lock+release cycle;
-//! and its contended hand-off (release → next holder granted) with 2, 8 and 32 waiters, with
-//! ratios against the baselines and the count of FIFO violations. Two "broker floor" rows show
+//! Prints p50/p99 of: the raw AMQP publish→deliver hop; mqlock's uncontended lock+release
+//! cycle; and its contended hand-off (release → next holder granted) with 2, 8 and 32 waiters,
+//! with ratios against the hop and the count of FIFO violations. Two "broker floor" rows show
 //! what single active consumer itself costs with no fencing at all (a bare consume→close cycle
-//! and a bare close→next-consumer hand-off), so mqlock's own overhead can be read off.
+//! and a bare close→next-consumer hand-off), so mqlock's own overhead can be read off; and the
+//! lease's cost of holding.
 //!
-//! Needs the services of `scripts/services.sh up`. `MQLOCK_BENCH_ITERS` scales the run.
+//! The anchors (Redis, PostgreSQL, etcd) are measured by `crates/mqlock-bench`
+//! (`scripts/bench.sh`), which keeps their clients out of this crate's build.
+//!
+//! Needs the broker of `scripts/services.sh up`. `MQLOCK_BENCH_ITERS` scales the run.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -189,56 +192,6 @@ async fn bare_sac_handoff(url: &str, iters: usize) -> Stats {
     stats(v)
 }
 
-async fn redis_cycle(url: &str, iters: usize) -> Stats {
-    let client = redis::Client::open(url).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let unlock = redis::Script::new(
-        r#"if redis.call("get",KEYS[1]) == ARGV[1] then return redis.call("del",KEYS[1]) else return 0 end"#,
-    );
-    let mut v = Vec::with_capacity(iters);
-    for i in 0..iters {
-        let t = Instant::now();
-        let token = i.to_string();
-        let ok: Option<String> = redis::cmd("SET")
-            .arg("mqlock-bench")
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(30000)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        assert!(ok.is_some());
-        let _: i32 = unlock
-            .key("mqlock-bench")
-            .arg(&token)
-            .invoke_async(&mut con)
-            .await
-            .unwrap();
-        v.push(t.elapsed());
-    }
-    stats(v)
-}
-
-async fn pg_cycle(url: &str, iters: usize) -> Stats {
-    use sqlx::Connection as _;
-    let mut con = sqlx::PgConnection::connect(url).await.unwrap();
-    let mut v = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = Instant::now();
-        sqlx::query("SELECT pg_advisory_lock(4242)")
-            .execute(&mut con)
-            .await
-            .unwrap();
-        sqlx::query("SELECT pg_advisory_unlock(4242)")
-            .execute(&mut con)
-            .await
-            .unwrap();
-        v.push(t.elapsed());
-    }
-    stats(v)
-}
-
 async fn mqlock_uncontended(url: &str, iters: usize) -> Stats {
     let c = LockClient::connect(url, ClientConfig::default())
         .await
@@ -372,16 +325,12 @@ async fn mqlock_handoff(url: &str, waiters: usize, grants: usize) -> (Stats, usi
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let amqp = env("MQLOCK_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let redis_url = env("REDIS_URL", "redis://127.0.0.1:6379/");
-    let pg = env(
-        "DATABASE_URL",
-        "postgres://mqlock:mqlock@127.0.0.1:5432/mqlock",
-    );
     let iters: usize = env("MQLOCK_BENCH_ITERS", "2000").parse().unwrap();
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` probes
     }
     println!("mqlock bench: {iters} iterations per baseline, loopback");
+    println!("(Redis, PostgreSQL and etcd anchors: scripts/bench.sh, crates/mqlock-bench)");
     println!(
         "| {:<44} | {:>9} | {:>9} | {:>6} |",
         "measurement", "p50 µs", "p99 µs", "n"
@@ -389,10 +338,6 @@ async fn main() {
     println!("|{:-<46}|{:-<11}|{:-<11}|{:-<8}|", "", "", "", "");
     let hop = amqp_hop(&amqp, iters).await;
     row("raw AMQP publish→deliver hop", hop);
-    let redis = redis_cycle(&redis_url, iters).await;
-    row("Redis SET NX PX + scripted DEL cycle", redis);
-    let pgs = pg_cycle(&pg, iters).await;
-    row("PostgreSQL advisory lock+unlock cycle", pgs);
     let floor_cycle = bare_sac_cycle(&amqp, iters / 2).await;
     row("broker floor: bare SAC consume→token→close", floor_cycle);
     let floor_handoff = bare_sac_handoff(&amqp, iters / 2).await;
@@ -419,17 +364,13 @@ async fn main() {
         cpu.as_secs_f64() * 1e6
     );
     println!(
-        "uncontended cycle p50 / Redis lock cycle p50 = {:.2}x (target <= 2x)",
-        r(unc, redis)
+        "uncontended cycle p50 / raw AMQP hop p50 = {:.2}x",
+        r(unc, hop)
     );
     println!(
-        "uncontended cycle p50 / PostgreSQL advisory cycle p50 = {:.2}x",
-        r(unc, pgs)
-    );
-    println!(
-        "uncontended cycle p50 / broker floor cycle p50 = {:.2}x; the floor itself is {:.2}x Redis",
+        "uncontended cycle p50 / broker floor cycle p50 = {:.2}x; the floor itself is {:.2}x the hop",
         r(unc, floor_cycle),
-        r(floor_cycle, redis)
+        r(floor_cycle, hop)
     );
     println!(
         "broker floor hand-off p50 / raw AMQP hop p50 = {:.2}x",
