@@ -200,6 +200,7 @@ async fn mqlock_acquisition(url: &str, iters: usize, fresh: bool) -> Stats {
         url,
         ClientConfig {
             idle_expiry: Duration::from_secs(60),
+            renew_interval: Duration::from_secs(30),
             ..ClientConfig::default()
         },
     )
