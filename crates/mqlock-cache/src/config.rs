@@ -48,7 +48,8 @@ pub struct CacheConfig {
     /// invalidations are unchanged (docs/cache.md, "Kept key locks").
     pub lock_keep: Option<Duration>,
     /// At most this many keys' locks are kept at once by this cache (default 512): each kept
-    /// lock holds a broker channel, and a connection has at most 2 047 of them. A mutation
+    /// lock holds a broker channel, three queues and its lease renewals (the client spreads
+    /// channels over connections past `channel_max`, but each costs the broker). A mutation
     /// of a further key releases its lock as usual until kept ones have run out their idle
     /// time; keys already kept stay kept.
     pub lock_keep_max: usize,
