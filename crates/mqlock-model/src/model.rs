@@ -152,6 +152,28 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The configurations every version since v2 is checked on (tests/protocols.rs, tests/v3.rs):
+    /// 2 clients with the clock to 6, and 3 clients with the clock to 4; D 3, M 2, one
+    /// acquisition and one renewal each, one partition.
+    pub fn checked() -> [Config; 2] {
+        let two = Config {
+            clients: 2,
+            horizon: 6,
+            acquisitions: 1,
+            renewals: 1,
+            partitions: 1,
+            ..Config::default()
+        };
+        let three = Config {
+            clients: 3,
+            horizon: 4,
+            ..two
+        };
+        [two, three]
+    }
+}
+
 /// The model of one protocol under one configuration.
 #[derive(Clone, Debug)]
 pub struct LockModel {

@@ -209,19 +209,7 @@ fn check_exhaustively(version: Version, cfg: Config) -> usize {
 
 /// The configurations v2 (and the rejected confirm-based design) are checked on.
 fn v2_configs() -> [(Config, usize); 2] {
-    let two = Config {
-        clients: 2,
-        horizon: 6,
-        acquisitions: 1,
-        renewals: 1,
-        partitions: 1,
-        ..Config::default()
-    };
-    let three = Config {
-        clients: 3,
-        horizon: 4,
-        ..two
-    };
+    let [two, three] = Config::checked();
     [(two, 100_000), (three, 500_000)]
 }
 

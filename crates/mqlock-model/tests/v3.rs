@@ -17,19 +17,7 @@ use stateright::{Checker, HasDiscoveries, Model};
 /// v2's configurations (`tests/protocols.rs`): 2 clients, clock to 6, and 3 clients, clock to
 /// 4; D 3, M 2, 1 acquisition and 1 renewal each, 1 partition; with the state floors.
 fn v2_configs() -> [(Config, usize); 2] {
-    let two = Config {
-        clients: 2,
-        horizon: 6,
-        acquisitions: 1,
-        renewals: 1,
-        partitions: 1,
-        ..Config::default()
-    };
-    let three = Config {
-        clients: 3,
-        horizon: 4,
-        ..two
-    };
+    let [two, three] = Config::checked();
     [(two, 200_000), (three, 800_000)]
 }
 
